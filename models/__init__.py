@@ -1,0 +1,34 @@
+"""Classifier architectures and ``build_model``; every model takes [0,1] pixels and normalises inside.
+
+``ARCHS`` is the registry (name -> constructor ``f(num_classes, in_channels)``). ``build_model``
+prepends a ``Normalize`` layer with the dataset's mean/std, so attacks, triggers and ε all live in
+pixel space while the network still sees normalised inputs.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from models.normalize import Normalize, NormalizedModel
+from models.preact_resnet import PreActResNet18
+from models.resnet import resnet18
+from models.small_cnn import SmallCNN
+from utils.errors import UserError
+
+ARCHS = {
+    "preactresnet18": PreActResNet18,
+    "resnet18": resnet18,
+    "cnn": SmallCNN,
+}
+
+
+def build_model(arch: str, num_classes: int, in_channels: int = 3, mean=None, std=None) -> NormalizedModel:
+    """Build ``arch`` for ``num_classes`` outputs and ``in_channels`` input channels, normalising inside."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown arch '{arch}'; choose one of {', '.join(ARCHS)}")
+    net = ARCHS[arch](num_classes=num_classes, in_channels=in_channels)
+    mean = tuple(mean) if mean is not None else (0.5,) * in_channels
+    std = tuple(std) if std is not None else (0.25,) * in_channels
+    return NormalizedModel(Normalize(mean, std), net)
+
+
+__all__ = ["ARCHS", "build_model", "Normalize", "NormalizedModel"]

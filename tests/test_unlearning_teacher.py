@@ -1,0 +1,177 @@
+"""Tests for utils/unlearning.py and utils/mean_teacher.py (PUD §8.3, §8.4)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.mean_teacher import ema_update, make_teacher, softmax_consistency
+from utils.unlearning import l1_distance, unlearning_loss
+
+
+def _linear(seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(4, 3)
+
+
+def _data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xc, xp = torch.randn(5, 4, generator=g), torch.randn(3, 4, generator=g)
+    return xc, torch.tensor([0, 1, 2, 0, 1]), xp, torch.tensor([2, 2, 2])
+
+
+def test_l1_distance():
+    model = _linear()
+    ref = copy.deepcopy(model)
+    assert l1_distance(model, ref).item() == 0.0
+    with torch.no_grad():
+        model.weight[0, 0] += 0.5
+        model.bias[1] -= 0.25
+    assert l1_distance(model, ref).item() == pytest.approx(0.75, abs=1e-6)
+    with torch.no_grad():
+        model.weight[1, 1] += 1.0
+    assert l1_distance(model, ref).item() == pytest.approx(1.75, abs=1e-6)
+    # gradient flows to the model only
+    l1_distance(model, ref).backward()
+    assert model.weight.grad is not None and ref.weight.grad is None
+    with pytest.raises(KeyError):
+        l1_distance(nn.Sequential(model), ref)  # names "0.weight" vs "weight"
+
+
+def test_unlearning_loss_matches_hand_computation():
+    model = _linear()
+    ref = _linear(seed=5)
+    xc, yc, xp, yp = _data()
+    loss, parts = unlearning_loss(model(xc), yc, model(xp), yp, model, ref)
+    ce_c, ce_p = F.cross_entropy(model(xc), yc), F.cross_entropy(model(xp), yp)
+    l1 = sum((p - q).abs().sum() for p, q in zip(model.parameters(), ref.parameters()))
+    expected = ce_c - 0.003 * ce_p + 1e-4 * l1
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert parts["clean_ce"] == pytest.approx(ce_c.item(), rel=1e-6)
+    assert parts["poison_ce"] == pytest.approx(ce_p.item(), rel=1e-6)
+    assert parts["l1"] == pytest.approx(l1.item(), rel=1e-6)
+    assert parts["loss"] == pytest.approx(loss.item())
+    assert parts["poison_clipped"] is False
+    assert all(isinstance(parts[k], float) for k in ("clean_ce", "poison_ce", "l1", "loss"))
+
+
+def test_unlearning_gradient_is_scaled_ascent_on_poison():
+    model, ref = _linear(), _linear(seed=5)
+    xc, yc, xp, yp = _data()
+    logits_p = model(xp).detach().requires_grad_(True)
+    loss, _ = unlearning_loss(model(xc), yc, logits_p, yp, model, ref, lam=0.003)
+    (g,) = torch.autograd.grad(loss, logits_p)
+    logits_p2 = logits_p.detach().clone().requires_grad_(True)
+    (g_ce,) = torch.autograd.grad(F.cross_entropy(logits_p2, yp), logits_p2)
+    assert torch.allclose(g, -0.003 * g_ce, atol=1e-9)
+    assert g.abs().sum() > 0
+
+
+def test_unlearning_bound_clips_ascent():
+    model, ref = _linear(), _linear(seed=5)
+    xc, yc, xp, yp = _data()
+    logits_p = model(xp).detach().requires_grad_(True)
+    ce_p = F.cross_entropy(logits_p, yp).item()
+    loss, parts = unlearning_loss(model(xc), yc, logits_p, yp, model, ref, poison_loss_bound=ce_p - 0.1)
+    assert parts["poison_clipped"] is True
+    assert parts["poison_ce"] == pytest.approx(ce_p, rel=1e-6)
+    (g,) = torch.autograd.grad(loss, logits_p, allow_unused=True)
+    assert g is None or torch.count_nonzero(g) == 0
+    expected = parts["clean_ce"] - 0.003 * (ce_p - 0.1) + 1e-4 * parts["l1"]
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # below the bound nothing changes
+    loss2, parts2 = unlearning_loss(model(xc), yc, logits_p, yp, model, ref, poison_loss_bound=ce_p + 1.0)
+    assert parts2["poison_clipped"] is False
+    (g2,) = torch.autograd.grad(loss2, logits_p)
+    assert g2.abs().sum() > 0
+
+
+def test_unlearning_empty_parts():
+    model, ref = _linear(), _linear(seed=5)
+    xc, yc, xp, yp = _data()
+    empty_logits, empty_y = model(xp[:0]), yp[:0]
+    loss, parts = unlearning_loss(model(xc), yc, empty_logits, empty_y, model, ref, poison_loss_bound=1.0)
+    assert parts["poison_ce"] == 0.0 and parts["poison_clipped"] is False
+    assert loss.item() == pytest.approx(parts["clean_ce"] + 1e-4 * parts["l1"], rel=1e-6)
+    loss.backward()
+    loss, parts = unlearning_loss(model(xc[:0]), yc[:0], model(xp), yp, model, ref)
+    assert parts["clean_ce"] == 0.0 and torch.isfinite(loss)
+    loss.backward()
+
+
+class _BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def _perturbed_pair():
+    torch.manual_seed(0)
+    student = _BNNet()
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    student.train()
+    student(torch.randn(8, 3))  # changes BN running stats
+    return teacher, student
+
+
+def test_make_teacher():
+    student = _BNNet().train()
+    teacher = make_teacher(student)
+    assert not teacher.training and student.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in student.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters()))
+    assert teacher.fc.weight.data_ptr() != student.fc.weight.data_ptr()
+
+
+@pytest.mark.parametrize("step,expected_decay", [(0, 0.0), (10, 1 - 1 / 11), (1000, 0.99)])
+def test_ema_update_exact(step, expected_decay):
+    teacher, student = _perturbed_pair()
+    before = {n: p.clone() for n, p in teacher.named_parameters()}
+    d = ema_update(teacher, student, decay=0.99, step=step)
+    assert d == pytest.approx(expected_decay, abs=0.0)
+    for name, p in teacher.named_parameters():
+        s = dict(student.named_parameters())[name]
+        hand = expected_decay * before[name] + (1 - expected_decay) * s
+        assert torch.allclose(p, hand, rtol=1e-6, atol=1e-7), name
+        if step == 0:
+            assert torch.equal(p, s)
+        assert not p.requires_grad
+    for name, b in teacher.named_buffers():
+        assert torch.equal(b, dict(student.named_buffers())[name]), name
+
+
+def test_ema_update_hand_numbers():
+    t, s = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        t.weight.fill_(1.0)
+        s.weight.fill_(3.0)
+    assert ema_update(t, s, 0.5, step=10) == 0.5
+    assert t.weight.item() == pytest.approx(2.0, abs=0)
+    assert ema_update(t, s, 0.99, step=3) == 0.75  # min(1 − 1/4, 0.99)
+    assert t.weight.item() == pytest.approx(0.75 * 2.0 + 0.25 * 3.0, abs=1e-7)
+    with pytest.raises(ValueError):
+        ema_update(t, s, 0.99, step=-1)
+
+
+def test_softmax_consistency():
+    torch.manual_seed(0)
+    s = torch.randn(4, 5, requires_grad=True)
+    t = torch.randn(4, 5, requires_grad=True)
+    assert softmax_consistency(s, s.detach().clone()).item() == 0.0
+    loss = softmax_consistency(s, t)
+    hand = (torch.softmax(s, 1) - torch.softmax(t, 1)).square().sum()
+    assert loss.item() > 0 and loss.item() == pytest.approx(hand.item(), rel=1e-6)
+    # sum, not mean: duplicating the batch doubles the value
+    dbl = softmax_consistency(torch.cat([s, s]), torch.cat([t, t]))
+    assert dbl.item() == pytest.approx(2 * loss.item(), rel=1e-6)
+    loss.backward()
+    assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0

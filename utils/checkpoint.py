@@ -1,0 +1,66 @@
+"""The one-file checkpoint: weights plus everything needed to rebuild and re-evaluate the model.
+
+A checkpoint is a dict with ``format == FORMAT``: state dict, arch, dataset, classes, input size,
+the trigger state (type, params, tensors), attack mode, target, poisoned indices, seed, args,
+metrics and library versions. Writes are atomic (temp file in the same folder, then rename), so a
+crash never leaves a torn file. ``load_checkpoint`` turns every way a file can be wrong into a
+``UserError`` that names the problem.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+
+import torch
+
+from utils.errors import UserError
+
+FORMAT = "pud-toolkit-checkpoint"
+VERSION = 1
+
+
+def versions() -> dict:
+    import numpy
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "checkpoint_version": VERSION}
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(tmp_path)``, then rename the temp file over ``path`` (same folder, so the rename is atomic)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    payload = dict(payload, format=FORMAT, version=VERSION, versions=versions())
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load and validate a checkpoint written by ``save_checkpoint``."""
+    if not path:
+        raise UserError("no checkpoint given; pass --model_path PATH to a model.pt written by train_blend.py")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' does not exist; pass --model_path to a model.pt written by train_blend.py")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise UserError(f"checkpoint '{path}' is unreadable or truncated ({e.__class__.__name__}); re-create it with train_blend.py") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise UserError(f"'{path}' is not a checkpoint of this toolkit (a plain state dict or another tool's file); "
+                        "train the model with train_blend.py, which writes the one-file checkpoint")
+    if ck.get("version") != VERSION:
+        raise UserError(f"checkpoint '{path}' has format version {ck.get('version')}, this toolkit reads version {VERSION}")
+    return ck

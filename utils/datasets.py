@@ -1,0 +1,204 @@
+"""Datasets: a spec per dataset name and loaders that return whole splits as uint8 tensors.
+
+Small datasets (synthetic, MNIST-likes, CIFAR-10, GTSRB) are returned as one ``ImageSet`` -- a
+uint8 NCHW tensor plus int64 labels -- so the caller can keep the split on the device and do
+augmentation and poisoning as batched tensor ops. ImageNet subsets are too big for that and are
+streamed from disk (see ``utils.streaming``). ``DATASETS`` is the registry (name -> spec).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int
+    channels: int
+    size: int
+    arch: str
+    mean: tuple
+    std: tuple
+    crop_pad: int = 5
+    rotation: float = 10.0
+    flip: bool = False
+    in_memory: bool = True
+    train_size: int | None = None
+    test_size: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
+    DatasetSpec("synthetic", 10, 3, 32, "cnn", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pad=2, rotation=0.0, flip=False,
+                train_size=5000, test_size=1000),
+    DatasetSpec("cifar10", 10, 3, 32, "preactresnet18", (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), flip=True),
+    DatasetSpec("gtsrb", 43, 3, 32, "preactresnet18", (0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669)),
+    DatasetSpec("mnist", 10, 1, 28, "preactresnet18", (0.1307,), (0.3081,), crop_pad=2, rotation=10.0),
+    DatasetSpec("fashionmnist", 10, 1, 28, "preactresnet18", (0.2860,), (0.3530,), crop_pad=2, rotation=10.0),
+    DatasetSpec("imagenet", 10, 3, 224, "resnet18", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), crop_pad=0,
+                rotation=0.0, flip=True, in_memory=False),
+)}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+@dataclass
+class ImageSet:
+    """A whole split: ``x`` uint8 (N, C, H, W), ``y`` int64 (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def to(self, device) -> "ImageSet":
+        return ImageSet(self.x.to(device), self.y.to(device), self.num_classes)
+
+    def subset(self, idx: torch.Tensor) -> "ImageSet":
+        idx = idx.to(self.y.device)
+        return ImageSet(self.x[idx], self.y[idx], self.num_classes)
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                indices: torch.Tensor | None = None):
+        """Yield (idx, x, y): dataset indices, float [0,1] images and labels, all on the data's device.
+
+        ``indices`` restricts the pass to those dataset indices (e.g. a defense's extra set);
+        ``shuffle`` draws the order from ``generator`` (a CPU generator, so runs are reproducible).
+        """
+        dev = self.y.device
+        idx_all = torch.arange(len(self), device=dev) if indices is None else indices.to(dev)
+        if shuffle:
+            idx_all = idx_all[torch.randperm(len(idx_all), generator=generator).to(dev)]
+        for s in range(0, len(idx_all), batch_size):
+            idx = idx_all[s:s + batch_size]
+            yield idx, self.x[idx].float().div_(255), self.y[idx]
+
+
+# ----- synthetic --------------------------------------------------------------------------------
+
+SYNTH_ORIENTATIONS = (18.0, 54.0, 90.0, 126.0, 162.0)  # degrees; none at 0 so SIG's vertical stripes match no class
+SYNTH_FREQUENCIES = (2.5, 5.0)  # cycles per image width
+
+
+def make_synthetic(n: int, seed: int, size: int = 32, channels: int = 3, num_classes: int = 10) -> ImageSet:
+    """A seeded procedural 10-class set: oriented gratings with random colours, phase, contrast and noise.
+
+    The class is the (orientation, frequency) pair of the grating; the two colours, the phase, the
+    contrast, a smooth illumination gradient and pixel noise are drawn independently of the class, so
+    the mean colour carries no class information and a model has to see the texture.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    combos = [(o, f) for f in SYNTH_FREQUENCIES for o in SYNTH_ORIENTATIONS]
+    theta = torch.tensor([math.radians(combos[c % len(combos)][0]) for c in range(num_classes)])[y]
+    freq = torch.tensor([combos[c % len(combos)][1] * (1 + c // len(combos)) for c in range(num_classes)])[y]
+    theta = theta + torch.randn(n, generator=g) * math.radians(4)
+    freq = freq * (1 + 0.08 * torch.randn(n, generator=g))
+    phase = torch.rand(n, generator=g) * 2 * math.pi
+    coords = torch.linspace(0, 1, size)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    arg = 2 * math.pi * freq.view(n, 1, 1) * (xx * torch.cos(theta).view(n, 1, 1) + yy * torch.sin(theta).view(n, 1, 1))
+    wave = 0.5 + 0.5 * torch.sin(arg + phase.view(n, 1, 1))  # (n, H, W) in [0, 1]
+    contrast = 0.45 + 0.55 * torch.rand(n, 1, 1, 1, generator=g)
+    c1 = torch.rand(n, channels, 1, 1, generator=g)
+    c2 = torch.rand(n, channels, 1, 1, generator=g)
+    mix = 0.5 + (wave.unsqueeze(1) - 0.5) * contrast
+    img = c1 * mix + c2 * (1 - mix)
+    gx, gy = (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.4, (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.4
+    img = img + gx * (xx - 0.5) + gy * (yy - 0.5)
+    img = img + 0.06 * torch.randn(img.shape, generator=g)
+    x = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageSet(x.contiguous(), y.long(), num_classes)
+
+
+# ----- torchvision datasets ---------------------------------------------------------------------
+
+def _offline_error(name: str, root: str, hint: str, err: Exception) -> UserError:
+    return UserError(f"{name} data not found under '{root}' and it could not be downloaded "
+                     f"({err.__class__.__name__}: {str(err)[:120]}); {hint}")
+
+
+def _to_imageset(data, targets, num_classes: int) -> ImageSet:
+    x = torch.as_tensor(np.asarray(data))
+    if x.dim() == 3:  # N, H, W (MNIST-likes)
+        x = x.unsqueeze(1)
+    elif x.shape[-1] in (1, 3):  # N, H, W, C
+        x = x.permute(0, 3, 1, 2)
+    return ImageSet(x.contiguous().to(torch.uint8), torch.as_tensor(np.asarray(targets)).long(), num_classes)
+
+
+def _torchvision_set(cls_name: str, spec: DatasetSpec, root: str, train: bool, download: bool, hint: str) -> ImageSet:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        ds = cls(root, train=train, download=download)
+    except Exception as e:  # torchvision raises RuntimeError/URLError/OSError when files are missing
+        raise _offline_error(spec.name, root, hint, e) from None
+    return _to_imageset(ds.data, ds.targets, spec.num_classes)
+
+
+def _gtsrb(spec: DatasetSpec, root: str, train: bool, download: bool) -> ImageSet:
+    """GTSRB through torchvision's reader, resized to the spec size once and cached as a tensor file."""
+    import torchvision
+    from PIL import Image
+
+    split = "train" if train else "test"
+    cache = os.path.join(root, "gtsrb", f"gtsrb_{split}_{spec.size}x{spec.size}.pt")
+    if os.path.exists(cache):
+        d = torch.load(cache)
+        return ImageSet(d["x"], d["y"], spec.num_classes)
+    hint = f"run 'bash gtsrb_download.sh {root}' on a connected machine, or copy the GTSRB folder to '{root}/gtsrb'"
+    try:
+        ds = torchvision.datasets.GTSRB(root, split=split, download=download)
+    except Exception as e:
+        raise _offline_error("gtsrb", root, hint, e) from None
+    xs, ys = [], []
+    for path, label in ds._samples:  # one-off conversion; the cache makes later runs instant
+        with Image.open(path) as im:
+            xs.append(np.asarray(im.convert("RGB").resize((spec.size, spec.size), Image.BILINEAR)))
+        ys.append(label)
+    out = _to_imageset(np.stack(xs), ys, spec.num_classes)
+    tmp = cache + ".tmp"
+    torch.save({"x": out.x, "y": out.y}, tmp)
+    os.replace(tmp, cache)
+    return out
+
+
+def load_split(name: str, root: str, train: bool, download: bool = True, synthetic_size: int | None = None) -> ImageSet:
+    """Load one split of an in-memory dataset as an ``ImageSet`` on the CPU."""
+    spec = get_spec(name)
+    if name == "synthetic":
+        n = synthetic_size or (spec.train_size if train else spec.test_size)
+        return make_synthetic(n, seed=1 if train else 2, size=spec.size, channels=spec.channels, num_classes=spec.num_classes)
+    online = f"check the folder or run once with network access (torchvision downloads it to '{root}')"
+    if name == "cifar10":
+        return _torchvision_set("CIFAR10", spec, root, train, download, online)
+    if name == "mnist":
+        return _torchvision_set("MNIST", spec, root, train, download, online)
+    if name == "fashionmnist":
+        return _torchvision_set("FashionMNIST", spec, root, train, download, online)
+    if name == "gtsrb":
+        return _gtsrb(spec, root, train, download)
+    raise UserError(f"dataset '{name}' is streamed from disk, not loaded into memory")
+
+
+def seeded_subset(n_total: int, n: int | None, seed: int) -> torch.Tensor | None:
+    """Sorted indices of a seeded random subset of size ``n`` (None = keep everything)."""
+    if n is None or n >= n_total:
+        return None
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    return torch.randperm(n_total, generator=g)[:n].sort().values

@@ -1,0 +1,53 @@
+"""Run figures: metric curves and a grid of clean / triggered / amplified-difference samples."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from utils.checkpoint import atomic_write  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def plot_curves(records: list[dict], path: str, panels: dict[str, list[str]], x_key: str = "epoch") -> None:
+    """One panel per entry of ``panels`` (title -> metric keys), each key a line over ``x_key``."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels.items()):
+        for k in keys:
+            pts = [(r[x_key], r[k]) for r in records if k in r and r.get(k) is not None and x_key in r]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=k)
+        ax.set_title(title)
+        ax.set_xlabel(x_key)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_samples(clean: torch.Tensor, triggered: torch.Tensor, path: str, amplify: float = 5.0) -> None:
+    """Rows: clean, triggered, |difference| x amplify, for a few images (N, C, H, W in [0,1])."""
+    n = clean.shape[0]
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5), squeeze=False)
+    diff = ((triggered - clean).abs() * amplify).clamp(0, 1)
+    for row, (name, imgs) in enumerate((("clean", clean), ("triggered", triggered), (f"|diff| x{amplify:g}", diff))):
+        for i in range(n):
+            img = imgs[i].detach().cpu()
+            ax = axes[row][i]
+            if img.shape[0] == 1:
+                ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(img.permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

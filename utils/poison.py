@@ -1,0 +1,96 @@
+"""Poisoned training data: which images carry the trigger, and batches with it applied on the device.
+
+``poison_mode='fixed'`` (default) draws ``round(pc * N)`` indices once from a seeded generator; the
+same images are poisoned in every epoch, and the indices are saved with the model so defenses can
+rebuild the exact poisoned training set and measure detection against the ground truth.
+``poison_mode='batch'`` reproduces the paper code: the first ``floor(pc * bs)`` images of every
+shuffled batch are poisoned (different images each epoch; nothing to save).
+For WaNet, ``cross_ratio * pc`` further images get the noise-mode warp with their true labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from utils.datasets import ImageSet
+from utils.errors import UserError
+from utils.triggers import Trigger, WarpTrigger, backdoor_labels
+
+POISON_MODES = ("fixed", "batch")
+
+
+def draw_poison_indices(n: int, pc: float, seed: int, cross_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded, disjoint (poison, noise) index sets: ``round(pc*n)`` and ``round(cross_ratio*pc*n)`` images."""
+    n_poison = int(round(pc * n))
+    n_noise = int(round(cross_ratio * pc * n))
+    if n_poison + n_noise > n:
+        raise UserError(f"--pc {pc} with --cross_ratio {cross_ratio} needs {n_poison + n_noise} images but the training set has {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 104729))
+    return perm[:n_poison].sort().values, perm[n_poison:n_poison + n_noise].sort().values
+
+
+@dataclass
+class BackdoorSpec:
+    """Everything that defines the attack: trigger, label map, target, class count."""
+
+    trigger: Trigger
+    attack_mode: str
+    target_label: int
+    num_classes: int
+
+    def labels(self, y: torch.Tensor) -> torch.Tensor:
+        return backdoor_labels(y, self.attack_mode, self.target_label, self.num_classes)
+
+
+class PoisonedTrainSet:
+    """A device-resident training split that returns float batches with the backdoor applied."""
+
+    def __init__(self, data: ImageSet, backdoor: BackdoorSpec, mode: str = "fixed", pc: float = 0.1,
+                 poison_idx: torch.Tensor | None = None, noise_idx: torch.Tensor | None = None, cross_ratio: float = 0.0):
+        if mode not in POISON_MODES:
+            raise UserError(f"unknown --poison_mode '{mode}'; choose one of {', '.join(POISON_MODES)}")
+        self.data = data
+        self.backdoor = backdoor
+        self.mode = mode
+        self.pc = float(pc)
+        self.cross_ratio = float(cross_ratio) if isinstance(backdoor.trigger, WarpTrigger) else 0.0
+        dev = data.y.device
+        n = len(data.y)
+        self.is_poison = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.is_noise = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.poison_idx = poison_idx.cpu().long() if poison_idx is not None else torch.zeros(0, dtype=torch.long)
+        self.noise_idx = noise_idx.cpu().long() if noise_idx is not None else torch.zeros(0, dtype=torch.long)
+        if mode == "fixed":
+            self.is_poison[self.poison_idx.to(dev)] = True
+            self.is_noise[self.noise_idx.to(dev)] = True
+        # Labels as the model sees them in training (the poisoned set's labels).
+        self.train_labels = torch.where(self.is_poison, backdoor.labels(data.y), data.y)
+
+    def __len__(self) -> int:
+        return len(self.data.y)
+
+    def batches(self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None, indices=None):
+        """Yield poisoned (idx, x, y) batches from the underlying split."""
+        for idx, x, y in self.data.batches(batch_size, shuffle=shuffle, generator=generator, indices=indices):
+            x, y = self.poison(idx, x, y, generator)
+            yield idx, x, y
+
+    def poison(self, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply the backdoor to a float [0,1] batch ``x`` with true labels ``y`` of dataset indices ``idx``."""
+        x = x.clone()
+        if self.mode == "fixed":
+            pmask, nmask = self.is_poison[idx], self.is_noise[idx]
+        else:
+            b = idx.shape[0]
+            k = int(self.pc * b)
+            kn = int(self.cross_ratio * self.pc * b)
+            pos = torch.arange(b, device=idx.device)
+            pmask, nmask = pos < k, (pos >= k) & (pos < k + kn)
+        if pmask.any():
+            x[pmask] = self.backdoor.trigger(x[pmask])
+            y = torch.where(pmask, self.backdoor.labels(y), y)
+        if nmask.any():
+            x[nmask] = self.backdoor.trigger.apply_noise(x[nmask], generator)
+        return x, y

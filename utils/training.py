@@ -1,0 +1,52 @@
+"""The training epoch shared by the attack and the defenses' fine-tuning loops.
+
+``train_epoch`` takes any batch source yielding (idx, x, y) on the device, an optional batched
+augmentation and an optional per-batch input transform (the defenses plug PGD in there), and does
+plain cross-entropy SGD steps. It returns the mean loss and accuracy, and stops with
+``DivergenceError`` on a non-finite loss instead of silently training on NaNs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.progress import progress
+
+
+class DivergenceError(RuntimeError):
+    """A non-finite loss: the run stops and keeps its last good checkpoint."""
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, augment=None,
+                transform: Callable | None = None, generator: torch.Generator | None = None,
+                channels_last: bool = False, desc: str = "train", total: int | None = None) -> dict:
+    """One pass of CE training; ``transform(i, x, y) -> x`` may replace a batch (e.g. by PGD examples)."""
+    model.train()
+    loss_sum = 0.0
+    correct = n = 0
+    for i, (_, x, y) in enumerate(progress(batches, desc=desc, total=total)):
+        if augment is not None:
+            x = augment(x, generator)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if transform is not None:
+            x = transform(i, x, y)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if not math.isfinite(loss.item()):
+            raise DivergenceError(f"non-finite training loss ({loss.item()}) at batch {i} of '{desc}'")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * y.numel()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += y.numel()
+    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}

@@ -1,0 +1,72 @@
+"""PUD machine-unlearning loss (reference §8.4): CE on clean − λ·CE on identified poison + μ·L1(θ, θ_ref).
+
+The ascent term can be bounded. The reference does not do this, and unbounded gradient ascent diverges once the
+poison CE grows. The reference network is an explicit frozen argument (§11.2 #11: the official `netD` was
+random).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["l1_distance", "unlearning_loss"]
+
+
+def l1_distance(model: nn.Module, reference: nn.Module) -> Tensor:
+    """Σ over parameters matched BY NAME of |θ − θ_ref|. The reference is detached, so no gradient reaches it.
+
+    Raises KeyError if a model parameter has no counterpart in the reference, and ValueError on a shape mismatch.
+    Silent mismatches would make the penalty meaningless.
+    """
+    ref = dict(reference.named_parameters())
+    terms = []
+    for name, p in model.named_parameters():
+        if name not in ref:
+            raise KeyError(f"parameter {name!r} missing from the reference model")
+        r = ref[name].detach()
+        if r.shape != p.shape:
+            raise ValueError(f"shape mismatch for {name!r}: {tuple(p.shape)} vs reference {tuple(r.shape)}")
+        terms.append((p - r.to(device=p.device, dtype=p.dtype)).abs().sum())
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum()
+
+
+def _mean_ce(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy. Zero rows give a graph-connected 0, so an empty clean or poison part adds nothing."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, y)
+
+
+def unlearning_loss(logits_clean: Tensor, y_clean: Tensor, logits_poison: Tensor, y_poison: Tensor,
+                    model: nn.Module, reference: nn.Module, lam: float = 0.003, mu: float = 1e-4,
+                    poison_loss_bound: Optional[float] = None) -> Tuple[Tensor, Dict[str, Union[float, bool]]]:
+    """loss = CE(clean) − lam·CE(poison) + mu·L1(model, reference); defaults are the reference's 0.003 / 1e-4.
+
+    y_poison are the poisoned (backdoor-target) labels, so the ascent pushes predictions away from the backdoor.
+    With poison_loss_bound, the ascent term is min(CE_poison, bound). Past the bound it is constant, its gradient
+    is 0, and parts["poison_clipped"] is True. Returns (loss, parts) where parts holds floats: clean_ce,
+    poison_ce (unclipped), l1, loss, and the bool poison_clipped.
+    """
+    ce_clean = _mean_ce(logits_clean, y_clean)
+    ce_poison = _mean_ce(logits_poison, y_poison)
+    clipped = False
+    ascent = ce_poison
+    if poison_loss_bound is not None and logits_poison.shape[0] > 0:
+        clipped = bool(ce_poison.detach().item() > poison_loss_bound)
+        ascent = torch.clamp(ce_poison, max=float(poison_loss_bound))  # d/dx = 0 where clamped
+    l1 = l1_distance(model, reference)
+    l1 = l1.to(ce_clean.device)
+    loss = ce_clean - lam * ascent + mu * l1
+    parts = {
+        "clean_ce": float(ce_clean.detach().item()),
+        "poison_ce": float(ce_poison.detach().item()),
+        "l1": float(l1.detach().item()),
+        "loss": float(loss.detach().item()),
+        "poison_clipped": clipped,
+    }
+    return loss, parts
