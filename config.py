@@ -81,7 +81,41 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (the last epoch always)")
 
 
-PARSER_PARTS = {"attack": (_add_common, _add_attack)}
+def _add_robust_eval(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("robust-accuracy evaluation (PGD, L-inf, pixel units)")
+    g.add_argument("--eval_robust", action="store_true", help="train_blend.py: also report PGD robust accuracy")
+    g.add_argument("--eval_eps", type=fraction, default=8 / 255)
+    g.add_argument("--eval_alpha", type=fraction, default=2 / 255)
+    g.add_argument("--eval_steps", type=int, default=20)
+
+
+def _add_finetune(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adversarial fine-tuning (AFT)")
+    g.add_argument("--extra_ratio", type=fraction, default=0.05, help="AFT: clean extra set as a fraction of the training set")
+    g.add_argument("--aft_epochs", type=int, default=20, help="AFT: fine-tuning epochs")
+    g.add_argument("--adv_epochs", type=int, default=3, help="AFT: how many of the first epochs use PGD examples")
+    g.add_argument("--ft_lr", type=fraction, default=0.001, help="fine-tuning SGD learning rate")
+    g.add_argument("--adv_eps", type=fraction, default=6 / 255, help="PGD radius for fine-tuning")
+    g.add_argument("--adv_alpha", type=fraction, default=1.2 / 255, help="PGD step for fine-tuning")
+    g.add_argument("--adv_steps", type=int, default=7, help="PGD steps for fine-tuning")
+    g.add_argument("--adv_random_start", action="store_true", help="random start for fine-tuning PGD (paper code: none)")
+    g.add_argument("--clean_weight", type=fraction, default=0.0, help="mix w*CE(clean) into adversarial batches (paper: 0)")
+
+
+def _add_pbe(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("progressive PBE (no clean data)")
+    g.add_argument("--progressive", action="store_true", help="run progressive PBE instead of AFT")
+    g.add_argument("--init_ratio", type=fraction, default=0.05, help="random share of the poisoned training set used in round 0")
+    g.add_argument("--rounds", type=int, default=4)
+    g.add_argument("--round_epochs", type=int, default=10)
+    g.add_argument("--top_rates", type=fraction, nargs="+", default=[0.2, 0.5, 0.7, 0.9],
+                   help="share of training samples kept as the next extra set after each round")
+    g.add_argument("--partial_batches", type=int, default=31, help="adversarial batches in the first epoch of rounds >= 1")
+    g.add_argument("--detect_fraction", type=fraction, default=0.1, help="lowest-scored share reported as detected poison")
+
+
+PARSER_PARTS = {"attack": (_add_common, _add_attack, _add_robust_eval),
+                "pbe": (_add_common, _add_robust_eval, _add_finetune, _add_pbe)}
 
 
 def build_parser(script: str) -> argparse.ArgumentParser:
@@ -152,13 +186,64 @@ def default_out_dir(script: str, args: argparse.Namespace) -> str:
     return os.path.join("runs", f"{script}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-VALIDATORS = {"attack": (validate_common, validate_attack)}
+def fill_from_checkpoint(args: argparse.Namespace) -> None:
+    """Defenses take dataset, arch and input shape from the checkpoint; a mismatching flag is an error later."""
+    from utils.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(args.model_path)
+    args.asked_dataset, args.asked_arch = args.dataset, args.arch
+    args.dataset = args.dataset or ck["dataset"]
+    args.arch = args.arch or ck["arch"]
+    fill_dataset_defaults(args)
+    if args.dataset != ck["dataset"] or args.arch != ck["arch"]:
+        raise UserError(f"'{args.model_path}' is a {ck['dataset']}/{ck['arch']} model but --dataset {args.dataset} "
+                        f"--arch {args.arch} was asked; drop those flags or pass the matching checkpoint")
+    args.trigger_type, args.attack_mode = ck["trigger"]["type"], ck["attack_mode"]
+
+
+def validate_robust_eval(args: argparse.Namespace) -> None:
+    _require(0 <= args.eval_eps <= 1, f"--eval_eps must be in [0, 1], got {args.eval_eps}")
+    _require(args.eval_alpha >= 0, f"--eval_alpha must be >= 0, got {args.eval_alpha}")
+    _require(args.eval_steps >= 0, f"--eval_steps must be >= 0, got {args.eval_steps}")
+
+
+def validate_finetune(args: argparse.Namespace) -> None:
+    _require(0 < args.extra_ratio <= 1, f"--extra_ratio must be in (0, 1], got {args.extra_ratio}")
+    _require(args.aft_epochs > 0, f"--aft_epochs must be positive, got {args.aft_epochs}")
+    _require(0 <= args.adv_epochs <= args.aft_epochs,
+             f"--adv_epochs {args.adv_epochs} must be between 0 and --aft_epochs {args.aft_epochs}")
+    _require(args.ft_lr > 0, f"--ft_lr must be positive, got {args.ft_lr}")
+    _require(0 <= args.adv_eps <= 1, f"--adv_eps must be in [0, 1] (pixel units, e.g. 6/255), got {args.adv_eps}")
+    _require(args.adv_alpha >= 0, f"--adv_alpha must be >= 0, got {args.adv_alpha}")
+    _require(args.adv_steps >= 0, f"--adv_steps must be >= 0, got {args.adv_steps}")
+    _require(0 <= args.clean_weight < 1, f"--clean_weight must be in [0, 1), got {args.clean_weight}")
+
+
+def validate_pbe(args: argparse.Namespace) -> None:
+    _require(0 < args.init_ratio <= 1, f"--init_ratio must be in (0, 1], got {args.init_ratio}")
+    _require(args.rounds > 0 and args.round_epochs > 0, "--rounds and --round_epochs must be positive")
+    _require(len(args.top_rates) >= args.rounds - 1,
+             f"--top_rates needs a keep-fraction for each of the first {args.rounds - 1} rounds, got {len(args.top_rates)}")
+    _require(all(0 < r <= 1 for r in args.top_rates), f"--top_rates must be in (0, 1], got {args.top_rates}")
+    _require(0 < args.detect_fraction < 1, f"--detect_fraction must be in (0, 1), got {args.detect_fraction}")
+    _require(args.partial_batches >= 0, f"--partial_batches must be >= 0, got {args.partial_batches}")
+
+
+VALIDATORS = {"attack": (validate_common, validate_attack, validate_robust_eval),
+              "pbe": (validate_common, validate_robust_eval, validate_finetune, validate_pbe)}
+FROM_CHECKPOINT = {"pbe"}
 
 
 def parse_args(script: str, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, fill per-dataset defaults and validate; raises ``UserError`` on bad input."""
-    args = build_parser(script).parse_args(argv)
-    fill_dataset_defaults(args)
+    parser = build_parser(script)
+    if script in FROM_CHECKPOINT:
+        parser.set_defaults(dataset=None)
+    args = parser.parse_args(argv)
+    if script in FROM_CHECKPOINT:
+        fill_from_checkpoint(args)
+    else:
+        fill_dataset_defaults(args)
     for check in VALIDATORS[script]:
         check(args)
     if args.out_dir is None:

@@ -31,4 +31,15 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, mean=None, st
     return NormalizedModel(Normalize(mean, std), net)
 
 
-__all__ = ["ARCHS", "build_model", "Normalize", "NormalizedModel"]
+__all__ = ["ARCHS", "build_model", "model_from_checkpoint", "Normalize", "NormalizedModel"]
+
+
+def model_from_checkpoint(ck: dict, device="cpu") -> NormalizedModel:
+    """Rebuild the exact model stored in a toolkit checkpoint (arch, classes, channels, normalisation, weights)."""
+    kw = ck["arch_kwargs"]
+    model = build_model(ck["arch"], kw["num_classes"], kw["in_channels"])
+    try:
+        model.load_state_dict(ck["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit arch '{ck['arch']}' ({str(e).splitlines()[0]})") from None
+    return model.to(device)

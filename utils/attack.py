@@ -70,7 +70,7 @@ def run_attack(args) -> dict:
     rec = {}
     n_batches = -(-len(poisoned) // args.bs)
     for epoch in range(1, args.n_iters + 1):
-        stats = train_epoch(model, opt, poisoned.batches(args.bs, shuffle=True, generator=gen), augment,
+        stats = train_epoch(model, opt, poisoned.batches(args.bs, shuffle=True, generator=gen, augment=augment),
                             generator=gen, channels_last=cl, desc=f"epoch {epoch}", total=n_batches)
         sched.step()
         rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": round(time.time() - t0, 2)}

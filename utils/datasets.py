@@ -36,7 +36,7 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
-    DatasetSpec("synthetic", 10, 3, 32, "cnn", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pad=2, rotation=0.0, flip=False,
+    DatasetSpec("synthetic", 10, 3, 32, "cnn", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pad=0, rotation=0.0, flip=False,
                 train_size=5000, test_size=1000),
     DatasetSpec("cifar10", 10, 3, 32, "preactresnet18", (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), flip=True),
     DatasetSpec("gtsrb", 43, 3, 32, "preactresnet18", (0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669)),
@@ -112,14 +112,14 @@ def make_synthetic(n: int, seed: int, size: int = 32, channels: int = 3, num_cla
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     arg = 2 * math.pi * freq.view(n, 1, 1) * (xx * torch.cos(theta).view(n, 1, 1) + yy * torch.sin(theta).view(n, 1, 1))
     wave = 0.5 + 0.5 * torch.sin(arg + phase.view(n, 1, 1))  # (n, H, W) in [0, 1]
-    contrast = 0.45 + 0.55 * torch.rand(n, 1, 1, 1, generator=g)
-    c1 = torch.rand(n, channels, 1, 1, generator=g)
-    c2 = torch.rand(n, channels, 1, 1, generator=g)
+    contrast = 0.35 + 0.35 * torch.rand(n, 1, 1, 1, generator=g)
+    c1 = 0.15 + 0.7 * torch.rand(n, channels, 1, 1, generator=g)
+    c2 = 0.15 + 0.7 * torch.rand(n, channels, 1, 1, generator=g)
     mix = 0.5 + (wave.unsqueeze(1) - 0.5) * contrast
     img = c1 * mix + c2 * (1 - mix)
-    gx, gy = (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.4, (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.4
+    gx, gy = (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.1, (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.1
     img = img + gx * (xx - 0.5) + gy * (yy - 0.5)
-    img = img + 0.06 * torch.randn(img.shape, generator=g)
+    img = img + 0.02 * torch.randn(img.shape, generator=g)
     x = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return ImageSet(x.contiguous(), y.long(), num_classes)
 

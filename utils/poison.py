@@ -70,9 +70,16 @@ class PoisonedTrainSet:
     def __len__(self) -> int:
         return len(self.data.y)
 
-    def batches(self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None, indices=None):
-        """Yield poisoned (idx, x, y) batches from the underlying split."""
+    def batches(self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None, indices=None,
+                augment=None):
+        """Yield poisoned (idx, x, y) batches from the underlying split.
+
+        ``augment`` runs before the trigger (as in the PBE code): the trigger then sits at the same
+        pixels as at test time, which is what makes blend/patch/SIG learnable from few images.
+        """
         for idx, x, y in self.data.batches(batch_size, shuffle=shuffle, generator=generator, indices=indices):
+            if augment is not None:
+                x = augment(x, generator)
             x, y = self.poison(idx, x, y, generator)
             yield idx, x, y
 

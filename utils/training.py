@@ -27,8 +27,11 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_de
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, augment=None,
                 transform: Callable | None = None, generator: torch.Generator | None = None,
-                channels_last: bool = False, desc: str = "train", total: int | None = None) -> dict:
-    """One pass of CE training; ``transform(i, x, y) -> x`` may replace a batch (e.g. by PGD examples)."""
+                channels_last: bool = False, clean_weight: float = 0.0, desc: str = "train", total: int | None = None) -> dict:
+    """One pass of CE training; ``transform(i, x, y) -> x`` may replace a batch (e.g. by PGD examples).
+
+    With ``clean_weight`` w > 0 a transformed batch is trained on (1 - w) CE(transformed) + w CE(clean).
+    """
     model.train()
     loss_sum = 0.0
     correct = n = 0
@@ -37,10 +40,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
             x = augment(x, generator)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if transform is not None:
-            x = transform(i, x, y)
-        logits = model(x)
+        x_in = transform(i, x, y) if transform is not None else x
+        logits = model(x_in)
         loss = F.cross_entropy(logits, y)
+        if clean_weight > 0 and x_in is not x:
+            loss = (1 - clean_weight) * loss + clean_weight * F.cross_entropy(model(x), y)
         if not math.isfinite(loss.item()):
             raise DivergenceError(f"non-finite training loss ({loss.item()}) at batch {i} of '{desc}'")
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,223 @@
+"""The project's one adversarial-example generator: batched PGD (L∞ / L2) and robust accuracy.
+
+Everything lives in pixel space: inputs are float images in [0,1] (NCHW) and ε, α are measured in
+those units (8/255 is the usual L∞ budget); models normalise internally. ``pgd`` is the function,
+``PGD`` a small torchattacks-style object holding the settings (the defenses' adversarial training
+and the evaluation both take one), and ``robust_accuracy`` the accuracy on PGD examples of a split.
+
+The attack runs the model in eval mode and restores every submodule's previous train/eval flag
+afterwards, also when the model raises. Gradients are taken with ``torch.autograd.grad`` with
+respect to the input only, so parameter ``.grad`` fields are never touched, and the result is
+detached. ``clamp=False`` skips the [0,1] clamp, reproducing the paper code's unclamped PGD.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["NORMS", "PGD", "pgd", "robust_accuracy"]
+
+NORMS = ("linf", "l2")
+_TINY = 1e-12  # guards the L2 normalisations against zero gradients / zero perturbations
+
+
+def _check(eps, alpha, steps, norm, restarts) -> tuple[float, float, int, int]:
+    """Validate the settings; returns (eps, alpha, steps, restarts) as plain float/int."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    out = []
+    for name, v in (("eps", eps), ("alpha", alpha)):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {v!r}") from None
+        if isinstance(v, bool) or not math.isfinite(f) or f < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        out.append(f)
+    for name, v, lo in (("steps", steps, 0), ("restarts", restarts, 1)):
+        try:
+            i = operator.index(v)
+        except TypeError:
+            raise ValueError(f"{name} must be an integer, got {v!r}") from None
+        if isinstance(v, bool) or i < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        out.append(i)
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode; restore every submodule's own train/eval flag on exit (also on errors)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was_training in flags:
+            m.training = was_training
+
+
+def _per_sample_norm(t: Tensor) -> Tensor:
+    """L2 norm of each sample, shaped (N, 1, 1, ...) to broadcast against ``t``."""
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+    """A random perturbation: uniform in the ε-box (L∞) or uniform in the ε-ball (L2)."""
+    dev = generator.device if generator is not None else x.device
+    if norm == "linf":
+        u = torch.rand(x.shape, generator=generator, device=dev, dtype=x.dtype)
+        delta = (2 * u - 1) * eps
+    else:
+        d = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
+        d = d / _per_sample_norm(d).clamp_min(_TINY)
+        r = torch.rand((x.shape[0],), generator=generator, device=dev, dtype=x.dtype)
+        r = r.pow(1.0 / max(x[0].numel(), 1)) * eps  # radius of a uniform draw from the ball, always <= ε
+        delta = d * r.view(-1, *([1] * (x.dim() - 1)))
+    return delta.to(x.device)
+
+
+def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str, clamp: bool) -> Tensor:
+    """Project onto the ε-neighbourhood of ``x`` (then [0,1]; clamping only shrinks the perturbation)."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        n = _per_sample_norm(delta)
+        delta = delta * (eps / n.clamp_min(_TINY)).clamp(max=1.0)
+    out = x + delta
+    return out.clamp(0.0, 1.0) if clamp else out
+
+
+def _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator) -> Tensor:
+    """One PGD run from one (random or zero) start; returns the detached final iterate."""
+    x_adv = x.clone()
+    if random_start:
+        x_adv = _project(x_adv + _random_start(x, eps, norm, generator), x, eps, norm, clamp)
+    sign = -1.0 if targeted else 1.0  # targeted: descend CE toward the target labels
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y, reduction="sum")  # sum: per-sample gradients independent of N
+        (g,) = torch.autograd.grad(loss, x_adv)
+        x_adv = x_adv.detach()
+        if norm == "linf":
+            step = g.sign()
+        else:
+            step = g / _per_sample_norm(g).clamp_min(_TINY)  # zero gradient -> zero step
+        x_adv = _project(x_adv + (sign * alpha) * step, x, eps, norm, clamp)
+    return x_adv.detach()
+
+
+@torch.no_grad()
+def _score(model, x_adv, y, targeted) -> tuple[Tensor, Tensor]:
+    """Per-sample (success, objective): objective is CE (untargeted) or -CE to the target (targeted)."""
+    logits = model(x_adv)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    pred = logits.argmax(1)
+    if targeted:
+        return pred == y, -ce
+    return pred != y, ce
+
+
+def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",
+        random_start: bool = True, restarts: int = 1, targeted: bool = False, clamp: bool = True,
+        generator: torch.Generator | None = None) -> Tensor:
+    """Projected gradient descent on the cross-entropy, batched; returns detached adversarial images.
+
+    Untargeted (default) ascends CE(model(x_adv), y); ``targeted=True`` treats ``y`` as target labels
+    and descends CE toward them. L∞ takes sign steps of size ``alpha`` and projects onto the ε-box;
+    L2 takes steps of length ``alpha`` along the per-sample normalised gradient and projects onto the
+    ε-ball. With ``random_start`` each run starts from a random point (uniform in the box / ball,
+    drawn from ``generator`` if given). With ``restarts > 1`` each sample keeps the run that
+    succeeded (untargeted: misclassified; targeted: predicted as the target), else the one with the
+    best objective (highest CE; targeted: lowest CE to the target); the first run is the one a
+    single-restart call with the same generator state would make, so restarts never do worse.
+    ``clamp`` keeps images in [0,1] (the centre ``x`` is clamped too). ``eps == 0`` or
+    ``steps == 0`` returns ``x`` (clamped) unchanged.
+    """
+    eps, alpha, steps, restarts = _check(eps, alpha, steps, norm, restarts)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y disagree on the batch size: {x.shape[0]} vs {y.shape[0]}")
+    # inference_mode(False)/clone: usable from inside inference or no-grad blocks of the caller
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.detach().clone()
+        y = y.detach().clone()
+        if clamp:
+            x = x.clamp(0.0, 1.0)
+        if eps == 0 or steps == 0 or x.shape[0] == 0:
+            return x
+        runs = restarts if random_start else 1  # without a random start every restart is the same run
+        with eval_mode(model):
+            best = _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator)
+            if runs == 1:
+                return best
+            best_ok, best_obj = _score(model, best, y, targeted)
+            for _ in range(runs - 1):
+                cand = _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator)
+                ok, obj = _score(model, cand, y, targeted)
+                take = (ok & ~best_ok) | ((ok == best_ok) & (obj > best_obj))
+                best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), cand, best)
+                best_ok = best_ok | ok
+                best_obj = torch.where(take, obj, best_obj)
+            return best
+
+
+class PGD:
+    """PGD settings as an object (torchattacks style): ``PGD(eps=8/255)(model, x, y) -> x_adv``."""
+
+    def __init__(self, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, norm: str = "linf",
+                 random_start: bool = True, restarts: int = 1, targeted: bool = False, clamp: bool = True,
+                 generator: torch.Generator | None = None):
+        self.eps, self.alpha, self.steps, self.restarts = _check(eps, alpha, steps, norm, restarts)
+        self.norm, self.random_start = norm, bool(random_start)
+        self.targeted, self.clamp = bool(targeted), bool(clamp)
+        self.generator = generator
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Attack a batch; ``generator`` overrides the one given at construction for this call."""
+        return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, random_start=self.random_start,
+                   restarts=self.restarts, targeted=self.targeted, clamp=self.clamp,
+                   generator=generator if generator is not None else self.generator)
+
+    def settings(self) -> dict:
+        return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "norm": self.norm,
+                "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted,
+                "clamp": self.clamp}
+
+    def __repr__(self) -> str:
+        return "PGD(" + ", ".join(f"{k}={v!r}" for k, v in self.settings().items()) + ")"
+
+
+def robust_accuracy(model: nn.Module, test, attack: PGD, batch_size: int = 256, max_images: int | None = None,
+                    generator: torch.Generator | None = None, channels_last: bool = False) -> dict:
+    """Accuracy on ``attack``'s examples of a test split (anything with ``batches`` yielding (idx, x, y)).
+
+    Uses the first ``max_images`` images (all if None). Returns ``{"robust_acc": fraction,
+    "robust_eval": attack.settings() + {"images": n}}``; the model's train/eval flags are restored.
+    """
+    if attack.targeted:
+        raise ValueError("robust_accuracy needs an untargeted attack (y are the true labels)")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_images is not None and max_images < 0:
+        raise ValueError(f"max_images must be >= 0 or None, got {max_images}")
+    n = correct = 0
+    with eval_mode(model):
+        for _, x, y in test.batches(batch_size):
+            if max_images is not None:
+                if n >= max_images:
+                    break
+                x, y = x[:max_images - n], y[:max_images - n]
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x_adv = attack(model, x, y, generator=generator)
+            with torch.no_grad():
+                correct += (model(x_adv).argmax(1) == y).sum().item()
+            n += y.numel()
+    return {"robust_acc": correct / max(n, 1), "robust_eval": {**attack.settings(), "images": n}}

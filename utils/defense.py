@@ -1,0 +1,145 @@
+"""Pieces every defense shares: load the infected run, adversarial fine-tuning, logits, consistency scores.
+
+``load_infected`` rebuilds everything a checkpoint describes (model, trigger, the exact poisoned
+training set, test split) so a defense needs no flag besides ``--model_path``. ``finetune_epoch``
+is ``train_epoch`` with our one PGD plugged in for the first ``adv_batches`` batches.
+``consistency_scores`` is PBE's logit cosine similarity (PUD adds the arg-max disagreement penalty).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dataloader import backdoor_from_checkpoint, load_data, make_augment, poisoned_train_from_checkpoint
+from models import model_from_checkpoint
+from utils.adversarial import PGD
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserError
+from utils.poison import BackdoorSpec, PoisonedTrainSet
+from utils.training import train_epoch
+
+
+@dataclass
+class InfectedRun:
+    ck: dict
+    model: torch.nn.Module
+    reference: torch.nn.Module  # frozen copy of the infected model
+    backdoor: BackdoorSpec
+    poisoned: PoisonedTrainSet  # the training data as the attacker left it
+    test: object
+    augment: object
+    attack_args: object  # the attack's args namespace (crop, rotation, ...)
+
+
+def load_infected(args, device) -> InfectedRun:
+    """Load ``args.model_path`` and rebuild its data; refuse a checkpoint of another dataset/arch than asked."""
+    ck = load_checkpoint(args.model_path)
+    for key in ("dataset", "arch"):
+        asked = getattr(args, key, None)
+        if asked is not None and asked != ck[key]:
+            raise UserError(f"--{key} {asked} does not match the checkpoint ('{args.model_path}' is a {ck[key]} model); "
+                            f"drop --{key} or pass the matching checkpoint")
+    attack = argparse_namespace(ck["args"])
+    attack.data_root = args.data_root
+    attack.download = getattr(args, "download", "auto")
+    attack.num_workers = args.num_workers
+    attack.test_subset = args.test_subset if args.test_subset is not None else attack.test_subset
+    train, test, _ = load_data(attack, device, train_indices=ck.get("train_indices"))
+    pidx = ck.get("poisoned_indices")
+    if pidx is not None and len(pidx) and int(pidx.max()) >= len(train):
+        raise UserError(f"the training data under '{args.data_root}' has {len(train)} images, fewer than the checkpoint's "
+                        "poisoned indices need; point --data_root at the data the model was trained on")
+    backdoor = backdoor_from_checkpoint(ck)
+    poisoned = poisoned_train_from_checkpoint(ck, train, backdoor)
+    model = model_from_checkpoint(ck, device)
+    if getattr(args, "channels_last", "auto") != "off":
+        model = model.to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return InfectedRun(ck, model, reference, backdoor, poisoned, test, make_augment(attack), attack)
+
+
+def argparse_namespace(d: dict):
+    import argparse
+
+    return argparse.Namespace(**d)
+
+
+def clean_indices(poisoned: PoisonedTrainSet) -> torch.Tensor:
+    """Indices of training images the attack left untouched (not poisoned, not WaNet noise-mode)."""
+    bad = (poisoned.is_poison | poisoned.is_noise).cpu()
+    return torch.nonzero(~bad).flatten()
+
+
+def finetune_epoch(model, optimizer, batches, attack: PGD | None, adv_batches: int | None, augment=None,
+                   generator=None, channels_last=False, clean_weight: float = 0.0, desc="finetune", total=None) -> dict:
+    """One fine-tuning epoch; batches with index < ``adv_batches`` (None = all) are replaced by PGD examples."""
+    transform = None
+    if attack is not None and (adv_batches is None or adv_batches > 0):
+        def transform(i, x, y):
+            if adv_batches is not None and i >= adv_batches:
+                return x
+            return attack(model, x, y, generator=generator)
+    return train_epoch(model, optimizer, batches, augment, transform=transform, generator=generator,
+                       channels_last=channels_last, clean_weight=clean_weight, desc=desc, total=total)
+
+
+@torch.no_grad()
+def all_logits(model, poisoned: PoisonedTrainSet, batch_size: int = 512, channels_last=False) -> torch.Tensor:
+    """Logits (on CPU) of every training sample as the model was trained on it, in index order, no augmentation."""
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        for _, x, _ in poisoned.batches(batch_size, shuffle=False):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(model(x).float().cpu())
+    finally:
+        model.train(was)
+    return torch.cat(out)
+
+
+def consistency_scores(ref_logits: torch.Tensor, cur_logits: torch.Tensor, argmax_penalty: bool = False) -> torch.Tensor:
+    """0.5 + 0.5 cos(z_ref, z_cur) per sample (high = consistent = likely clean); PUD subtracts 0.5 on arg-max disagreement."""
+    s = 0.5 + 0.5 * F.cosine_similarity(ref_logits, cur_logits, dim=1, eps=1e-12)
+    if argmax_penalty:
+        s = s - 0.5 * (ref_logits.argmax(1) != cur_logits.argmax(1)).float()
+    return s
+
+
+def top_fraction(scores: torch.Tensor, fraction: float, among: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the highest-scored ``fraction`` of samples (of ``among`` if given), sorted by index."""
+    idx = torch.arange(len(scores)) if among is None else among
+    k = max(1, int(round(fraction * len(idx))))
+    order = torch.argsort(scores[idx], descending=True, stable=True)
+    return idx[order[:k]].sort().values
+
+
+def bottom_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    k = max(1, int(round(fraction * len(scores))))
+    return torch.argsort(scores, stable=True)[:k].sort().values
+
+
+def detection_stats(flagged: torch.Tensor, is_poison: torch.Tensor) -> dict:
+    """Precision / recall / FPR of ``flagged`` indices as a poison detector against the ground truth."""
+    truth = is_poison.cpu()
+    mask = torch.zeros_like(truth)
+    mask[flagged.cpu()] = True
+    tp = int((mask & truth).sum())
+    fp = int((mask & ~truth).sum())
+    pos = int(truth.sum())
+    neg = int((~truth).sum())
+    return {"precision": tp / max(int(mask.sum()), 1), "recall": tp / max(pos, 1), "fpr": fp / max(neg, 1),
+            "flagged": int(mask.sum())}
+
+
+def poison_share(indices: torch.Tensor, is_poison: torch.Tensor) -> float:
+    """Share of truly poisoned samples in a set of indices (the extra set's impurity)."""
+    if len(indices) == 0:
+        return 0.0
+    return float(is_poison.cpu()[indices.cpu()].float().mean())
