@@ -114,8 +114,59 @@ def _add_pbe(p: argparse.ArgumentParser) -> None:
     g.add_argument("--detect_fraction", type=fraction, default=0.1, help="lowest-scored share reported as detected poison")
 
 
+def target_label_arg(text: str):
+    """``auto`` or a class index."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'auto' or a class index") from None
+
+
+PUD_SPECTRE_LAYERS = {"cnn": "net.features", "preactresnet18": "net.layer4.0", "resnet18": "net.layer2.1"}
+
+
+def _add_pud(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("PUD (progressive unlearning defense, no clean data)")
+    g.add_argument("--target_label", type=target_label_arg, default="auto",
+                   help="backdoor target class, or auto: the most frequent class of untargeted PGD examples")
+    g.add_argument("--target_eps", type=fraction, default=8 / 255, help="PGD radius for the target estimate")
+    g.add_argument("--target_images", type=int, default=1000, help="training images attacked for the target estimate")
+    g.add_argument("--spectre_layer", default=None, help="module whose output SPECTRE uses (default: per arch)")
+    g.add_argument("--spectre_remove", type=fraction, default=0.25, help="initial SPECTRE: share of the target class removed")
+    g.add_argument("--spectre_step_remove", type=fraction, default=0.1, help="per-step SPECTRE: share of the extra set's target part removed")
+    g.add_argument("--spectre_min", type=int, default=100, help="per-step SPECTRE runs only on at least this many target samples")
+    g.add_argument("--steps", type=int, default=5, help="progressive steps")
+    g.add_argument("--step_epochs", type=int, nargs="+", default=[10, 10, 10, 10, 30], help="fine-tuning epochs per step")
+    g.add_argument("--step_adv_epochs", type=int, nargs="+", default=[10, 2, 1, 1, 1], help="adversarial epochs per step")
+    g.add_argument("--step_partial", type=int, nargs="+", default=[0, 0, 0, 1, 1],
+                   help="1: the adversarial epochs of that step are partial (first --partial_batches batches)")
+    g.add_argument("--step_eps", type=fraction, nargs="+", default=[6 / 255] * 4 + [4 / 255], help="PGD radius per step")
+    g.add_argument("--step_alpha_div", type=fraction, nargs="+", default=[5, 5, 5, 6, 6], help="PGD step = eps / this, per step")
+    g.add_argument("--step_pgd_steps", type=int, default=7, help="PGD iterations of the fine-tuning attack")
+    g.add_argument("--partial_batches", type=int, default=31, help="adversarial batches of a partial adversarial epoch")
+    g.add_argument("--init_ratio", type=fraction, default=0.05, help="random share of the pool used as extra set in step 0")
+    g.add_argument("--top_rates", type=fraction, nargs="+", default=[0.2, 0.4, 0.7, 0.8],
+                   help="share of the pool kept as the next extra set after each step but the last")
+    g.add_argument("--poison_fraction", type=fraction, default=0.01, help="least consistent share of all samples used as poison set")
+    g.add_argument("--pud_lr", type=fraction, default=0.01, help="SGD learning rate")
+    g.add_argument("--pud_milestones", type=int, nargs="+", default=[30, 60], help="MultiStepLR epochs (gamma 0.1)")
+    g.add_argument("--unlearn_epochs", type=int, default=30)
+    g.add_argument("--unlearn_lambda", type=fraction, default=0.003, help="weight of the poison-CE ascent term")
+    g.add_argument("--unlearn_mu", type=fraction, default=1e-4, help="weight of the L1 distance to the reference")
+    g.add_argument("--poison_loss_bound", type=fraction, default=10.0, help="clip the ascent term at this CE")
+    g.add_argument("--mt_epochs", type=int, default=30, help="mean-teacher epochs")
+    g.add_argument("--mt_weight", type=fraction, default=0.05, help="weight of the softmax consistency")
+    g.add_argument("--ema_decay", type=fraction, default=0.99)
+    g.add_argument("--mt_adv", action="store_true", help="mean teacher: the student trains on the teacher's PGD examples")
+    g.add_argument("--return_teacher", action="store_true", help="keep the teacher instead of the student")
+    g.add_argument("--model_repair", action="store_true", help="step 0 uses a known clean extra set")
+
+
 PARSER_PARTS = {"attack": (_add_common, _add_attack, _add_robust_eval),
-                "pbe": (_add_common, _add_robust_eval, _add_finetune, _add_pbe)}
+                "pbe": (_add_common, _add_robust_eval, _add_finetune, _add_pbe),
+                "pud": (_add_common, _add_robust_eval, _add_pud)}
 
 
 def build_parser(script: str) -> argparse.ArgumentParser:
@@ -191,7 +242,6 @@ def fill_from_checkpoint(args: argparse.Namespace) -> None:
     from utils.checkpoint import load_checkpoint
 
     ck = load_checkpoint(args.model_path)
-    args.asked_dataset, args.asked_arch = args.dataset, args.arch
     args.dataset = args.dataset or ck["dataset"]
     args.arch = args.arch or ck["arch"]
     fill_dataset_defaults(args)
@@ -229,9 +279,50 @@ def validate_pbe(args: argparse.Namespace) -> None:
     _require(args.partial_batches >= 0, f"--partial_batches must be >= 0, got {args.partial_batches}")
 
 
+def validate_pud(args: argparse.Namespace) -> None:
+    t = args.target_label
+    _require(t == "auto" or 0 <= t < args.num_classes,
+             f"--target_label {t} is not a class of {args.dataset} (classes 0..{args.num_classes - 1}) nor 'auto'")
+    _require(0 <= args.target_eps <= 1, f"--target_eps must be in [0, 1] (pixel units), got {args.target_eps}")
+    _require(args.target_images > 0, f"--target_images must be positive, got {args.target_images}")
+    if args.spectre_layer is None:
+        args.spectre_layer = PUD_SPECTRE_LAYERS.get(args.arch, "net")
+    for name in ("init_ratio", "poison_fraction"):
+        v = getattr(args, name)
+        _require(0 < v <= 1, f"--{name} must be in (0, 1], got {v}")
+    for name in ("spectre_remove", "spectre_step_remove"):
+        v = getattr(args, name)
+        _require(0 < v < 1, f"--{name} must be in (0, 1), got {v}")
+    _require(args.spectre_min > 0, f"--spectre_min must be positive, got {args.spectre_min}")
+    _require(args.steps > 0, f"--steps must be positive, got {args.steps}")
+    for name in ("step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div"):
+        v = getattr(args, name)
+        _require(len(v) == args.steps, f"--{name} needs one value per step (--steps {args.steps}), got {len(v)}")
+    _require(len(args.top_rates) == args.steps - 1,
+             f"--top_rates needs one value per step but the last ({args.steps - 1} for --steps {args.steps}), got {len(args.top_rates)}")
+    _require(all(0 < r <= 1 for r in args.top_rates), f"--top_rates must be in (0, 1], got {args.top_rates}")
+    _require(all(e >= 0 for e in args.step_epochs), f"--step_epochs must be non-negative, got {args.step_epochs}")
+    for i, (a, e) in enumerate(zip(args.step_adv_epochs, args.step_epochs)):
+        _require(0 <= a <= e, f"--step_adv_epochs {a} of step {i} must be between 0 and its --step_epochs {e}")
+    _require(all(v in (0, 1) for v in args.step_partial), f"--step_partial takes 0 or 1 per step, got {args.step_partial}")
+    _require(all(0 <= v <= 1 for v in args.step_eps), f"--step_eps must be in [0, 1] (pixel units), got {args.step_eps}")
+    _require(all(v > 0 for v in args.step_alpha_div), f"--step_alpha_div must be positive, got {args.step_alpha_div}")
+    _require(args.step_pgd_steps >= 0, f"--step_pgd_steps must be >= 0, got {args.step_pgd_steps}")
+    _require(args.partial_batches >= 0, f"--partial_batches must be >= 0, got {args.partial_batches}")
+    _require(args.pud_lr > 0, f"--pud_lr must be positive, got {args.pud_lr}")
+    _require(all(m > 0 for m in args.pud_milestones), f"--pud_milestones must be positive epochs, got {args.pud_milestones}")
+    _require(args.unlearn_epochs >= 0 and args.mt_epochs >= 0,
+             f"--unlearn_epochs and --mt_epochs must be non-negative, got {args.unlearn_epochs} and {args.mt_epochs}")
+    _require(args.unlearn_lambda >= 0 and args.unlearn_mu >= 0, "--unlearn_lambda and --unlearn_mu must be >= 0")
+    _require(args.poison_loss_bound > 0, f"--poison_loss_bound must be positive, got {args.poison_loss_bound}")
+    _require(args.mt_weight >= 0, f"--mt_weight must be >= 0, got {args.mt_weight}")
+    _require(0 <= args.ema_decay <= 1, f"--ema_decay must be in [0, 1], got {args.ema_decay}")
+
+
 VALIDATORS = {"attack": (validate_common, validate_attack, validate_robust_eval),
-              "pbe": (validate_common, validate_robust_eval, validate_finetune, validate_pbe)}
-FROM_CHECKPOINT = {"pbe"}
+              "pbe": (validate_common, validate_robust_eval, validate_finetune, validate_pbe),
+              "pud": (validate_common, validate_robust_eval, validate_pud)}
+FROM_CHECKPOINT = {"pbe", "pud"}
 
 
 def parse_args(script: str, argv: list[str] | None = None) -> argparse.Namespace:

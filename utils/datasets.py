@@ -178,22 +178,28 @@ def _gtsrb(spec: DatasetSpec, root: str, train: bool, download: bool) -> ImageSe
     return out
 
 
-def load_split(name: str, root: str, train: bool, download: bool = True, synthetic_size: int | None = None) -> ImageSet:
+def _synthetic(spec: DatasetSpec, root: str, train: bool, download: bool) -> ImageSet:
+    n = spec.train_size if train else spec.test_size
+    return make_synthetic(n, seed=1 if train else 2, size=spec.size, channels=spec.channels, num_classes=spec.num_classes)
+
+
+def _torchvision_loader(cls_name: str):
+    def load(spec: DatasetSpec, root: str, train: bool, download: bool) -> ImageSet:
+        hint = f"check the folder or run once with network access (torchvision downloads it to '{root}')"
+        return _torchvision_set(cls_name, spec, root, train, download, hint)
+    return load
+
+
+LOADERS = {"synthetic": _synthetic, "cifar10": _torchvision_loader("CIFAR10"), "mnist": _torchvision_loader("MNIST"),
+           "fashionmnist": _torchvision_loader("FashionMNIST"), "gtsrb": _gtsrb}
+
+
+def load_split(name: str, root: str, train: bool, download: bool = True) -> ImageSet:
     """Load one split of an in-memory dataset as an ``ImageSet`` on the CPU."""
     spec = get_spec(name)
-    if name == "synthetic":
-        n = synthetic_size or (spec.train_size if train else spec.test_size)
-        return make_synthetic(n, seed=1 if train else 2, size=spec.size, channels=spec.channels, num_classes=spec.num_classes)
-    online = f"check the folder or run once with network access (torchvision downloads it to '{root}')"
-    if name == "cifar10":
-        return _torchvision_set("CIFAR10", spec, root, train, download, online)
-    if name == "mnist":
-        return _torchvision_set("MNIST", spec, root, train, download, online)
-    if name == "fashionmnist":
-        return _torchvision_set("FashionMNIST", spec, root, train, download, online)
-    if name == "gtsrb":
-        return _gtsrb(spec, root, train, download)
-    raise UserError(f"dataset '{name}' is streamed from disk, not loaded into memory")
+    if name not in LOADERS:
+        raise UserError(f"dataset '{name}' is streamed from disk, not loaded into memory")
+    return LOADERS[name](spec, root, train, download)
 
 
 def seeded_subset(n_total: int, n: int | None, seed: int) -> torch.Tensor | None:

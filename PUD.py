@@ -1,0 +1,18 @@
+"""Purify an infected model without clean data: PUD (SPECTRE filtering, progressive adversarial fine-tuning,
+machine unlearning and a mean-teacher stage).
+
+    python PUD.py --model_path runs/attack/model.pt                    # target class estimated by PGD
+    python PUD.py --model_path runs/attack/model.pt --target_label 0   # target class given
+"""
+from config import parse_args
+from utils.errors import run_cli
+from utils.pud import run_pud
+
+
+def main(argv=None):
+    args = parse_args("pud", argv)
+    return run_pud(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
