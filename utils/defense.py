@@ -7,6 +7,7 @@ is ``train_epoch`` with our one PGD plugged in for the first ``adv_batches`` bat
 """
 from __future__ import annotations
 
+import argparse
 import copy
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ def load_infected(args, device) -> InfectedRun:
         if asked is not None and asked != ck[key]:
             raise UserError(f"--{key} {asked} does not match the checkpoint ('{args.model_path}' is a {ck[key]} model); "
                             f"drop --{key} or pass the matching checkpoint")
-    attack = argparse_namespace(ck["args"])
+    attack = argparse.Namespace(**ck["args"])
     attack.data_root = args.data_root
     attack.download = getattr(args, "download", "auto")
     attack.num_workers = args.num_workers
@@ -61,12 +62,6 @@ def load_infected(args, device) -> InfectedRun:
     for p in reference.parameters():
         p.requires_grad_(False)
     return InfectedRun(ck, model, reference, backdoor, poisoned, test, make_augment(attack), attack)
-
-
-def argparse_namespace(d: dict):
-    import argparse
-
-    return argparse.Namespace(**d)
 
 
 def clean_indices(poisoned: PoisonedTrainSet) -> torch.Tensor:

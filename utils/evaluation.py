@@ -13,11 +13,6 @@ from utils.poison import BackdoorSpec
 from utils.triggers import WarpTrigger
 
 
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x).argmax(1)
-
-
 def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch_size: int = 512,
              generator: torch.Generator | None = None, channels_last: bool = False) -> dict:
     """Evaluate ``model`` on a test split (anything with ``batches``); returns a dict of fractions."""

@@ -7,74 +7,15 @@ and current models' logits and keeps the most consistent ones as the next extra 
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from utils.adversarial import PGD
-from utils.attack import checkpoint_payload, log_line
-from utils.checkpoint import save_checkpoint
-from utils.defense import (InfectedRun, all_logits, bottom_fraction, clean_indices, consistency_scores, detection_stats,
-                           finetune_epoch, load_infected, poison_share, top_fraction)
-from utils.evaluation import evaluate
+from utils.defense import (all_logits, bottom_fraction, clean_indices, consistency_scores, detection_stats, finetune_epoch,
+                           poison_share, top_fraction)
+from utils.errors import UserError
 from utils.plots import plot_curves
-from utils.robust import robust_acc_from_args
-from utils.runlog import RunDir, check_out_dir
-from utils.runtime import pick_device, seed_everything
+from utils.session import DefenseSession
 from utils.training import make_optimizer
-
-
-class DefenseSession:
-    """Set-up, evaluation and outputs shared by the defense scripts (AFT, PBE, PUD)."""
-
-    def __init__(self, args, name: str):
-        self.args, self.name = args, name
-        self.device = pick_device(args.device)
-        check_out_dir(args.out_dir, args.overwrite)
-        self.gen = seed_everything(args.seed)
-        self.inf: InfectedRun = load_infected(args, self.device)
-        self.cl = args.channels_last != "off"
-        self.run = RunDir(args.out_dir)
-        self.t0 = time.time()
-        self.history: list[dict] = []
-
-    def start(self) -> dict:
-        self.run.start(dict(vars(self.args), defense=self.name, device_used=str(self.device)))
-        print(f"{self.name}: {self.inf.ck['trigger']['type']} {self.inf.ck['attack_mode']} {self.inf.ck['dataset']} "
-              f"model from {self.args.model_path} on {self.device}; writing to {self.args.out_dir}", flush=True)
-        self.initial = self.evaluate(robust=True)
-        print(log_line("initial", self.initial), flush=True)
-        return self.initial
-
-    def evaluate(self, robust: bool = False) -> dict:
-        m = self.inf.model
-        out = evaluate(m, self.inf.test, self.inf.backdoor, self.args.eval_bs, generator=self.gen, channels_last=self.cl)
-        if robust:
-            out.update(robust_acc_from_args(m, self.inf.test, self.args))
-        return out
-
-    def log(self, rec: dict, prefix: str) -> None:
-        rec["seconds"] = round(time.time() - self.t0, 2)
-        self.history.append(rec)
-        self.run.log(rec)
-        print(log_line(prefix, rec), flush=True)
-
-    def finish(self, settings: dict, extra_summary: dict | None = None, panels: dict | None = None) -> dict:
-        final = self.evaluate(robust=True)
-        keys = ("clean_acc", "asr", "asr_incl_target", "robust_acc", "noise_acc")
-        summary = {"defense": self.name, "initial": {k: self.initial[k] for k in keys if k in self.initial},
-                   "final": {k: final[k] for k in keys if k in final}, "robust_eval": final.get("robust_eval"),
-                   "settings": settings, "seconds": round(time.time() - self.t0, 2), **(extra_summary or {})}
-        inf = self.inf
-        payload = checkpoint_payload(inf.attack_args, inf.model, inf.backdoor, inf.poisoned, inf.ck.get("train_indices"),
-                                     summary["final"], {"defense": {"name": self.name, "settings": settings,
-                                                                    "history": self.history, "source": self.args.model_path}})
-        save_checkpoint(self.run.file("model.pt"), payload)
-        plot_curves(self.run.records(), self.run.file("curves.png"),
-                    panels or {"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]})
-        self.run.write_json("summary.json", summary)
-        print(log_line(f"final ({summary['seconds']:.0f}s)", summary["final"]) + f" | {self.args.out_dir}", flush=True)
-        return summary
 
 
 def finetune_attack(args) -> PGD:
@@ -88,7 +29,8 @@ def run_aft(args) -> dict:
     clean = clean_indices(inf.poisoned)
     n_extra = max(1, int(round(args.extra_ratio * len(inf.poisoned))))
     if n_extra > len(clean):
-        raise_extra(n_extra, len(clean))
+        raise UserError(f"--extra_ratio asks for {n_extra} clean images but only {len(clean)} training images are "
+                        "unpoisoned; lower --extra_ratio")
     extra = clean[torch.randperm(len(clean), generator=s.gen)[:n_extra]].sort().values
     s.start()
     opt = make_optimizer(inf.model, args.ft_lr)
@@ -104,12 +46,6 @@ def run_aft(args) -> dict:
     settings = {"extra_size": n_extra, "extra_ratio": args.extra_ratio, "aft_epochs": args.aft_epochs,
                 "adv_epochs": args.adv_epochs, "lr": args.ft_lr, "pgd": attack.settings(), "clean_weight": args.clean_weight}
     return s.finish(settings)
-
-
-def raise_extra(need: int, have: int):
-    from utils.errors import UserError
-
-    raise UserError(f"--extra_ratio asks for {need} clean images but only {have} training images are unpoisoned; lower --extra_ratio")
 
 
 def run_pbe(args) -> dict:

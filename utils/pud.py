@@ -23,7 +23,7 @@ from utils.defense import (all_logits, bottom_fraction, clean_indices, consisten
                            poison_share, top_fraction)
 from utils.errors import UserError
 from utils.mean_teacher import ema_update, make_teacher, softmax_consistency
-from utils.pbe import DefenseSession
+from utils.session import DefenseSession
 from utils.progress import progress
 from utils.spectre import layer_representations, spectre_filter
 from utils.training import DivergenceError, make_optimizer
