@@ -95,6 +95,8 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aft_epochs", type=int, default=20, help="AFT: fine-tuning epochs")
     g.add_argument("--adv_epochs", type=int, default=3, help="AFT: how many of the first epochs use PGD examples")
     g.add_argument("--ft_lr", type=fraction, default=0.001, help="fine-tuning SGD learning rate")
+    g.add_argument("--adv_norm", choices=("linf", "l2"), default="linf",
+                   help="PGD norm for fine-tuning (l2 reaches patch triggers that an L-inf ball of 6/255 cannot)")
     g.add_argument("--adv_eps", type=fraction, default=6 / 255, help="PGD radius for fine-tuning")
     g.add_argument("--adv_alpha", type=fraction, default=1.2 / 255, help="PGD step for fine-tuning")
     g.add_argument("--adv_steps", type=int, default=7, help="PGD steps for fine-tuning")
@@ -263,7 +265,10 @@ def validate_finetune(args: argparse.Namespace) -> None:
     _require(0 <= args.adv_epochs <= args.aft_epochs,
              f"--adv_epochs {args.adv_epochs} must be between 0 and --aft_epochs {args.aft_epochs}")
     _require(args.ft_lr > 0, f"--ft_lr must be positive, got {args.ft_lr}")
-    _require(0 <= args.adv_eps <= 1, f"--adv_eps must be in [0, 1] (pixel units, e.g. 6/255), got {args.adv_eps}")
+    if getattr(args, "adv_norm", "linf") == "linf":
+        _require(0 <= args.adv_eps <= 1, f"--adv_eps must be in [0, 1] (pixel units, e.g. 6/255), got {args.adv_eps}")
+    else:
+        _require(args.adv_eps >= 0, f"--adv_eps must be >= 0, got {args.adv_eps}")
     _require(args.adv_alpha >= 0, f"--adv_alpha must be >= 0, got {args.adv_alpha}")
     _require(args.adv_steps >= 0, f"--adv_steps must be >= 0, got {args.adv_steps}")
     _require(0 <= args.clean_weight < 1, f"--clean_weight must be in [0, 1), got {args.clean_weight}")

@@ -19,7 +19,8 @@ from utils.training import make_optimizer
 
 
 def finetune_attack(args) -> PGD:
-    return PGD(eps=args.adv_eps, alpha=args.adv_alpha, steps=args.adv_steps, random_start=args.adv_random_start)
+    return PGD(eps=args.adv_eps, alpha=args.adv_alpha, steps=args.adv_steps, norm=args.adv_norm,
+               random_start=args.adv_random_start)
 
 
 def run_aft(args) -> dict:
