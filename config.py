@@ -14,7 +14,7 @@ import time
 from fractions import Fraction
 
 from utils.datasets import DATASETS, get_spec
-from utils.errors import UserError
+from utils.errors import OneLineParser, UserError
 from utils.poison import POISON_MODES
 from utils.resume import SCRIPT_FILES
 from utils.triggers import LABEL_MAPS, TRIGGERS
@@ -26,14 +26,6 @@ def fraction(text: str) -> float:
         return float(Fraction(text.strip())) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a number or a fraction like 8/255") from None
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (and exit code 2), like every other bad input."""
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

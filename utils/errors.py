@@ -9,6 +9,7 @@ adds a ``note`` (what was kept, how to resume) before the exception reaches ``ru
 """
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from typing import Callable
@@ -19,6 +20,14 @@ EXIT_DIVERGED = 3
 
 class UserError(Exception):
     """Bad input the user can fix; the message says what is wrong and how to fix it."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit code 2), like every other bad input."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 class RunStopped(Exception):
