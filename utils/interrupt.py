@@ -19,10 +19,13 @@ from utils.errors import Interrupted
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _pending: int | None = None
 _previous: dict = {}
+_owner: int | None = None  # pid that installed the handler; forked DataLoader workers inherit it and must ignore it
 
 
 def _handler(signum, _frame) -> None:
     global _pending
+    if os.getpid() != _owner:  # a worker: the main process stops the run and shuts the workers down
+        return
     _pending = signum
     for s, h in _previous.items():  # the next signal acts at once
         signal.signal(s, h)
@@ -34,11 +37,11 @@ def _handler(signum, _frame) -> None:
 @contextmanager
 def handle_signals():
     """Within the block, SIGINT/SIGTERM set the flag ``check`` looks at (main thread only, where Python allows it)."""
-    global _pending
+    global _pending, _owner
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _pending = None
+    _pending, _owner = None, os.getpid()
     _previous.clear()
     _previous.update({s: signal.signal(s, _handler) for s in SIGNALS})
     saved = dict(_previous)
