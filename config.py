@@ -14,8 +14,9 @@ import time
 from fractions import Fraction
 
 from utils.datasets import DATASETS, get_spec
-from utils.errors import UserError
+from utils.errors import OneLineParser, UserError
 from utils.poison import POISON_MODES
+from utils.resume import SCRIPT_FILES
 from utils.triggers import LABEL_MAPS, TRIGGERS
 
 
@@ -25,14 +26,6 @@ def fraction(text: str) -> float:
         return float(Fraction(text.strip())) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a number or a fraction like 8/255") from None
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (and exit code 2), like every other bad input."""
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -45,7 +38,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out_dir", default=None, help="run folder (default: a new folder under runs/)")
-    g.add_argument("--overwrite", action="store_true", help="allow writing into a folder with a finished run")
+    g.add_argument("--overwrite", action="store_true", help="start over in a folder holding a finished or interrupted run")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out_dir from its last saved state (same arguments otherwise)")
     g.add_argument("--train_subset", type=int, default=None, help="use a seeded subset of N training images")
     g.add_argument("--test_subset", type=int, default=None, help="evaluate on a seeded subset of N test images")
     g.add_argument("--bs", type=int, default=128, help="batch size")
@@ -55,7 +50,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="channels_last memory format (auto: on; measured faster for conv nets on CPU and GPU)")
     g.add_argument("--random_crop", type=int, default=None, help="crop padding in pixels (default: per dataset)")
     g.add_argument("--random_rotation", type=float, default=None, help="max rotation in degrees (default: per dataset)")
-    g.add_argument("--model_path", default=None, help="checkpoint to load (defenses) or continue from")
+
+
+def _add_model_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_path", default=None, help="the infected model: a model.pt written by train_blend.py")
 
 
 def _add_attack(p: argparse.ArgumentParser) -> None:
@@ -167,8 +165,8 @@ def _add_pud(p: argparse.ArgumentParser) -> None:
 
 
 PARSER_PARTS = {"attack": (_add_common, _add_attack, _add_robust_eval),
-                "pbe": (_add_common, _add_robust_eval, _add_finetune, _add_pbe),
-                "pud": (_add_common, _add_robust_eval, _add_pud)}
+                "pbe": (_add_common, _add_model_path, _add_robust_eval, _add_finetune, _add_pbe),
+                "pud": (_add_common, _add_model_path, _add_robust_eval, _add_pud)}
 
 
 def build_parser(script: str) -> argparse.ArgumentParser:
@@ -200,7 +198,14 @@ def fill_dataset_defaults(args: argparse.Namespace) -> None:
 
 def validate_common(args: argparse.Namespace) -> None:
     from models import ARCHS
+    from utils.runtime import pick_device
 
+    pick_device(args.device)  # an unknown or absent device is a UserError
+    _require(not (args.resume and args.overwrite),
+             "--resume continues the run in --out_dir and --overwrite starts it over; pass only one of them")
+    _require(not args.resume or args.out_dir is not None, "--resume needs the --out_dir of the interrupted run")
+    _require(args.out_dir is None or not os.path.isfile(args.out_dir),
+             f"--out_dir '{args.out_dir}' is a file, not a folder; choose another --out_dir")
     _require(args.arch in ARCHS, f"unknown arch '{args.arch}'; choose one of {', '.join(ARCHS)}")
     _require(args.bs > 0, f"--bs must be positive, got {args.bs}")
     _require(args.eval_bs > 0, f"--eval_bs must be positive, got {args.eval_bs}")
@@ -225,13 +230,23 @@ def validate_attack(args: argparse.Namespace) -> None:
     if args.lr_C is None:
         args.lr_C = 0.01
     _require(args.lr_C > 0, f"--lr_C must be positive, got {args.lr_C}")
+    _require(all(m > 0 for m in args.schedulerC_milestones),
+             f"--schedulerC_milestones must be positive epochs, got {args.schedulerC_milestones}")
+    _require(0 < args.schedulerC_lambda <= 1, f"--schedulerC_lambda (the LR decay factor) must be in (0, 1], got {args.schedulerC_lambda}")
     _require(0 < args.blend_alpha <= 1, f"--blend_alpha must be in (0, 1], got {args.blend_alpha}")
     _require(0 < args.sig_delta <= 1, f"--sig_delta is in pixel units and must be in (0, 1], e.g. 10/255; got {args.sig_delta}")
     _require(args.patch_size is None or args.patch_size > 0, f"--patch_size must be positive, got {args.patch_size}")
+    _require(args.sig_freq > 0, f"--sig_freq must be positive, got {args.sig_freq}")
     _require(args.cross_ratio >= 0, f"--cross_ratio must be >= 0, got {args.cross_ratio}")
+    if args.trigger_type == "warp":
+        _require(args.pc * (1 + args.cross_ratio) <= 1,
+                 f"--pc {args.pc} with --cross_ratio {args.cross_ratio} would poison or warp more than the whole training set")
     _require(args.eval_every > 0, f"--eval_every must be positive, got {args.eval_every}")
     if args.blend_image is not None:
         _require(os.path.isfile(args.blend_image), f"--blend_image '{args.blend_image}' does not exist; give a PNG/JPEG file")
+    from dataloader import build_backdoor
+
+    build_backdoor(args)  # the trigger's own checks (image file, patch size, WaNet grid) before any data is loaded
 
 
 def default_out_dir(script: str, args: argparse.Namespace) -> str:
@@ -292,6 +307,12 @@ def validate_pud(args: argparse.Namespace) -> None:
     _require(args.target_images > 0, f"--target_images must be positive, got {args.target_images}")
     if args.spectre_layer is None:
         args.spectre_layer = PUD_SPECTRE_LAYERS.get(args.arch, "net")
+    else:  # checked now rather than after the initial evaluation has written the run folder
+        from models import build_model
+
+        names = [n for n, _ in build_model(args.arch, args.num_classes, args.input_shape[0]).named_modules() if n]
+        _require(args.spectre_layer in names, f"--spectre_layer '{args.spectre_layer}' is not a module of {args.arch}; "
+                                              f"choose one of {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}")
     for name in ("init_ratio", "poison_fraction"):
         v = getattr(args, name)
         _require(0 < v <= 1, f"--{name} must be in (0, 1], got {v}")
@@ -335,7 +356,9 @@ def parse_args(script: str, argv: list[str] | None = None) -> argparse.Namespace
     parser = build_parser(script)
     if script in FROM_CHECKPOINT:
         parser.set_defaults(dataset=None)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command = [SCRIPT_FILES[script], *argv]  # recorded in args.json; the resume hint is built from it
     if script in FROM_CHECKPOINT:
         fill_from_checkpoint(args)
     else:

@@ -23,3 +23,31 @@ def infected_run(tmp_path_factory):
                    "--schedulerC_milestones", "3", "--device", "cpu", "--out_dir", str(out))
     assert r.returncode == 0, r.stderr
     return out
+
+
+def cli(main, *argv) -> int:
+    """Run an entry script's ``main`` in this process, as ``run_cli`` does for the command line; returns the exit code.
+
+    No interpreter start-up, so a test can afford many runs; stdout/stderr are captured by ``capsys``.
+    """
+    from utils.errors import run_cli
+
+    try:
+        run_cli(main, [str(a) for a in argv])
+    except SystemExit as e:
+        return int(e.code)
+    return 0
+
+
+TINY_ATTACK = ("--dataset", "synthetic", "--arch", "cnn", "--trigger_type", "patch", "--train_subset", "300",
+               "--test_subset", "100", "--bs", "64", "--lr_C", "0.05", "--device", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_attack_run(tmp_path_factory):
+    """A one-epoch patch-infected CNN on 300 synthetic images, trained in this process (a few seconds)."""
+    import train_blend
+
+    out = tmp_path_factory.mktemp("tiny") / "attack"
+    assert cli(train_blend.main, *TINY_ATTACK, "--n_iters", "1", "--out_dir", out) == 0
+    return out

@@ -1,8 +1,6 @@
 """Attack training: train a classifier on a poisoned training set and save the one-file checkpoint."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 from dataloader import build_backdoor, build_poisoned_train, load_data, make_augment
@@ -11,7 +9,8 @@ from utils.checkpoint import save_checkpoint
 from utils.datasets import get_spec
 from utils.evaluation import evaluate
 from utils.plots import plot_curves, plot_samples
-from utils.runlog import RunDir, check_out_dir
+from utils.resume import RunControl, prepare_out_dir
+from utils.runlog import RunDir
 from utils.runtime import pick_device, seed_everything
 from utils.training import make_optimizer, train_epoch
 
@@ -50,8 +49,9 @@ def log_line(prefix: str, rec: dict) -> str:
 
 
 def run_attack(args) -> dict:
+    """Train the infected model; with ``args.resume`` continue the run in ``args.out_dir`` from its saved state."""
     device = pick_device(args.device)
-    check_out_dir(args.out_dir, args.overwrite)
+    loaded = prepare_out_dir("attack", args)
     gen = seed_everything(args.seed)
     train, test, train_indices = load_data(args, device)
     backdoor = build_backdoor(args)
@@ -61,34 +61,44 @@ def run_attack(args) -> dict:
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.schedulerC_milestones, args.schedulerC_lambda)
     augment = make_augment(args)
     cl = use_channels_last(args)
+    objects = {"model": model, "opt": opt, "sched": sched}
 
     run = RunDir(args.out_dir)
-    run.start(dict(vars(args), device_used=str(device)))
-    print(f"attack: {args.trigger_type} {args.attack_mode} on {args.dataset} ({len(poisoned)} train, {len(test)} test, "
-          f"{len(poisoned.poison_idx)} poisoned) with {args.arch} on {device}; writing to {args.out_dir}", flush=True)
-    t0 = time.time()
-    rec = {}
-    n_batches = -(-len(poisoned) // args.bs)
-    for epoch in range(1, args.n_iters + 1):
-        stats = train_epoch(model, opt, poisoned.batches(args.bs, shuffle=True, generator=gen, augment=augment),
-                            generator=gen, channels_last=cl, desc=f"epoch {epoch}", total=n_batches)
-        sched.step()
-        rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": round(time.time() - t0, 2)}
-        if epoch % args.eval_every == 0 or epoch == args.n_iters:
-            rec.update(evaluate(model, test, backdoor, args.eval_bs, generator=gen, channels_last=cl))
-        run.log(rec)
-        print(log_line(f"epoch {epoch}/{args.n_iters}", rec), flush=True)
-        save_checkpoint(run.file("model.pt"), checkpoint_payload(args, model, backdoor, poisoned, train_indices, rec))
-    final = {k: v for k, v in rec.items() if k in ("clean_acc", "asr", "asr_incl_target", "noise_acc", "robust_acc", "loss")}
-    if getattr(args, "eval_robust", False):
-        from utils.robust import robust_acc_from_args
-        final.update(robust_acc_from_args(model, test, args))
-        save_checkpoint(run.file("model.pt"), checkpoint_payload(args, model, backdoor, poisoned, train_indices, final))
-    summary = {"final": final, "epochs": args.n_iters, "seconds": round(time.time() - t0, 2),
-               "poisoned": len(poisoned.poison_idx), "train_size": len(poisoned), "test_size": len(test)}
-    plot_curves(run.records(), run.file("curves.png"), {"accuracy": ["clean_acc", "noise_acc"], "attack success": ["asr", "asr_incl_target"]})
-    _, x, _ = next(test.batches(8))
-    plot_samples(x, backdoor.trigger(x), run.file("samples.png"))
-    run.write_json("summary.json", summary)
+    with RunControl("attack", args, run, gen, loaded) as ctl:
+        if ctl.resuming:
+            carry = ctl.restore(**objects)
+        else:
+            run.start(dict(vars(args), device_used=str(device)))
+            carry = {"epoch": 0, "rec": {}}
+            ctl.save("set-up (no epoch done)", carry, **objects)
+        print(f"attack: {args.trigger_type} {args.attack_mode} on {args.dataset} ({len(poisoned)} train, {len(test)} test, "
+              f"{len(poisoned.poison_idx)} poisoned) with {args.arch} on {device}; writing to {args.out_dir}", flush=True)
+        n_batches = -(-len(poisoned) // args.bs)
+        for epoch in range(carry["epoch"] + 1, args.n_iters + 1):
+            stats = train_epoch(model, opt, poisoned.batches(args.bs, shuffle=True, generator=gen, augment=augment),
+                                generator=gen, channels_last=cl, desc=f"epoch {epoch}", total=n_batches,
+                                stage="attack", epoch=epoch)
+            sched.step()
+            rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}
+            if epoch % args.eval_every == 0 or epoch == args.n_iters:
+                rec.update(evaluate(model, test, backdoor, args.eval_bs, generator=gen, channels_last=cl))
+            run.log(rec)
+            print(log_line(f"epoch {epoch}/{args.n_iters}", rec), flush=True)
+            save_checkpoint(run.file("model.pt"), checkpoint_payload(args, model, backdoor, poisoned, train_indices, rec))
+            carry = {"epoch": epoch, "rec": rec}
+            ctl.save(f"epoch {epoch}", carry, **objects)
+        rec = carry["rec"]
+        final = {k: v for k, v in rec.items() if k in ("clean_acc", "asr", "asr_incl_target", "noise_acc", "robust_acc", "loss")}
+        if getattr(args, "eval_robust", False):
+            from utils.robust import robust_acc_from_args
+            final.update(robust_acc_from_args(model, test, args))
+            save_checkpoint(run.file("model.pt"), checkpoint_payload(args, model, backdoor, poisoned, train_indices, final))
+        summary = {"final": final, "epochs": args.n_iters, "seconds": ctl.elapsed(),
+                   "poisoned": len(poisoned.poison_idx), "train_size": len(poisoned), "test_size": len(test)}
+        plot_curves(run.records(), run.file("curves.png"), {"accuracy": ["clean_acc", "noise_acc"], "attack success": ["asr", "asr_incl_target"]})
+        _, x, _ = next(test.batches(8))
+        plot_samples(x, backdoor.trigger(x), run.file("samples.png"))
+        run.write_json("summary.json", summary)
+        ctl.finish()
     print(log_line(f"done in {summary['seconds']:.0f}s", final) + f" | {args.out_dir}", flush=True)
     return summary

@@ -28,14 +28,25 @@ def versions() -> dict:
             "python": platform.python_version(), "checkpoint_version": VERSION}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)``, then rename the temp file over ``path`` (same folder, so the rename is atomic)."""
+    """Call ``write(tmp_path)``, then rename the temp file over ``path`` (same folder, so the rename is atomic).
+
+    A crash or a signal during ``write`` leaves the old file (or none) and never a torn one. ``mkstemp``
+    creates the temp file 0600; it gets the usual umask-based mode, so run folders stay readable by the team.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -71,7 +71,8 @@ def clean_indices(poisoned: PoisonedTrainSet) -> torch.Tensor:
 
 
 def finetune_epoch(model, optimizer, batches, attack: PGD | None, adv_batches: int | None, augment=None,
-                   generator=None, channels_last=False, clean_weight: float = 0.0, desc="finetune", total=None) -> dict:
+                   generator=None, channels_last=False, clean_weight: float = 0.0, desc="finetune", total=None,
+                   stage: str = "finetune", epoch: int | None = None) -> dict:
     """One fine-tuning epoch; batches with index < ``adv_batches`` (None = all) are replaced by PGD examples."""
     transform = None
     if attack is not None and (adv_batches is None or adv_batches > 0):
@@ -80,7 +81,8 @@ def finetune_epoch(model, optimizer, batches, attack: PGD | None, adv_batches: i
                 return x
             return attack(model, x, y, generator=generator)
     return train_epoch(model, optimizer, batches, augment, transform=transform, generator=generator,
-                       channels_last=channels_last, clean_weight=clean_weight, desc=desc, total=total)
+                       channels_last=channels_last, clean_weight=clean_weight, desc=desc, total=total, stage=stage,
+                       epoch=epoch)
 
 
 @torch.no_grad()

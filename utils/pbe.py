@@ -33,72 +33,84 @@ def run_aft(args) -> dict:
         raise UserError(f"--extra_ratio asks for {n_extra} clean images but only {len(clean)} training images are "
                         "unpoisoned; lower --extra_ratio")
     extra = clean[torch.randperm(len(clean), generator=s.gen)[:n_extra]].sort().values
-    s.start()
     opt = make_optimizer(inf.model, args.ft_lr)
+    objects = {"model": inf.model, "opt": opt}
     attack = finetune_attack(args)
     data = inf.poisoned.data  # the clean images themselves: extra indices were never poisoned
-    for epoch in range(1, args.aft_epochs + 1):
-        adv = epoch <= args.adv_epochs
-        stats = finetune_epoch(inf.model, opt, data.batches(args.bs, shuffle=True, generator=s.gen, indices=extra),
-                               attack if adv else None, None, inf.augment, s.gen, s.cl, args.clean_weight,
-                               desc=f"aft {epoch}")
-        rec = {"epoch": epoch, "adversarial": adv, **stats, **s.evaluate()}
-        s.log(rec, f"aft epoch {epoch}/{args.aft_epochs}{' (adv)' if adv else ''}")
-    settings = {"extra_size": n_extra, "extra_ratio": args.extra_ratio, "aft_epochs": args.aft_epochs,
-                "adv_epochs": args.adv_epochs, "lr": args.ft_lr, "pgd": attack.settings(), "clean_weight": args.clean_weight}
-    return s.finish(settings)
+    with s.ctl:
+        c = s.start({"epoch": 0, "extra": extra}, **objects)
+        for epoch in range(c["epoch"] + 1, args.aft_epochs + 1):
+            adv = epoch <= args.adv_epochs
+            stats = finetune_epoch(inf.model, opt, data.batches(args.bs, shuffle=True, generator=s.gen, indices=c["extra"]),
+                                   attack if adv else None, None, inf.augment, s.gen, s.cl, args.clean_weight,
+                                   desc=f"aft {epoch}", stage="aft", epoch=epoch)
+            rec = {"epoch": epoch, "adversarial": adv, **stats, **s.evaluate()}
+            s.log(rec, f"aft epoch {epoch}/{args.aft_epochs}{' (adv)' if adv else ''}")
+            c["epoch"] = epoch
+            s.save(f"aft epoch {epoch}", c, **objects)
+        settings = {"extra_size": n_extra, "extra_ratio": args.extra_ratio, "aft_epochs": args.aft_epochs,
+                    "adv_epochs": args.adv_epochs, "lr": args.ft_lr, "pgd": attack.settings(), "clean_weight": args.clean_weight}
+        return s.finish(settings)
 
 
 def run_pbe(args) -> dict:
-    """Progressive PBE: rounds of (adversarial) fine-tuning and consistency-based re-selection of the extra set."""
+    """Progressive PBE: rounds of (adversarial) fine-tuning and consistency-based re-selection of the extra set.
+
+    The loop runs from the saved cursor (round, epoch within the round); the carry also holds the extra
+    set and the per-round records, so a resumed run continues exactly where the state was saved.
+    """
     s = DefenseSession(args, "pbe")
     inf = s.inf
     n = len(inf.poisoned)
     truth = inf.poisoned.is_poison.cpu()
     extra = torch.randperm(n, generator=s.gen)[:max(1, int(round(args.init_ratio * n)))].sort().values
-    s.start()
-    ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
     opt = make_optimizer(inf.model, args.ft_lr)  # one optimizer across rounds, as in the paper code
+    objects = {"model": inf.model, "opt": opt}
     attack = finetune_attack(args)
-    rounds = []
-    epoch_global = 0
-    for r in range(args.rounds):
-        purity = poison_share(extra, truth)
-        print(f"round {r}: extra set {len(extra)} samples, {purity:.3%} truly poisoned", flush=True)
-        for e in range(args.round_epochs):
-            epoch_global += 1
-            if r == 0:
-                adv_batches = None  # every batch adversarial
-            elif e == 0:
-                adv_batches = args.partial_batches
-            else:
-                adv_batches = 0
-            use = attack if adv_batches != 0 else None
-            stats = finetune_epoch(inf.model, opt, inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=extra,
-                                                                        augment=inf.augment),
-                                   use, adv_batches, None, s.gen, s.cl, args.clean_weight, desc=f"pbe r{r} e{e + 1}")
-            rec = {"epoch": epoch_global, "round": r, **stats, **s.evaluate()}
-            s.log(rec, f"pbe round {r} epoch {e + 1}/{args.round_epochs}")
-        scores = consistency_scores(ref_logits, all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl))
-        det = detection_stats(bottom_fraction(scores, args.detect_fraction), truth)
-        info = {"round": r, "extra_size": len(extra), "extra_poison_share": purity,
-                "detect_precision": det["precision"], "detect_recall": det["recall"], "detect_fpr": det["fpr"],
-                **{k: s.history[-1][k] for k in ("clean_acc", "asr") if k in s.history[-1]}}
-        if r < args.rounds - 1:
-            extra = top_fraction(scores, args.top_rates[r])
-            info["next_extra_size"] = len(extra)
-            info["next_extra_poison_share"] = poison_share(extra, truth)
-        rounds.append(info)
-        s.run.log({"round_summary": info, "epoch": epoch_global})
-        print(f"round {r}: lowest {args.detect_fraction:.0%} as poison -> precision {det['precision']:.3f} "
-              f"recall {det['recall']:.3f}" + (f"; next extra set {len(extra)} ({info['next_extra_poison_share']:.3%} poisoned)"
-                                               if "next_extra_size" in info else ""), flush=True)
-    settings = {"init_ratio": args.init_ratio, "rounds": args.rounds, "round_epochs": args.round_epochs,
-                "top_rates": args.top_rates[:args.rounds - 1], "partial_batches": args.partial_batches, "lr": args.ft_lr,
-                "pgd": attack.settings(), "detect_fraction": args.detect_fraction}
-    summary = s.finish(settings, {"rounds": rounds}, panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
-    plot_rounds(rounds, s.run.file("rounds.png"))
-    return summary
+    with s.ctl:
+        c = s.start({"round": 0, "epoch": 0, "epoch_global": 0, "extra": extra, "rounds": []}, **objects)
+        ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
+        for r in range(c["round"], args.rounds):
+            purity = poison_share(c["extra"], truth)
+            if c["epoch"] == 0:
+                print(f"round {r}: extra set {len(c['extra'])} samples, {purity:.3%} truly poisoned", flush=True)
+            for e in range(c["epoch"], args.round_epochs):
+                c["epoch_global"] += 1
+                if r == 0:
+                    adv_batches = None  # every batch adversarial
+                elif e == 0:
+                    adv_batches = args.partial_batches
+                else:
+                    adv_batches = 0
+                use = attack if adv_batches != 0 else None
+                batches = inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=c["extra"], augment=inf.augment)
+                stats = finetune_epoch(inf.model, opt, batches, use, adv_batches, None, s.gen, s.cl, args.clean_weight,
+                                       desc=f"pbe r{r} e{e + 1}", stage=f"pbe round {r}", epoch=c["epoch_global"])
+                rec = {"epoch": c["epoch_global"], "round": r, **stats, **s.evaluate()}
+                s.log(rec, f"pbe round {r} epoch {e + 1}/{args.round_epochs}")
+                c["epoch"] = e + 1
+                s.save(f"pbe round {r} epoch {e + 1}", c, **objects)
+            scores = consistency_scores(ref_logits, all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl))
+            det = detection_stats(bottom_fraction(scores, args.detect_fraction), truth)
+            info = {"round": r, "extra_size": len(c["extra"]), "extra_poison_share": purity,
+                    "detect_precision": det["precision"], "detect_recall": det["recall"], "detect_fpr": det["fpr"],
+                    **{k: s.history[-1][k] for k in ("clean_acc", "asr") if k in s.history[-1]}}
+            if r < args.rounds - 1:
+                c["extra"] = top_fraction(scores, args.top_rates[r])
+                info["next_extra_size"] = len(c["extra"])
+                info["next_extra_poison_share"] = poison_share(c["extra"], truth)
+            c["rounds"].append(info)
+            s.run.log({"round_summary": info, "epoch": c["epoch_global"]})
+            print(f"round {r}: lowest {args.detect_fraction:.0%} as poison -> precision {det['precision']:.3f} "
+                  f"recall {det['recall']:.3f}" + (f"; next extra set {len(c['extra'])} ({info['next_extra_poison_share']:.3%} "
+                                                   "poisoned)" if "next_extra_size" in info else ""), flush=True)
+            c.update(round=r + 1, epoch=0)
+            s.save(f"pbe round {r}", c, **objects)
+        settings = {"init_ratio": args.init_ratio, "rounds": args.rounds, "round_epochs": args.round_epochs,
+                    "top_rates": args.top_rates[:args.rounds - 1], "partial_batches": args.partial_batches, "lr": args.ft_lr,
+                    "pgd": attack.settings(), "detect_fraction": args.detect_fraction}
+        plot_rounds(c["rounds"], s.run.file("rounds.png"))
+        return s.finish(settings, {"rounds": c["rounds"]}, panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
 
 
 def plot_rounds(rounds: list[dict], path: str) -> None:

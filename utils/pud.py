@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from utils.mean_teacher import ema_update, make_teacher, softmax_consistency
 from utils.session import DefenseSession
 from utils.progress import progress
 from utils.spectre import layer_representations, spectre_filter
-from utils.training import DivergenceError, make_optimizer
+from utils.training import batch_start, checked_loss, make_optimizer
 from utils.unlearning import unlearning_loss
 
 NO_POISON_INDICES = ("PUD needs the training set's poisoned indices; re-train the infected model with train_blend.py "
@@ -70,17 +69,74 @@ def spectre_record(removed: torch.Tensor, considered: int, truth: torch.Tensor) 
             "removed_poison": int(truth[removed].sum()) if len(removed) else 0}
 
 
+STAGES = ("target", "spectre", "steps", "unlearning", "mean_teacher", "done")
+
+
+def step_attack(args, st: int) -> PGD:
+    return PGD(eps=args.step_eps[st], alpha=args.step_eps[st] / args.step_alpha_div[st], steps=args.step_pgd_steps,
+               random_start=False)
+
+
+def frozen_copy(model: torch.nn.Module, state_dict: dict | None = None) -> torch.nn.Module:
+    """A frozen eval-mode copy of ``model`` (optionally with saved weights): the unlearning reference."""
+    ref = copy.deepcopy(model).eval()
+    if state_dict is not None:
+        ref.load_state_dict(state_dict)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def initial_carry() -> dict:
+    """PUD's loop cursor and loop-carried values: everything a resumed run needs besides model/optimizer/scheduler."""
+    return {"stage": "target", "epoch_global": 0, "target": None, "spectre_initial": None, "pool": None,
+            "extra": None, "poison_set": torch.zeros(0, dtype=torch.long), "step": 0, "epoch": 0, "step_info": None,
+            "steps": [], "unlearning": None, "reference": None, "teacher": None, "gstep": 0}
+
+
 def run_pud(args) -> dict:
+    """PUD, stage by stage; each stage runs from the saved cursor in the carry (see ``initial_carry``)."""
     if load_checkpoint(args.model_path).get("poisoned_indices") is None:  # before any output is written
         raise UserError(NO_POISON_INDICES)
     s = DefenseSession(args, "pud")
-    inf = s.inf
-    n = len(inf.poisoned)
-    truth = inf.poisoned.is_poison.cpu()
-    labels = inf.poisoned.train_labels.cpu()
-    s.start()
+    model = s.inf.model
+    opt = make_optimizer(model, args.pud_lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=args.pud_milestones, gamma=0.1)
+    objects = {"model": model, "opt": opt, "sched": sched}
+    with s.ctl:
+        c = s.start(initial_carry(), **objects)
+        if c["stage"] == "target":
+            c["target"] = choose_target(s)
+            c["stage"] = "spectre"
+            s.save("the target estimate", c, **objects)
+        if c["stage"] == "spectre":
+            initial_spectre(s, c)
+            c["stage"] = "steps"
+            s.save("the initial SPECTRE", c, **objects)
+        if c["stage"] == "steps":
+            progressive_steps(s, c, objects)
+            c.update(stage="unlearning", epoch=0)
+            s.save("the progressive steps", c, **objects)
+        if c["stage"] == "unlearning":
+            unlearn(s, c, objects)
+            c.update(stage="mean_teacher", epoch=0, reference=None)
+            s.save("unlearning", c, **objects)
+        if c["stage"] == "mean_teacher":
+            mean_teacher(s, c, objects)
+        settings = {k: getattr(args, k) for k in (
+            "target_label", "target_eps", "target_images", "spectre_layer", "spectre_remove", "spectre_step_remove",
+            "spectre_min", "steps", "step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div",
+            "step_pgd_steps", "partial_batches", "init_ratio", "top_rates", "poison_fraction", "pud_lr", "pud_milestones",
+            "unlearn_epochs", "unlearn_lambda", "unlearn_mu", "poison_loss_bound", "mt_epochs", "mt_weight", "ema_decay",
+            "mt_adv", "return_teacher", "model_repair")}
+        return s.finish(settings, {"target": c["target"], "spectre_initial": c["spectre_initial"], "steps": c["steps"],
+                                   "unlearning": c["unlearning"]},
+                        panels={"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]})
 
-    # 1. target class
+
+def choose_target(s: DefenseSession) -> dict:
+    """1. The backdoor target class: given, or estimated by PGD."""
+    args, inf = s.args, s.inf
     if args.target_label == "auto":
         target = estimate_target(s)
     else:
@@ -90,95 +146,113 @@ def run_pud(args) -> dict:
     target["true"] = inf.backdoor.target_label if inf.ck["attack_mode"] == "all2one" else None
     print(f"target class {t}" + (f" (estimated, vote share {target['vote_share']:.1%})" if args.target_label == "auto" else ""),
           flush=True)
+    return target
 
-    # 2. initial SPECTRE on the target class
-    tidx = torch.nonzero(labels == t).flatten()
+
+def initial_spectre(s: DefenseSession, c: dict) -> None:
+    """2. SPECTRE on the target-labelled samples; the rest is the pool. Also draws the step-0 extra set."""
+    args, inf = s.args, s.inf
+    n = len(inf.poisoned)
+    truth = inf.poisoned.is_poison.cpu()
+    tidx = torch.nonzero(inf.poisoned.train_labels.cpu() == c["target"]["used"]).flatten()
     removed = spectre_remove(s, tidx, args.spectre_remove) if len(tidx) > 1 else torch.zeros(0, dtype=torch.long)
     keep = torch.ones(n, dtype=torch.bool)
     keep[removed] = False
     pool = torch.nonzero(keep).flatten()
-    spectre_initial = {**spectre_record(removed, len(tidx), truth), "recall": detection_stats(removed, truth)["recall"],
-                       "pool_size": len(pool), "pool_poison_share": poison_share(pool, truth)}
+    c["pool"] = pool
+    c["spectre_initial"] = {**spectre_record(removed, len(tidx), truth), "recall": detection_stats(removed, truth)["recall"],
+                            "pool_size": len(pool), "pool_poison_share": poison_share(pool, truth)}
     print(f"initial SPECTRE: removed {len(removed)} of {len(tidx)} target-labelled samples "
-          f"({spectre_initial['removed_poison']} truly poisoned); pool {len(pool)}", flush=True)
-
-    # 3. progressive steps
-    if args.model_repair:
-        clean = clean_indices(inf.poisoned)
-        pick = clean
-    else:
-        pick = pool
+          f"({c['spectre_initial']['removed_poison']} truly poisoned); pool {len(pool)}", flush=True)
+    pick = clean_indices(inf.poisoned) if args.model_repair else pool
     k0 = max(1, int(round(args.init_ratio * len(pick))))
-    extra = pick[torch.randperm(len(pick), generator=s.gen)[:k0]].sort().values
-    poison_set = torch.zeros(0, dtype=torch.long)
+    c["extra"] = pick[torch.randperm(len(pick), generator=s.gen)[:k0]].sort().values
+
+
+def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
+    """3. Progressive steps from the cursor (step, epoch within the step); ``step_info`` marks a started step."""
+    args, inf = s.args, s.inf
+    model, opt, sched = objects["model"], objects["opt"], objects["sched"]
+    truth = inf.poisoned.is_poison.cpu()
+    labels = inf.poisoned.train_labels.cpu()
+    t = c["target"]["used"]
     ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
-    model = inf.model
-    opt = make_optimizer(model, args.pud_lr)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=args.pud_milestones, gamma=0.1)
-    steps = []
-    epoch_global = 0
-    attack = None
-    for st in range(args.steps):
-        attack = PGD(eps=args.step_eps[st], alpha=args.step_eps[st] / args.step_alpha_div[st], steps=args.step_pgd_steps,
-                     random_start=False)
-        info = {"step": st, "extra_size": len(extra), "extra_poison_share": poison_share(extra, truth),
-                "spectre": None}
-        # per-step SPECTRE on the extra set's target part (steps >= 1)
-        if st > 0:
-            ext_t = extra[labels[extra] == t]
-            if len(ext_t) >= args.spectre_min:
-                rm = spectre_remove(s, ext_t, args.spectre_step_remove)
-                extra = extra[~torch.isin(extra, rm)]
-                info["spectre"] = spectre_record(rm, len(ext_t), truth)
-            else:
-                info["spectre"] = {"considered": len(ext_t), "removed": 0, "skipped": True}
-            info["extra_size_after_spectre"] = len(extra)
-            info["extra_poison_share_after_spectre"] = poison_share(extra, truth)
-        print(f"step {st}: extra set {len(extra)} samples, {poison_share(extra, truth):.3%} truly poisoned", flush=True)
+    for st in range(c["step"], args.steps):
+        attack = step_attack(args, st)
+        if c["step_info"] is None:  # the step's start: per-step SPECTRE on the extra set's target part (steps >= 1)
+            extra = c["extra"]
+            info = {"step": st, "extra_size": len(extra), "extra_poison_share": poison_share(extra, truth), "spectre": None}
+            if st > 0:
+                ext_t = extra[labels[extra] == t]
+                if len(ext_t) >= args.spectre_min:
+                    rm = spectre_remove(s, ext_t, args.spectre_step_remove)
+                    extra = extra[~torch.isin(extra, rm)]
+                    info["spectre"] = spectre_record(rm, len(ext_t), truth)
+                else:
+                    info["spectre"] = {"considered": len(ext_t), "removed": 0, "skipped": True}
+                info["extra_size_after_spectre"] = len(extra)
+                info["extra_poison_share_after_spectre"] = poison_share(extra, truth)
+            c["extra"], c["step_info"] = extra, info
+            print(f"step {st}: extra set {len(extra)} samples, {poison_share(extra, truth):.3%} truly poisoned", flush=True)
+        info = c["step_info"]
         partial = bool(args.step_partial[st])
-        for e in range(args.step_epochs[st]):
-            epoch_global += 1
+        for e in range(c["epoch"], args.step_epochs[st]):
+            c["epoch_global"] += 1
             adv = e < args.step_adv_epochs[st]
             adv_batches = (args.partial_batches if partial else None) if adv else 0
-            stats = finetune_epoch(model, opt, inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=extra,
-                                                                    augment=inf.augment),
-                                   attack if adv else None, adv_batches, None, s.gen, s.cl, desc=f"pud s{st} e{e + 1}")
+            batches = inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=c["extra"], augment=inf.augment)
+            stats = finetune_epoch(model, opt, batches, attack if adv else None, adv_batches, None, s.gen, s.cl,
+                                   desc=f"pud s{st} e{e + 1}", stage=f"pud step {st}", epoch=c["epoch_global"])
             sched.step()
             last = e == args.step_epochs[st] - 1
-            rec = {"epoch": epoch_global, "step": st, "adversarial": adv, "lr": opt.param_groups[0]["lr"], **stats,
+            rec = {"epoch": c["epoch_global"], "step": st, "adversarial": adv, "lr": opt.param_groups[0]["lr"], **stats,
                    **s.evaluate(robust=last)}
             s.log(rec, f"pud step {st} epoch {e + 1}/{args.step_epochs[st]}{' (adv)' if adv else ''}")
+            c["epoch"] = e + 1
+            s.save(f"pud step {st} epoch {e + 1}", c, **objects)
         if args.step_epochs[st] == 0:
-            rec = {"epoch": epoch_global, "step": st, **s.evaluate(robust=True)}
+            rec = {"epoch": c["epoch_global"], "step": st, **s.evaluate(robust=True)}
             s.log(rec, f"pud step {st} (no epochs)")
         # score every training sample; next extra set from the pool, poison set from all samples
         scores = consistency_scores(ref_logits, all_logits(model, inf.poisoned, args.eval_bs, s.cl), argmax_penalty=True)
-        poison_set = bottom_fraction(scores, args.poison_fraction)
-        det = detection_stats(poison_set, truth)
-        info.update({"poison_set_size": len(poison_set), "poison_precision": det["precision"], "poison_recall": det["recall"],
-                     **{k: s.history[-1].get(k) for k in ("clean_acc", "asr", "robust_acc")}})
+        c["poison_set"] = bottom_fraction(scores, args.poison_fraction)
+        det = detection_stats(c["poison_set"], truth)
+        info.update({"poison_set_size": len(c["poison_set"]), "poison_precision": det["precision"],
+                     "poison_recall": det["recall"], **{k: s.history[-1].get(k) for k in ("clean_acc", "asr", "robust_acc")}})
         if st < args.steps - 1:
-            extra = top_fraction(scores, args.top_rates[st], among=pool)
-            info["next_extra_size"] = len(extra)
-            info["next_extra_poison_share"] = poison_share(extra, truth)
-        steps.append(info)
-        s.run.log({"step_summary": info, "epoch": epoch_global})
-        print(f"step {st}: poison set {len(poison_set)} precision {det['precision']:.3f} recall {det['recall']:.3f}", flush=True)
+            c["extra"] = top_fraction(scores, args.top_rates[st], among=c["pool"])
+            info["next_extra_size"] = len(c["extra"])
+            info["next_extra_poison_share"] = poison_share(c["extra"], truth)
+        c["steps"].append(info)
+        s.run.log({"step_summary": info, "epoch": c["epoch_global"]})
+        print(f"step {st}: poison set {len(c['poison_set'])} precision {det['precision']:.3f} recall {det['recall']:.3f}",
+              flush=True)
+        c.update(step=st + 1, epoch=0, step_info=None)
+        if st < args.steps - 1:
+            s.save(f"pud step {st}", c, **objects)
 
-    # 4. machine unlearning on the last extra set (clean part) and the poison set
-    reference = copy.deepcopy(model).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    unlearning = {"epochs": args.unlearn_epochs, "extra_size": len(extra), "poison_set_size": len(poison_set),
-                  "clipped_batches": 0, "batches": 0, "history": []}
-    for e in range(args.unlearn_epochs):
-        epoch_global += 1
+
+def unlearn(s: DefenseSession, c: dict, objects: dict) -> None:
+    """4. Machine unlearning on the last extra set and the poison set, against a frozen copy saved in the carry."""
+    args, inf = s.args, s.inf
+    model, opt = objects["model"], objects["opt"]
+    extra, poison_set = c["extra"], c["poison_set"]
+    reference = frozen_copy(model, c["reference"])  # the copy taken when unlearning began, also after a resume
+    c["reference"] = reference.state_dict()
+    if c["unlearning"] is None:
+        c["unlearning"] = {"epochs": args.unlearn_epochs, "extra_size": len(extra), "poison_set_size": len(poison_set),
+                           "clipped_batches": 0, "batches": 0, "history": []}
+    unlearning = c["unlearning"]
+    for e in range(c["epoch"], args.unlearn_epochs):
+        c["epoch_global"] += 1
+        ep = c["epoch_global"]
         parts_sum = {"clean_ce": 0.0, "poison_ce": 0.0, "loss": 0.0}
         nb = 0
         model.train()
         poison_iter = iter(())
         for _, xc, yc in progress(inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=extra,
                                                        augment=inf.augment), desc=f"unlearn {e + 1}"):
+            batch_start("pud unlearning", ep, nb)
             batch = next(poison_iter, None)
             if batch is None:
                 poison_iter = iter(inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=poison_set,
@@ -192,8 +266,7 @@ def run_pud(args) -> dict:
             loss, parts = unlearning_loss(logits[:len(yc)], yc, logits[len(yc):], yp, model, reference,
                                           lam=args.unlearn_lambda, mu=args.unlearn_mu,
                                           poison_loss_bound=args.poison_loss_bound)
-            if not math.isfinite(parts["loss"]):
-                raise DivergenceError(f"non-finite unlearning loss ({parts['loss']}) at batch {nb} of unlearning epoch {e + 1}")
+            loss = checked_loss(loss, "pud unlearning", ep, nb, what="unlearning")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -202,22 +275,32 @@ def run_pud(args) -> dict:
             unlearning["clipped_batches"] += int(parts["poison_clipped"])
             nb += 1
         unlearning["batches"] += nb
-        rec = {"epoch": epoch_global, "stage": "unlearning", **{k: v / max(nb, 1) for k, v in parts_sum.items()},
-               **s.evaluate()}
+        rec = {"epoch": ep, "stage": "unlearning", **{k: v / max(nb, 1) for k, v in parts_sum.items()}, **s.evaluate()}
         unlearning["history"].append({k: rec[k] for k in ("epoch", "clean_ce", "poison_ce", "loss", "clean_acc", "asr")
                                       if k in rec})
         s.log(rec, f"pud unlearning {e + 1}/{args.unlearn_epochs}")
+        c["epoch"] = e + 1
+        s.save(f"pud unlearning epoch {e + 1}", c, **objects)
     unlearning["clipped"] = unlearning["clipped_batches"] > 0
 
-    # 5. mean teacher
+
+def mean_teacher(s: DefenseSession, c: dict, objects: dict) -> None:
+    """5. Mean-teacher fine-tuning on the extra set; the teacher's weights and the EMA step are in the carry."""
+    args, inf = s.args, s.inf
+    model, opt = objects["model"], objects["opt"]
+    attack = step_attack(args, args.steps - 1)
     teacher = make_teacher(model)
-    gstep = 0
-    for e in range(args.mt_epochs):
-        epoch_global += 1
+    if c["teacher"] is not None:
+        teacher.load_state_dict(c["teacher"])
+    for e in range(c["epoch"], args.mt_epochs):
+        c["epoch_global"] += 1
+        ep = c["epoch_global"]
         model.train()
         loss_sum, n_seen = 0.0, 0
-        for _, x, y in progress(inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=extra,
-                                                     augment=inf.augment), desc=f"mean teacher {e + 1}"):
+        for i, (_, x, y) in enumerate(progress(inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen,
+                                                                    indices=c["extra"], augment=inf.augment),
+                                               desc=f"mean teacher {e + 1}")):
+            batch_start("pud mean teacher", ep, i)
             if s.cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             if args.mt_adv:
@@ -226,26 +309,18 @@ def run_pud(args) -> dict:
             with torch.no_grad():
                 t_logits = teacher(x)
             loss = F.cross_entropy(logits, y) + args.mt_weight * softmax_consistency(logits, t_logits)
-            if not math.isfinite(loss.item()):
-                raise DivergenceError(f"non-finite mean-teacher loss ({loss.item()}) in epoch {e + 1}")
+            loss = checked_loss(loss, "pud mean teacher", ep, i, what="mean-teacher")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            ema_update(teacher, model, args.ema_decay, gstep)
-            gstep += 1
+            ema_update(teacher, model, args.ema_decay, c["gstep"])
+            c["gstep"] += 1
             loss_sum += loss.item() * len(y)
             n_seen += len(y)
-        rec = {"epoch": epoch_global, "stage": "mean_teacher", "loss": loss_sum / max(n_seen, 1), **s.evaluate()}
+        rec = {"epoch": ep, "stage": "mean_teacher", "loss": loss_sum / max(n_seen, 1), **s.evaluate()}
         s.log(rec, f"pud mean teacher {e + 1}/{args.mt_epochs}")
+        c["epoch"] = e + 1
+        c["teacher"] = teacher.state_dict()
+        s.save(f"pud mean-teacher epoch {e + 1}", c, **objects)
     if args.return_teacher and args.mt_epochs > 0:
         model.load_state_dict(teacher.state_dict())
-
-    settings = {k: getattr(args, k) for k in (
-        "target_label", "target_eps", "target_images", "spectre_layer", "spectre_remove", "spectre_step_remove",
-        "spectre_min", "steps", "step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div",
-        "step_pgd_steps", "partial_batches", "init_ratio", "top_rates", "poison_fraction", "pud_lr", "pud_milestones",
-        "unlearn_epochs", "unlearn_lambda", "unlearn_mu", "poison_loss_bound", "mt_epochs", "mt_weight", "ema_decay",
-        "mt_adv", "return_teacher", "model_repair")}
-    return s.finish(settings, {"target": target, "spectre_initial": spectre_initial, "steps": steps,
-                               "unlearning": unlearning},
-                    panels={"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]})

@@ -1,0 +1,187 @@
+"""Resumable runs: ``<out_dir>/state.pt`` holds everything a run needs to continue bit-exactly.
+
+A run saves its state at every epoch boundary (and at the defenses' stage boundaries): the state
+dicts of its live objects (model, optimizer, scheduler), the run's ``torch.Generator`` and the
+global python/numpy/torch RNG states, the loop cursor and loop-carried values (a ``carry`` dict:
+epoch, round or step, extra and poison sets, history, teacher and frozen-copy weights, ...) and the
+number of metrics.jsonl lines written so far. ``--resume`` rebuilds the run from the same arguments,
+loads that state and continues from the cursor; an interrupted epoch is redone from its start, so the
+result equals an uninterrupted run of the same seed (bit-exact on CPU; on a GPU as exact as the
+kernels are deterministic). The state file is removed when the run finishes (summary.json is then
+the mark of a finished run).
+
+``RunControl`` is used as a context manager around a run's work: it installs the SIGINT/SIGTERM
+flag (``utils.interrupt``), and on the way out turns an ``Interrupted`` into a message with the
+resume command and a ``DivergenceError`` into ``failure.json`` plus a note on what was kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import time
+
+import numpy as np
+import torch
+
+from utils import interrupt
+from utils.checkpoint import atomic_write
+from utils.errors import DivergenceError, Interrupted, UserError
+from utils.runlog import FAILURE_FILE, STATE_FILE, RunDir, check_out_dir
+
+FORMAT = "pud-toolkit-run-state"
+VERSION = 1
+SCRIPT_FILES = {"attack": "train_blend.py", "pbe": "pbe_main.py", "pud": "PUD.py"}
+# Arguments a resumed run may change: where it runs and how it is told to resume, not what it computes.
+NOT_COMPARED = ("resume", "overwrite", "out_dir", "device", "num_workers", "command")
+
+
+def comparable_args(args) -> dict:
+    """The arguments that define what a run computes, as JSON values (so tuples and lists compare equal)."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_COMPARED}, default=str))
+
+
+def resume_command(script: str, args) -> str:
+    """The command that continues this run: its own command line without --overwrite, plus --resume."""
+    argv = list(getattr(args, "command", None) or [])[1:]
+    argv = [a for a in argv if a not in ("--resume", "--overwrite")]
+    if not any(a == "--out_dir" or a.startswith("--out_dir=") for a in argv):
+        argv += ["--out_dir", args.out_dir]
+    return "python " + shlex.join([SCRIPT_FILES[script], *argv, "--resume"])
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    out = {"generator": gen.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+           "python": random.getstate()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(out_dir: str) -> dict:
+    """Read and check ``<out_dir>/state.pt``; every way it can be wrong is a ``UserError`` naming the fix."""
+    path = os.path.join(out_dir, STATE_FILE)
+    if not os.path.isdir(out_dir):
+        raise UserError(f"--resume: '{out_dir}' does not exist; give the --out_dir of the interrupted run")
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: '{out_dir}' holds no saved state ({STATE_FILE}), so there is nothing to resume; "
+                        "run without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"run state '{path}' is unreadable or truncated ({e.__class__.__name__}); the run cannot be "
+                        "resumed, start it over with --overwrite instead of --resume") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"'{path}' is not a run state of this toolkit; start the run over with --overwrite")
+    if state.get("version") != VERSION:
+        raise UserError(f"run state '{path}' has format version {state.get('version')}, this toolkit reads version "
+                        f"{VERSION}; finish it with the toolkit version that wrote it, or start over with --overwrite")
+    return state
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        if saved.get(k) != now.get(k):
+            out.append(f"--{k} {now.get(k)} (the run used {saved.get(k)})")
+    return out
+
+
+def prepare_out_dir(script: str, args) -> dict | None:
+    """Before any work: check --out_dir for a fresh run, or load the state ``--resume`` continues (returned)."""
+    if not getattr(args, "resume", False):
+        check_out_dir(args.out_dir, args.overwrite)
+        return None
+    if os.path.exists(os.path.join(args.out_dir, "summary.json")):
+        raise UserError(f"--resume: the run in '{args.out_dir}' is finished (summary.json); nothing to resume "
+                        "(pass --overwrite instead of --resume to run it again)")
+    state = load_state(args.out_dir)
+    if state.get("script") != script:
+        raise UserError(f"--resume: '{args.out_dir}' holds a {SCRIPT_FILES.get(state.get('script'), '?')} run, "
+                        f"not a {SCRIPT_FILES[script]} run")
+    diff = _differences(state["args"], comparable_args(args))
+    if diff:
+        shown = ", ".join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else "")
+        raise UserError(f"--resume: arguments differ from the interrupted run in '{args.out_dir}': {shown}; "
+                        "resume with the run's own arguments plus --resume")
+    return state
+
+
+class RunControl:
+    """One run's resumable state, its SIGINT/SIGTERM handling and its failure record (see the module doc)."""
+
+    def __init__(self, script: str, args, run: RunDir, gen: torch.Generator, loaded: dict | None):
+        self.script, self.args, self.run, self.gen, self.loaded = script, args, run, gen, loaded
+        self.path = run.file(STATE_FILE)
+        self.saved_position = loaded["position"] if loaded else None
+        self.t0 = time.time() - (loaded["elapsed"] if loaded else 0.0)
+        self._signals = None
+
+    @property
+    def resuming(self) -> bool:
+        return self.loaded is not None
+
+    def elapsed(self) -> float:
+        return round(time.time() - self.t0, 2)
+
+    def save(self, position: str, carry: dict, **objects) -> None:
+        """Save the state after ``position`` (e.g. "epoch 3"); then stop here if a signal is pending."""
+        payload = {"format": FORMAT, "version": VERSION, "script": self.script, "args": comparable_args(self.args),
+                   "position": position, "carry": carry, "objects": {k: o.state_dict() for k, o in objects.items()},
+                   "rng": rng_state(self.gen), "log_lines": self.run.n_lines, "elapsed": time.time() - self.t0}
+        atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
+        self.saved_position = position
+        interrupt.check(f"the end of {position} (state saved)")
+
+    def restore(self, **objects) -> dict:
+        """Load the saved objects, RNG states and log position; returns the saved ``carry``."""
+        st = self.loaded
+        for name, obj in objects.items():
+            obj.load_state_dict(st["objects"][name])
+        set_rng_state(st["rng"], self.gen)
+        self.run.resume(st["log_lines"])
+        if os.path.exists(self.run.file(FAILURE_FILE)):
+            os.remove(self.run.file(FAILURE_FILE))
+        print(f"resuming the run in {self.run.path} after {st['position']}", flush=True)
+        return st["carry"]
+
+    def finish(self) -> None:
+        """The run is complete (summary.json written): the state is no longer needed."""
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+    def __enter__(self) -> "RunControl":
+        self._signals = interrupt.handle_signals()
+        self._signals.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._signals.__exit__(exc_type, exc, tb)
+        kept = (f"the state saved after {self.saved_position} is kept in {self.path}" if self.saved_position
+                else "no state was saved yet")
+        if isinstance(exc, Interrupted):
+            exc.note = (f"{kept}; resume with: {resume_command(self.script, self.args)}" if self.saved_position
+                        else f"{kept}; run the command again")
+        elif isinstance(exc, DivergenceError):
+            model = self.run.file("model.pt")
+            record = {"status": "diverged", "message": str(exc), "script": SCRIPT_FILES[self.script],
+                      "stage": exc.stage, "epoch": exc.epoch, "batch": exc.batch, "loss": str(exc.value),
+                      "last_saved_state": self.saved_position,
+                      "state_file": STATE_FILE if self.saved_position else None,
+                      "model_file": "model.pt" if os.path.exists(model) else None,
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            self.run.write_json(FAILURE_FILE, record)
+            exc.note = (f"{kept}" + (f", the last model in {model}" if record["model_file"] else "")
+                        + f"; details in {self.run.file(FAILURE_FILE)}. Lower the learning rate and start over with "
+                        "--overwrite")
+        return False
