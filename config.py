@@ -149,6 +149,10 @@ def _add_pud(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init_ratio", type=fraction, default=0.05, help="random share of the pool used as extra set in step 0")
     g.add_argument("--top_rates", type=fraction, nargs="+", default=[0.2, 0.4, 0.7, 0.8],
                    help="share of the pool kept as the next extra set after each step but the last")
+    g.add_argument("--balanced_selection", type=int, choices=(0, 1), default=0,
+                   help="1: the next extra set keeps the top share of every label; 0: a global top share (paper code)")
+    g.add_argument("--poison_candidates", choices=("target", "all"), default="target",
+                   help="draw the poison set from the samples labelled as the target (all2one) or from all (paper code)")
     g.add_argument("--poison_fraction", type=fraction, default=0.01, help="least consistent share of all samples used as poison set")
     g.add_argument("--pud_lr", type=fraction, default=0.01, help="SGD learning rate")
     g.add_argument("--pud_milestones", type=int, nargs="+", default=[30, 60], help="MultiStepLR epochs (gamma 0.1)")

@@ -117,9 +117,29 @@ def top_fraction(scores: torch.Tensor, fraction: float, among: torch.Tensor | No
     return idx[order[:k]].sort().values
 
 
-def bottom_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+def top_fraction_per_class(scores: torch.Tensor, fraction: float, labels: torch.Tensor,
+                           among: torch.Tensor | None = None) -> torch.Tensor:
+    """``top_fraction`` within each label, so the next extra set keeps the classes' proportions.
+
+    Consistency is higher for some classes than others; a global top 20% can then drop whole classes
+    and the fine-tuning on it forgets them. One sort by (label, -score) picks every class's top share.
+    """
+    idx = torch.arange(len(scores)) if among is None else among
+    lab, sc = labels[idx], scores[idx].float()
+    order = torch.argsort(sc, descending=True, stable=True)
+    order = order[torch.argsort(lab[order], stable=True)]  # grouped by label, best first within a label
+    counts = torch.bincount(lab, minlength=int(lab.max()) + 1 if len(lab) else 0)
+    keep_n = torch.clamp((counts.float() * fraction).round().long(), min=1) * (counts > 0)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(order)) - starts[lab[order]]
+    return idx[order[rank < keep_n[lab[order]]]].sort().values
+
+
+def bottom_fraction(scores: torch.Tensor, fraction: float, among: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the lowest-scored ``fraction`` of all samples, taken from ``among`` if given, sorted by index."""
     k = max(1, int(round(fraction * len(scores))))
-    return torch.argsort(scores, stable=True)[:k].sort().values
+    idx = torch.arange(len(scores)) if among is None else among
+    return idx[torch.argsort(scores[idx], stable=True)[:k]].sort().values
 
 
 def detection_stats(flagged: torch.Tensor, is_poison: torch.Tensor) -> dict:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from utils.adversarial import PGD
 from utils.checkpoint import load_checkpoint
 from utils.defense import (all_logits, bottom_fraction, clean_indices, consistency_scores, detection_stats, finetune_epoch,
-                           poison_share, top_fraction)
+                           poison_share, top_fraction, top_fraction_per_class)
 from utils.errors import UserError
 from utils.mean_teacher import ema_update, make_teacher, softmax_consistency
 from utils.session import DefenseSession
@@ -126,7 +126,7 @@ def run_pud(args) -> dict:
         settings = {k: getattr(args, k) for k in (
             "target_label", "target_eps", "target_images", "spectre_layer", "spectre_remove", "spectre_step_remove",
             "spectre_min", "steps", "step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div",
-            "step_pgd_steps", "partial_batches", "init_ratio", "top_rates", "poison_fraction", "pud_lr", "pud_milestones",
+            "step_pgd_steps", "partial_batches", "init_ratio", "top_rates", "poison_fraction", "poison_candidates", "balanced_selection", "pud_lr", "pud_milestones",
             "unlearn_epochs", "unlearn_lambda", "unlearn_mu", "poison_loss_bound", "mt_epochs", "mt_weight", "ema_decay",
             "mt_adv", "return_teacher", "model_repair")}
         return s.finish(settings, {"target": c["target"], "spectre_initial": c["spectre_initial"], "steps": c["steps"],
@@ -167,6 +167,18 @@ def initial_spectre(s: DefenseSession, c: dict) -> None:
     pick = clean_indices(inf.poisoned) if args.model_repair else pool
     k0 = max(1, int(round(args.init_ratio * len(pick))))
     c["extra"] = pick[torch.randperm(len(pick), generator=s.gen)[:k0]].sort().values
+
+
+def poison_candidates(args, labels: torch.Tensor, target: int) -> torch.Tensor | None:
+    """Where the poison set is drawn from: the samples labelled as the (estimated) target, or all samples (paper).
+
+    An all2one poisoned sample always carries the target label, and once the backdoor is weakened exactly those
+    target-labelled samples flip their arg-max away from the infected model's, so the consistency score separates
+    them from genuine target-class images; over all samples it also picks up clean images the fine-tuning flipped.
+    """
+    if args.poison_candidates == "all":
+        return None
+    return torch.nonzero(labels == target).flatten()
 
 
 def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
@@ -215,12 +227,15 @@ def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
             s.log(rec, f"pud step {st} (no epochs)")
         # score every training sample; next extra set from the pool, poison set from all samples
         scores = consistency_scores(ref_logits, all_logits(model, inf.poisoned, args.eval_bs, s.cl), argmax_penalty=True)
-        c["poison_set"] = bottom_fraction(scores, args.poison_fraction)
+        c["poison_set"] = bottom_fraction(scores, args.poison_fraction, poison_candidates(args, labels, t))
         det = detection_stats(c["poison_set"], truth)
         info.update({"poison_set_size": len(c["poison_set"]), "poison_precision": det["precision"],
                      "poison_recall": det["recall"], **{k: s.history[-1].get(k) for k in ("clean_acc", "asr", "robust_acc")}})
         if st < args.steps - 1:
-            c["extra"] = top_fraction(scores, args.top_rates[st], among=c["pool"])
+            if args.balanced_selection:
+                c["extra"] = top_fraction_per_class(scores, args.top_rates[st], labels, among=c["pool"])
+            else:
+                c["extra"] = top_fraction(scores, args.top_rates[st], among=c["pool"])
             info["next_extra_size"] = len(c["extra"])
             info["next_extra_poison_share"] = poison_share(c["extra"], truth)
         c["steps"].append(info)
