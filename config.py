@@ -163,6 +163,9 @@ def _add_pud(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mt_epochs", type=int, default=30, help="mean-teacher epochs")
     g.add_argument("--mt_weight", type=fraction, default=0.05, help="weight of the softmax consistency")
     g.add_argument("--ema_decay", type=fraction, default=0.99)
+    g.add_argument("--mt_refresh", type=int, choices=(0, 1), default=1,
+                   help="1: before the mean teacher, drop target-labelled extra samples the unlearned model no longer "
+                        "predicts as the target (0: the paper code)")
     g.add_argument("--mt_adv", action="store_true", help="mean teacher: the student trains on the teacher's PGD examples")
     g.add_argument("--return_teacher", action="store_true", help="keep the teacher instead of the student")
     g.add_argument("--model_repair", action="store_true", help="step 0 uses a known clean extra set")

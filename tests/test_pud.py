@@ -21,6 +21,7 @@ def test_pud_runs_end_to_end_and_writes_its_outputs(infected_run, tmp_path):
         assert 0 <= st["extra_poison_share"] <= 1 and 0 <= st["poison_precision"] <= 1 and "robust_acc" in st
     assert s["steps"][0]["next_extra_size"] == round(0.5 * s["spectre_initial"]["pool_size"])
     assert s["unlearning"]["epochs"] == 1 and isinstance(s["unlearning"]["clipped"], bool)
+    assert s["mt_refresh"]["dropped"] >= s["mt_refresh"]["dropped_poison"] >= 0
     for part in ("initial", "final"):
         assert {"clean_acc", "asr", "robust_acc"} <= set(s[part])
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -61,3 +62,23 @@ def test_balanced_selection_keeps_each_labels_top_share():
     labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
     assert torch.equal(top_fraction_per_class(scores, 0.4, labels), torch.tensor([0, 4, 7, 9]))
     assert torch.equal(top_fraction_per_class(scores, 0.4, labels, among=torch.tensor([1, 2, 3, 4, 5])), torch.tensor([4, 5]))
+
+
+def test_refresh_drops_target_labelled_samples_no_longer_predicted_as_target(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    import utils.pud as pud
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 0])          # target 0; samples 1 and 5 are poisoned (labelled 0)
+    truth = torch.tensor([False, True, False, False, False, True])
+    preds = torch.tensor([0, 2, 0, 1, 0, 0])            # after unlearning: sample 1 flips away from 0, 5 does not
+    monkeypatch.setattr(pud, "all_logits", lambda *a, **k: torch.nn.functional.one_hot(preds, 3).float())
+    s = SimpleNamespace(inf=SimpleNamespace(poisoned=SimpleNamespace(train_labels=labels, is_poison=truth)),
+                        args=SimpleNamespace(eval_bs=4), cl=False)
+    c = {"target": {"used": 0}, "extra": torch.tensor([0, 1, 3, 4, 5])}
+    info = pud.refresh_extra(s, c, model=None)
+    assert torch.equal(c["extra"], torch.tensor([0, 3, 4, 5]))  # 4 is labelled 1: kept although predicted 0
+    assert info["dropped"] == 1 and info["dropped_poison"] == 1
+    assert abs(info["extra_poison_share_before"] - 0.4) < 1e-6 and abs(info["extra_poison_share_after"] - 0.25) < 1e-6

@@ -91,7 +91,7 @@ def initial_carry() -> dict:
     """PUD's loop cursor and loop-carried values: everything a resumed run needs besides model/optimizer/scheduler."""
     return {"stage": "target", "epoch_global": 0, "target": None, "spectre_initial": None, "pool": None,
             "extra": None, "poison_set": torch.zeros(0, dtype=torch.long), "step": 0, "epoch": 0, "step_info": None,
-            "steps": [], "unlearning": None, "reference": None, "teacher": None, "gstep": 0}
+            "steps": [], "unlearning": None, "mt_refresh": None, "reference": None, "teacher": None, "gstep": 0}
 
 
 def run_pud(args) -> dict:
@@ -119,6 +119,8 @@ def run_pud(args) -> dict:
             s.save("the progressive steps", c, **objects)
         if c["stage"] == "unlearning":
             unlearn(s, c, objects)
+            if args.mt_refresh:
+                c["mt_refresh"] = refresh_extra(s, c, objects["model"])
             c.update(stage="mean_teacher", epoch=0, reference=None)
             s.save("unlearning", c, **objects)
         if c["stage"] == "mean_teacher":
@@ -126,11 +128,12 @@ def run_pud(args) -> dict:
         settings = {k: getattr(args, k) for k in (
             "target_label", "target_eps", "target_images", "spectre_layer", "spectre_remove", "spectre_step_remove",
             "spectre_min", "steps", "step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div",
-            "step_pgd_steps", "partial_batches", "init_ratio", "top_rates", "poison_fraction", "poison_candidates", "balanced_selection", "pud_lr", "pud_milestones",
+            "step_pgd_steps", "partial_batches", "init_ratio", "top_rates", "poison_fraction", "poison_candidates",
+            "balanced_selection", "mt_refresh", "pud_lr", "pud_milestones",
             "unlearn_epochs", "unlearn_lambda", "unlearn_mu", "poison_loss_bound", "mt_epochs", "mt_weight", "ema_decay",
             "mt_adv", "return_teacher", "model_repair")}
         return s.finish(settings, {"target": c["target"], "spectre_initial": c["spectre_initial"], "steps": c["steps"],
-                                   "unlearning": c["unlearning"]},
+                                   "unlearning": c["unlearning"], "mt_refresh": c["mt_refresh"]},
                         panels={"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]})
 
 
@@ -297,6 +300,27 @@ def unlearn(s: DefenseSession, c: dict, objects: dict) -> None:
         c["epoch"] = e + 1
         s.save(f"pud unlearning epoch {e + 1}", c, **objects)
     unlearning["clipped"] = unlearning["clipped_batches"] > 0
+
+
+def refresh_extra(s: DefenseSession, c: dict, model) -> dict:
+    """Between unlearning and the mean teacher: drop target-labelled extra samples the model no longer calls target.
+
+    The last extra set still holds the poisoned images whose backdoor survived the progressive steps (they looked
+    consistent); right after unlearning the backdoor is gone, so those images now flip away from the target while
+    genuine target-class images keep it. Without this the mean-teacher epochs re-learn the backdoor from them.
+    """
+    inf, t = s.inf, c["target"]["used"]
+    extra = c["extra"]
+    pred = all_logits(model, inf.poisoned, s.args.eval_bs, s.cl).argmax(1)[extra]
+    drop = (inf.poisoned.train_labels.cpu()[extra] == t) & (pred != t)
+    truth = inf.poisoned.is_poison.cpu()
+    info = {"dropped": int(drop.sum()), "dropped_poison": int(truth[extra[drop]].sum()),
+            "extra_poison_share_before": poison_share(extra, truth)}
+    c["extra"] = extra[~drop]
+    info["extra_poison_share_after"] = poison_share(c["extra"], truth)
+    print(f"mean-teacher set: dropped {info['dropped']} target-labelled samples no longer predicted as the target "
+          f"({info['dropped_poison']} truly poisoned); {info['extra_poison_share_after']:.3%} poisoned remain", flush=True)
+    return info
 
 
 def mean_teacher(s: DefenseSession, c: dict, objects: dict) -> None:
