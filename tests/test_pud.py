@@ -56,12 +56,12 @@ def test_poison_set_is_drawn_from_target_labelled_samples_by_default():
 def test_balanced_selection_keeps_each_labels_top_share():
     import torch
 
-    from utils.defense import top_fraction_per_class
+    from utils.defense import top_fraction
 
     scores = torch.tensor([0.9, 0.1, 0.2, 0.0, 0.8, 0.3, 0.5, 0.4, 0.6, 0.7])
     labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
-    assert torch.equal(top_fraction_per_class(scores, 0.4, labels), torch.tensor([0, 4, 7, 9]))
-    assert torch.equal(top_fraction_per_class(scores, 0.4, labels, among=torch.tensor([1, 2, 3, 4, 5])), torch.tensor([4, 5]))
+    assert torch.equal(top_fraction(scores, 0.4, labels=labels), torch.tensor([0, 4, 7, 9]))
+    assert torch.equal(top_fraction(scores, 0.4, among=torch.tensor([1, 2, 3, 4, 5]), labels=labels), torch.tensor([4, 5]))
 
 
 def test_refresh_drops_target_labelled_samples_no_longer_predicted_as_target(monkeypatch):

@@ -109,29 +109,23 @@ def consistency_scores(ref_logits: torch.Tensor, cur_logits: torch.Tensor, argma
     return s
 
 
-def top_fraction(scores: torch.Tensor, fraction: float, among: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the highest-scored ``fraction`` of samples (of ``among`` if given), sorted by index."""
-    idx = torch.arange(len(scores)) if among is None else among
-    k = max(1, int(round(fraction * len(idx))))
-    order = torch.argsort(scores[idx], descending=True, stable=True)
-    return idx[order[:k]].sort().values
+def top_fraction(scores: torch.Tensor, fraction: float, among: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the highest-scored ``fraction`` of samples (of ``among`` if given), sorted by index.
 
-
-def top_fraction_per_class(scores: torch.Tensor, fraction: float, labels: torch.Tensor,
-                           among: torch.Tensor | None = None) -> torch.Tensor:
-    """``top_fraction`` within each label, so the next extra set keeps the classes' proportions.
-
-    Consistency is higher for some classes than others; a global top 20% can then drop whole classes
-    and the fine-tuning on it forgets them. One sort by (label, -score) picks every class's top share.
+    With ``labels`` the fraction is taken within each label, so the selection keeps the classes'
+    proportions (consistency is higher for some classes than others; a global top share can drop
+    whole classes). One sort by (label, -score) picks every class's top share.
     """
     idx = torch.arange(len(scores)) if among is None else among
-    lab, sc = labels[idx], scores[idx].float()
-    order = torch.argsort(sc, descending=True, stable=True)
+    order = torch.argsort(scores[idx], descending=True, stable=True)
+    if labels is None:
+        return idx[order[:max(1, int(round(fraction * len(idx))))]].sort().values
+    lab = labels[idx]
     order = order[torch.argsort(lab[order], stable=True)]  # grouped by label, best first within a label
     counts = torch.bincount(lab, minlength=int(lab.max()) + 1 if len(lab) else 0)
     keep_n = torch.clamp((counts.float() * fraction).round().long(), min=1) * (counts > 0)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(order)) - starts[lab[order]]
+    rank = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[lab[order]]
     return idx[order[rank < keep_n[lab[order]]]].sort().values
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from utils.adversarial import PGD
 from utils.checkpoint import load_checkpoint
 from utils.defense import (all_logits, bottom_fraction, clean_indices, consistency_scores, detection_stats, finetune_epoch,
-                           poison_share, top_fraction, top_fraction_per_class)
+                           poison_share, top_fraction)
 from utils.errors import UserError
 from utils.mean_teacher import ema_update, make_teacher, softmax_consistency
 from utils.session import DefenseSession
@@ -235,10 +235,8 @@ def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
         info.update({"poison_set_size": len(c["poison_set"]), "poison_precision": det["precision"],
                      "poison_recall": det["recall"], **{k: s.history[-1].get(k) for k in ("clean_acc", "asr", "robust_acc")}})
         if st < args.steps - 1:
-            if args.balanced_selection:
-                c["extra"] = top_fraction_per_class(scores, args.top_rates[st], labels, among=c["pool"])
-            else:
-                c["extra"] = top_fraction(scores, args.top_rates[st], among=c["pool"])
+            c["extra"] = top_fraction(scores, args.top_rates[st], among=c["pool"],
+                                      labels=labels if args.balanced_selection else None)
             info["next_extra_size"] = len(c["extra"])
             info["next_extra_poison_share"] = poison_share(c["extra"], truth)
         c["steps"].append(info)
