@@ -3,11 +3,11 @@
 ``train_epoch`` takes any batch source yielding (idx, x, y) on the device, an optional batched
 augmentation and an optional per-batch input transform (the defenses plug PGD in there), and does
 plain cross-entropy SGD steps. It returns the mean loss and accuracy, and stops with
-``DivergenceError`` on a non-finite loss instead of silently training on NaNs.
+``DivergenceError`` on a non-finite loss instead of silently training on NaNs. Statistics stay on
+the device until the end of the epoch (no per-batch ``.item()``).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable
 
 import torch
@@ -15,6 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.progress import progress
+
+
+CHECK_EVERY = 16  # batches between finiteness checks of the training loss (one host sync each)
 
 
 class DivergenceError(RuntimeError):
@@ -27,14 +30,38 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_de
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, augment=None,
                 transform: Callable | None = None, generator: torch.Generator | None = None,
-                channels_last: bool = False, clean_weight: float = 0.0, desc: str = "train", total: int | None = None) -> dict:
+                channels_last: bool = False, clean_weight: float = 0.0, desc: str = "train", total: int | None = None,
+                check_every: int = CHECK_EVERY) -> dict:
     """One pass of CE training; ``transform(i, x, y) -> x`` may replace a batch (e.g. by PGD examples).
 
     With ``clean_weight`` w > 0 a transformed batch is trained on (1 - w) CE(transformed) + w CE(clean).
+    Loss and accuracy are summed on the device; the losses are checked for finiteness every
+    ``check_every`` batches and at the end (one host sync each), so a GPU never waits for the host
+    per batch. A non-finite loss raises ``DivergenceError`` naming the first bad batch; up to
+    ``check_every - 1`` further steps may have run on the diverged weights by then, which does not
+    matter because the run stops without saving them.
     """
     model.train()
-    loss_sum = 0.0
-    correct = n = 0
+    pending: list[torch.Tensor] = []  # per-batch losses not yet checked
+    first = 0  # batch index of pending[0]
+    loss_sum = correct = None
+    sizes: list[int] = []
+    n = 0
+
+    def check() -> None:
+        nonlocal pending, first, loss_sum
+        if not pending:
+            return
+        losses = torch.stack(pending)
+        bad = ~torch.isfinite(losses)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0, 0])
+            raise DivergenceError(f"non-finite training loss ({float(losses[j])}) at batch {first + j} of '{desc}'")
+        w = torch.tensor(sizes[first:first + len(pending)], dtype=losses.dtype, device=losses.device)
+        loss_sum = (losses * w).sum() + (loss_sum if loss_sum is not None else 0)
+        first += len(pending)
+        pending = []
+
     for i, (_, x, y) in enumerate(progress(batches, desc=desc, total=total)):
         if augment is not None:
             x = augment(x, generator)
@@ -45,12 +72,17 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         loss = F.cross_entropy(logits, y)
         if clean_weight > 0 and x_in is not x:
             loss = (1 - clean_weight) * loss + clean_weight * F.cross_entropy(model(x), y)
-        if not math.isfinite(loss.item()):
-            raise DivergenceError(f"non-finite training loss ({loss.item()}) at batch {i} of '{desc}'")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * y.numel()
-        correct += (logits.argmax(1) == y).sum().item()
+        pending.append(loss.detach().float())
+        sizes.append(y.numel())
+        hits = (logits.detach().argmax(1) == y).sum()
+        correct = hits if correct is None else correct + hits
         n += y.numel()
-    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+        if len(pending) >= check_every:
+            check()
+    check()
+    if n == 0:
+        return {"loss": 0.0, "acc": 0.0}
+    return {"loss": float(loss_sum) / n, "acc": int(correct) / n}
