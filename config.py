@@ -52,7 +52,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval_bs", type=int, default=512, help="evaluation batch size")
     g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers for streamed datasets (imagenet)")
     g.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
-                   help="channels_last memory format (auto: on; measured faster for conv nets on CPU and GPU)")
+                   help="channels_last memory format (auto: on; measured faster for every arch here, CPU included)")
+    g.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 autocast in the model (auto: on for CUDA only; 'on' also works on CPUs with bf16 support)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the trained model's forward (first batches are slow while it compiles)")
     g.add_argument("--random_crop", type=int, default=None, help="crop padding in pixels (default: per dataset)")
     g.add_argument("--random_rotation", type=float, default=None, help="max rotation in degrees (default: per dataset)")
     g.add_argument("--model_path", default=None, help="checkpoint to load (defenses) or continue from")

@@ -12,7 +12,7 @@ from utils.datasets import get_spec
 from utils.evaluation import evaluate
 from utils.plots import plot_curves, plot_samples
 from utils.runlog import RunDir, check_out_dir
-from utils.runtime import pick_device, seed_everything
+from utils.runtime import pick_device, prepare_model, seed_everything
 from utils.training import make_optimizer, train_epoch
 
 
@@ -23,9 +23,7 @@ def use_channels_last(args) -> bool:
 def model_for(args, device) -> torch.nn.Module:
     spec = get_spec(args.dataset)
     model = build_model(args.arch, args.num_classes, args.input_shape[0], spec.mean, spec.std).to(device)
-    if use_channels_last(args):
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return prepare_model(model, args, device)  # channels_last, bf16 autocast, torch.compile
 
 
 def checkpoint_payload(args, model, backdoor, poisoned, train_indices, metrics: dict, extra: dict | None = None) -> dict:
