@@ -224,6 +224,9 @@ def validate_attack(args: argparse.Namespace) -> None:
     _require(0 <= args.target_label < args.num_classes,
              f"--target_label {args.target_label} is not a class of {args.dataset} (classes 0..{args.num_classes - 1})")
     _require(args.n_iters > 0, f"--n_iters must be a positive number of epochs, got {args.n_iters}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _require(args.bs % world == 0, f"--bs {args.bs} is the global batch size and must divide by the {world} processes; "
+                                   f"use a multiple of {world}")
     if args.lr_C is None:
         args.lr_C = 0.01
     _require(args.lr_C > 0, f"--lr_C must be positive, got {args.lr_C}")
@@ -332,6 +335,9 @@ FROM_CHECKPOINT = {"pbe", "pud"}
 def parse_args(script: str, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, fill per-dataset defaults and validate; raises ``UserError`` on bad input."""
     parser = build_parser(script)
+    if script != "attack" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"{script}: the defenses run in one process; multi-process torchrun runs are supported by "
+                        "train_blend.py only (start this script with plain python)")
     if script in FROM_CHECKPOINT:
         parser.set_defaults(dataset=None)
     args = parser.parse_args(argv)

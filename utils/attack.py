@@ -7,6 +7,7 @@ import torch
 
 from dataloader import build_backdoor, build_poisoned_train, load_data, make_augment
 from models import build_model
+from utils import distributed as dist
 from utils.checkpoint import save_checkpoint
 from utils.datasets import get_spec
 from utils.evaluation import evaluate
@@ -48,13 +49,15 @@ def log_line(prefix: str, rec: dict) -> str:
 
 
 def run_attack(args) -> dict:
-    device = pick_device(args.device)
+    device = dist.init(pick_device(args.device))  # torchrun: join the process group, this rank's device
     check_out_dir(args.out_dir, args.overwrite)
     gen = seed_everything(args.seed)
     train, test, train_indices = load_data(args, device)
     backdoor = build_backdoor(args)
     poisoned = build_poisoned_train(args, train, backdoor)
     model = model_for(args, device)
+    train_model = dist.wrap(model, device)  # DistributedDataParallel under torchrun, else model
+    dist.local_batch_size(args.bs)  # --bs is global; checks it divides by the process count
     opt = make_optimizer(model, args.lr_C)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.schedulerC_milestones, args.schedulerC_lambda)
     augment = make_augment(args)
@@ -68,8 +71,9 @@ def run_attack(args) -> dict:
     rec = {}
     n_batches = -(-len(poisoned) // args.bs)
     for epoch in range(1, args.n_iters + 1):
-        stats = train_epoch(model, opt, poisoned.batches(args.bs, shuffle=True, generator=gen, augment=augment),
+        stats = train_epoch(train_model, opt, dist.epoch_batches(poisoned, args.bs, gen, augment),
                             generator=gen, channels_last=cl, desc=f"epoch {epoch}", total=n_batches)
+        stats = dist.mean_over_ranks(stats)
         sched.step()
         rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": round(time.time() - t0, 2)}
         if epoch % args.eval_every == 0 or epoch == args.n_iters:
@@ -89,4 +93,5 @@ def run_attack(args) -> dict:
     plot_samples(x, backdoor.trigger(x), run.file("samples.png"))
     run.write_json("summary.json", summary)
     print(log_line(f"done in {summary['seconds']:.0f}s", final) + f" | {args.out_dir}", flush=True)
+    dist.finish()
     return summary

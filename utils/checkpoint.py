@@ -29,7 +29,14 @@ def versions() -> dict:
 
 
 def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)``, then rename the temp file over ``path`` (same folder, so the rename is atomic)."""
+    """Call ``write(tmp_path)``, then rename the temp file over ``path`` (same folder, so the rename is atomic).
+
+    Under torchrun only rank 0 writes; on the other ranks this is a no-op.
+    """
+    from utils.distributed import is_main
+
+    if not is_main():
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)

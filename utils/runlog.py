@@ -1,10 +1,11 @@
-"""A run folder: args.json, metrics.jsonl (one line per epoch/round), summary.json, atomically written."""
+"""A run folder: args.json, metrics.jsonl (one line per epoch/round), summary.json, atomically written (rank 0 only)."""
 from __future__ import annotations
 
 import json
 import os
 
 from utils.checkpoint import atomic_write
+from utils.distributed import is_main
 from utils.errors import UserError
 
 
@@ -20,6 +21,8 @@ class RunDir:
         return os.path.join(self.path, name)
 
     def start(self, args: dict) -> None:
+        if not is_main():  # torchrun: only rank 0 writes the run folder
+            return
         os.makedirs(self.path, exist_ok=True)
         self.write_json("args.json", args)
         atomic_write(self.file("metrics.jsonl"), lambda tmp: open(tmp, "w").close())
@@ -33,11 +36,15 @@ class RunDir:
         atomic_write(self.file(name), write)
 
     def log(self, record: dict) -> None:
+        if not is_main():
+            return
         with open(self.file("metrics.jsonl"), "a") as f:
             f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
             f.flush()
 
     def records(self) -> list[dict]:
+        if not is_main():
+            return []
         with open(self.file("metrics.jsonl")) as f:
             return [json.loads(line) for line in f if line.strip()]
 
