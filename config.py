@@ -51,6 +51,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bs", type=int, default=128, help="batch size")
     g.add_argument("--eval_bs", type=int, default=512, help="evaluation batch size")
     g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers for streamed datasets (imagenet)")
+    g.add_argument("--imagenet_classes", type=int, default=None,
+                   help="imagenet: use the first N class folders of <data_root>/imagenet/train in sorted order (default 10)")
+    g.add_argument("--imagenet_class_list", default=None,
+                   help="imagenet: a text file naming the class folders to use, one per line, in label order")
     g.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
                    help="channels_last memory format (auto: on; measured faster for every arch here, CPU included)")
     g.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
@@ -198,6 +202,15 @@ def fill_dataset_defaults(args: argparse.Namespace) -> None:
     if args.random_rotation is None:
         args.random_rotation = spec.rotation
     args.random_flip = spec.flip
+    if not spec.in_memory and getattr(args, "imagenet_class_list", None):
+        _require(os.path.isfile(args.imagenet_class_list),
+                 f"--imagenet_class_list '{args.imagenet_class_list}' does not exist; give a text file with one class folder per line")
+        with open(args.imagenet_class_list) as f:
+            args.num_classes = sum(1 for line in f if line.strip() and not line.lstrip().startswith("#"))
+        _require(args.num_classes > 0, f"--imagenet_class_list '{args.imagenet_class_list}' lists no class names")
+    elif not spec.in_memory and getattr(args, "imagenet_classes", None) is not None:
+        _require(args.imagenet_classes >= 2, f"--imagenet_classes must be at least 2, got {args.imagenet_classes}")
+        args.num_classes = args.imagenet_classes
 
 
 def validate_common(args: argparse.Namespace) -> None:
@@ -252,6 +265,7 @@ def fill_from_checkpoint(args: argparse.Namespace) -> None:
     args.dataset = args.dataset or ck["dataset"]
     args.arch = args.arch or ck["arch"]
     fill_dataset_defaults(args)
+    args.num_classes = ck["num_classes"]  # e.g. an ImageNet subset of another size than the default 10
     if args.dataset != ck["dataset"] or args.arch != ck["arch"]:
         raise UserError(f"'{args.model_path}' is a {ck['dataset']}/{ck['arch']} model but --dataset {args.dataset} "
                         f"--arch {args.arch} was asked; drop those flags or pass the matching checkpoint")
