@@ -57,7 +57,6 @@ def run_attack(args) -> dict:
     poisoned = build_poisoned_train(args, train, backdoor)
     model = model_for(args, device)
     train_model = dist.wrap(model, device)  # DistributedDataParallel under torchrun, else model
-    dist.local_batch_size(args.bs)  # --bs is global; checks it divides by the process count
     opt = make_optimizer(model, args.lr_C)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.schedulerC_milestones, args.schedulerC_lambda)
     augment = make_augment(args)
