@@ -46,8 +46,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bs", type=int, default=128, help="batch size")
     g.add_argument("--eval_bs", type=int, default=512, help="evaluation batch size")
     g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers for streamed datasets (imagenet)")
+    g.add_argument("--imagenet_classes", type=int, default=None,
+                   help="imagenet: use the first N class folders of <data_root>/imagenet/train in sorted order (default 10)")
+    g.add_argument("--imagenet_class_list", default=None,
+                   help="imagenet: a text file naming the class folders to use, one per line, in label order")
     g.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
-                   help="channels_last memory format (auto: on; measured faster for conv nets on CPU and GPU)")
+                   help="channels_last memory format (auto: on; measured faster for every arch here, CPU included)")
+    g.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 autocast in the model (auto: on for CUDA only; 'on' also works on CPUs with bf16 support)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the trained model's forward (first batches are slow while it compiles)")
     g.add_argument("--random_crop", type=int, default=None, help="crop padding in pixels (default: per dataset)")
     g.add_argument("--random_rotation", type=float, default=None, help="max rotation in degrees (default: per dataset)")
 
@@ -201,6 +209,15 @@ def fill_dataset_defaults(args: argparse.Namespace) -> None:
     if args.random_rotation is None:
         args.random_rotation = spec.rotation
     args.random_flip = spec.flip
+    if not spec.in_memory and getattr(args, "imagenet_class_list", None):
+        _require(os.path.isfile(args.imagenet_class_list),
+                 f"--imagenet_class_list '{args.imagenet_class_list}' does not exist; give a text file with one class folder per line")
+        with open(args.imagenet_class_list) as f:
+            args.num_classes = sum(1 for line in f if line.strip() and not line.lstrip().startswith("#"))
+        _require(args.num_classes > 0, f"--imagenet_class_list '{args.imagenet_class_list}' lists no class names")
+    elif not spec.in_memory and getattr(args, "imagenet_classes", None) is not None:
+        _require(args.imagenet_classes >= 2, f"--imagenet_classes must be at least 2, got {args.imagenet_classes}")
+        args.num_classes = args.imagenet_classes
 
 
 def validate_common(args: argparse.Namespace) -> None:
@@ -234,6 +251,9 @@ def validate_attack(args: argparse.Namespace) -> None:
     _require(0 <= args.target_label < args.num_classes,
              f"--target_label {args.target_label} is not a class of {args.dataset} (classes 0..{args.num_classes - 1})")
     _require(args.n_iters > 0, f"--n_iters must be a positive number of epochs, got {args.n_iters}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _require(args.bs % world == 0, f"--bs {args.bs} is the global batch size and must divide by the {world} processes; "
+                                   f"use a multiple of {world}")
     if args.lr_C is None:
         args.lr_C = 0.01
     _require(args.lr_C > 0, f"--lr_C must be positive, got {args.lr_C}")
@@ -269,6 +289,7 @@ def fill_from_checkpoint(args: argparse.Namespace) -> None:
     args.dataset = args.dataset or ck["dataset"]
     args.arch = args.arch or ck["arch"]
     fill_dataset_defaults(args)
+    args.num_classes = ck["num_classes"]  # e.g. an ImageNet subset of another size than the default 10
     if args.dataset != ck["dataset"] or args.arch != ck["arch"]:
         raise UserError(f"'{args.model_path}' is a {ck['dataset']}/{ck['arch']} model but --dataset {args.dataset} "
                         f"--arch {args.arch} was asked; drop those flags or pass the matching checkpoint")
@@ -361,6 +382,9 @@ FROM_CHECKPOINT = {"pbe", "pud"}
 def parse_args(script: str, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, fill per-dataset defaults and validate; raises ``UserError`` on bad input."""
     parser = build_parser(script)
+    if script != "attack" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"{script}: the defenses run in one process; multi-process torchrun runs are supported by "
+                        "train_blend.py only (start this script with plain python)")
     if script in FROM_CHECKPOINT:
         parser.set_defaults(dataset=None)
     argv = list(sys.argv[1:] if argv is None else argv)

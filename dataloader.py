@@ -12,7 +12,7 @@ import torch
 from utils.augment import Augment
 from utils.datasets import DATASETS, ImageSet, get_spec, load_split, make_synthetic, seeded_subset
 from utils.poison import BackdoorSpec, PoisonedTrainSet, draw_poison_indices
-from utils.streaming import StreamingSplit
+from utils.streaming import StreamingSplit, resolve_classes
 from utils.triggers import TRIGGERS, Trigger, backdoor_labels, build_trigger, trigger_from_state
 
 __all__ = ["DATASETS", "TRIGGERS", "ImageSet", "Trigger", "BackdoorSpec", "PoisonedTrainSet", "make_synthetic",
@@ -31,9 +31,20 @@ def load_data(args, device, train_indices: torch.Tensor | None = None):
     spec = get_spec(args.dataset)
     download = getattr(args, "download", "auto") != "never"
     if not spec.in_memory:
-        train = StreamingSplit(args.data_root, True, spec.size, args.num_workers, device)
-        test = StreamingSplit(args.data_root, False, spec.size, args.num_workers, device)
-        return train, test, None
+        # the class names are resolved once and kept in args (-> checkpoint), so defenses read the same classes
+        classes = getattr(args, "imagenet_class_names", None) or resolve_classes(
+            args.data_root, getattr(args, "imagenet_classes", None), getattr(args, "imagenet_class_list", None))
+        args.imagenet_class_names = list(classes)
+        train = StreamingSplit(args.data_root, True, spec.size, args.num_workers, device, classes)
+        if train_indices is None:
+            train_indices = seeded_subset(len(train), args.train_subset, args.seed)
+        if train_indices is not None:
+            train = StreamingSplit(args.data_root, True, spec.size, args.num_workers, device, classes, keep=train_indices)
+        test = StreamingSplit(args.data_root, False, spec.size, args.num_workers, device, classes)
+        test_idx = seeded_subset(len(test), args.test_subset, args.seed + 1)
+        if test_idx is not None:
+            test = StreamingSplit(args.data_root, False, spec.size, args.num_workers, device, classes, keep=test_idx)
+        return train, test, train_indices
     train = load_split(args.dataset, args.data_root, True, download)
     test = load_split(args.dataset, args.data_root, False, download)
     if train_indices is None:

@@ -5,13 +5,14 @@ import torch
 
 from dataloader import build_backdoor, build_poisoned_train, load_data, make_augment
 from models import build_model
+from utils import distributed as dist
 from utils.checkpoint import save_checkpoint
 from utils.datasets import get_spec
 from utils.evaluation import evaluate
 from utils.plots import plot_curves, plot_samples
 from utils.resume import RunControl, prepare_out_dir
 from utils.runlog import RunDir
-from utils.runtime import pick_device, seed_everything
+from utils.runtime import pick_device, prepare_model, seed_everything
 from utils.training import make_optimizer, train_epoch
 
 
@@ -22,9 +23,7 @@ def use_channels_last(args) -> bool:
 def model_for(args, device) -> torch.nn.Module:
     spec = get_spec(args.dataset)
     model = build_model(args.arch, args.num_classes, args.input_shape[0], spec.mean, spec.std).to(device)
-    if use_channels_last(args):
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return prepare_model(model, args, device)  # channels_last, bf16 autocast, torch.compile
 
 
 def checkpoint_payload(args, model, backdoor, poisoned, train_indices, metrics: dict, extra: dict | None = None) -> dict:
@@ -50,13 +49,14 @@ def log_line(prefix: str, rec: dict) -> str:
 
 def run_attack(args) -> dict:
     """Train the infected model; with ``args.resume`` continue the run in ``args.out_dir`` from its saved state."""
-    device = pick_device(args.device)
+    device = dist.init(pick_device(args.device))  # torchrun: join the process group, this rank's device
     loaded = prepare_out_dir("attack", args)
     gen = seed_everything(args.seed)
     train, test, train_indices = load_data(args, device)
     backdoor = build_backdoor(args)
     poisoned = build_poisoned_train(args, train, backdoor)
     model = model_for(args, device)
+    train_model = dist.wrap(model, device)  # DistributedDataParallel under torchrun, else model
     opt = make_optimizer(model, args.lr_C)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.schedulerC_milestones, args.schedulerC_lambda)
     augment = make_augment(args)
@@ -75,9 +75,10 @@ def run_attack(args) -> dict:
               f"{len(poisoned.poison_idx)} poisoned) with {args.arch} on {device}; writing to {args.out_dir}", flush=True)
         n_batches = -(-len(poisoned) // args.bs)
         for epoch in range(carry["epoch"] + 1, args.n_iters + 1):
-            stats = train_epoch(model, opt, poisoned.batches(args.bs, shuffle=True, generator=gen, augment=augment),
+            stats = train_epoch(train_model, opt, dist.epoch_batches(poisoned, args.bs, gen, augment),
                                 generator=gen, channels_last=cl, desc=f"epoch {epoch}", total=n_batches,
                                 stage="attack", epoch=epoch)
+            stats = dist.mean_over_ranks(stats)
             sched.step()
             rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}
             if epoch % args.eval_every == 0 or epoch == args.n_iters:
@@ -101,4 +102,5 @@ def run_attack(args) -> dict:
         run.write_json("summary.json", summary)
         ctl.finish()
     print(log_line(f"done in {summary['seconds']:.0f}s", final) + f" | {args.out_dir}", flush=True)
+    dist.finish()
     return summary

@@ -14,6 +14,7 @@ import tempfile
 
 import torch
 
+from utils.distributed import is_main
 from utils.errors import UserError
 
 FORMAT = "pud-toolkit-checkpoint"
@@ -39,7 +40,10 @@ def atomic_write(path: str, write) -> None:
 
     A crash or a signal during ``write`` leaves the old file (or none) and never a torn one. ``mkstemp``
     creates the temp file 0600; it gets the usual umask-based mode, so run folders stay readable by the team.
+    Under torchrun only rank 0 writes; on the other ranks this is a no-op.
     """
+    if not is_main():
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)

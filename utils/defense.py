@@ -20,6 +20,7 @@ from utils.adversarial import PGD
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 from utils.poison import BackdoorSpec, PoisonedTrainSet
+from utils.runtime import prepare_model
 from utils.training import train_epoch
 
 
@@ -55,10 +56,8 @@ def load_infected(args, device) -> InfectedRun:
                         "poisoned indices need; point --data_root at the data the model was trained on")
     backdoor = backdoor_from_checkpoint(ck)
     poisoned = poisoned_train_from_checkpoint(ck, train, backdoor)
-    model = model_from_checkpoint(ck, device)
-    if getattr(args, "channels_last", "auto") != "off":
-        model = model.to(memory_format=torch.channels_last)
-    reference = copy.deepcopy(model).eval()
+    model = prepare_model(model_from_checkpoint(ck, device), args, device)  # channels_last, bf16, compile
+    reference = copy.deepcopy(model).eval()  # a copy runs eagerly even when the model is compiled
     for p in reference.parameters():
         p.requires_grad_(False)
     return InfectedRun(ck, model, reference, backdoor, poisoned, test, make_augment(attack), attack)

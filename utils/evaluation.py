@@ -9,41 +9,54 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from utils.distributed import all_reduce_sum, eval_shard, sync_buffers, world_size
 from utils.poison import BackdoorSpec
 from utils.triggers import WarpTrigger
 
 
 def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch_size: int = 512,
-             generator: torch.Generator | None = None, channels_last: bool = False) -> dict:
-    """Evaluate ``model`` on a test split (anything with ``batches``); returns a dict of fractions."""
+             generator: torch.Generator | None = None, channels_last: bool = False,
+             indices: torch.Tensor | None = None) -> dict:
+    """Evaluate ``model`` on a test split (anything with ``batches``); returns a dict of fractions.
+
+    Counts are summed on the device (one host sync at the end). ``indices`` restricts the pass to
+    those test images (a rank's shard); under ``torchrun`` the counts of all ranks are summed.
+    """
+    if indices is None and world_size() > 1:  # torchrun: same weights and BN statistics everywhere, own shard
+        sync_buffers(model)
+        indices = eval_shard(len(test))
     was_training = model.training
     model.eval()
-    n = correct = 0
-    bd_hits = bd_n = bd_hits_all = 0
-    noise_correct = 0
+    warp = backdoor is not None and isinstance(backdoor.trigger, WarpTrigger)
+    counts = None  # n, correct, bd_hits, bd_n, bd_hits_all, noise_correct
     try:
         with torch.inference_mode():
-            for _, x, y in test.batches(batch_size):
+            for _, x, y in test.batches(batch_size, indices=indices):
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                n += y.numel()
-                correct += (model(x).argmax(1) == y).sum().item()
+                if counts is None:
+                    counts = torch.zeros(6, dtype=torch.long, device=y.device)
+                counts[0] += y.numel()
+                counts[1] += (model(x).argmax(1) == y).sum()
                 if backdoor is None:
                     continue
                 yb = backdoor.labels(y)
                 hit = model(backdoor.trigger(x)).argmax(1) == yb
                 keep = y != yb
-                bd_hits += (hit & keep).sum().item()
-                bd_n += keep.sum().item()
-                bd_hits_all += hit.sum().item()
-                if isinstance(backdoor.trigger, WarpTrigger):
-                    noise_correct += (model(backdoor.trigger.apply_noise(x, generator)).argmax(1) == y).sum().item()
+                counts[2] += (hit & keep).sum()
+                counts[3] += keep.sum()
+                counts[4] += hit.sum()
+                if warp:
+                    counts[5] += (model(backdoor.trigger.apply_noise(x, generator)).argmax(1) == y).sum()
     finally:
         model.train(was_training)
+    if counts is None:
+        counts = torch.zeros(6, dtype=torch.long)
+    n, correct, bd_hits, bd_n, bd_hits_all, noise_correct = all_reduce_sum(counts).tolist()
     out = {"clean_acc": correct / max(n, 1)}
     if backdoor is not None:
         out["asr"] = bd_hits / max(bd_n, 1)
         out["asr_incl_target"] = bd_hits_all / max(n, 1)
-        if isinstance(backdoor.trigger, WarpTrigger):
+        if warp:
             out["noise_acc"] = noise_correct / max(n, 1)
     return out

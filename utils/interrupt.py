@@ -14,6 +14,7 @@ import signal
 import threading
 from contextlib import contextmanager
 
+from utils.distributed import max_over_ranks
 from utils.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -55,6 +56,11 @@ def handle_signals():
 
 
 def check(where: str) -> None:
-    """Raise ``Interrupted`` if a signal arrived; ``where`` names the position for the message."""
-    if _pending is not None:
-        raise Interrupted(_pending, where)
+    """Raise ``Interrupted`` if a signal arrived; ``where`` names the position for the message.
+
+    Under torchrun the ranks agree first (one tiny all-reduce): a signal seen by any rank stops all
+    of them at the same batch, so none is left waiting in a collective the others never join.
+    """
+    pending = max_over_ranks(_pending or 0)
+    if pending:
+        raise Interrupted(pending, where)

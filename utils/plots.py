@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from utils.checkpoint import atomic_write  # noqa: E402
+from utils.distributed import is_main  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
@@ -17,6 +18,8 @@ def _save(fig, path: str) -> None:
 
 def plot_curves(records: list[dict], path: str, panels: dict[str, list[str]], x_key: str = "epoch") -> None:
     """One panel per entry of ``panels`` (title -> metric keys), each key a line over ``x_key``."""
+    if not is_main():  # torchrun: rank 0 draws
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels.items()):
         for k in keys:
@@ -34,6 +37,8 @@ def plot_curves(records: list[dict], path: str, panels: dict[str, list[str]], x_
 
 def plot_samples(clean: torch.Tensor, triggered: torch.Tensor, path: str, amplify: float = 5.0) -> None:
     """Rows: clean, triggered, |difference| x amplify, for a few images (N, C, H, W in [0,1])."""
+    if not is_main():
+        return
     n = clean.shape[0]
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5), squeeze=False)
     diff = ((triggered - clean).abs() * amplify).clamp(0, 1)

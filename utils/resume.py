@@ -27,6 +27,7 @@ import torch
 
 from utils import interrupt
 from utils.checkpoint import atomic_write
+from utils.distributed import is_main
 from utils.errors import DivergenceError, Interrupted, UserError
 from utils.runlog import FAILURE_FILE, STATE_FILE, RunDir, check_out_dir
 
@@ -150,14 +151,14 @@ class RunControl:
             obj.load_state_dict(st["objects"][name])
         set_rng_state(st["rng"], self.gen)
         self.run.resume(st["log_lines"])
-        if os.path.exists(self.run.file(FAILURE_FILE)):
+        if is_main() and os.path.exists(self.run.file(FAILURE_FILE)):
             os.remove(self.run.file(FAILURE_FILE))
         print(f"resuming the run in {self.run.path} after {st['position']}", flush=True)
         return st["carry"]
 
     def finish(self) -> None:
         """The run is complete (summary.json written): the state is no longer needed."""
-        if os.path.exists(self.path):
+        if is_main() and os.path.exists(self.path):  # torchrun: rank 0 owns the run folder
             os.remove(self.path)
 
     def __enter__(self) -> "RunControl":

@@ -1,4 +1,4 @@
-"""A run folder: args.json, metrics.jsonl (one line per epoch/round), summary.json, all written atomically.
+"""A run folder: args.json, metrics.jsonl (one line per epoch/round), summary.json, all written atomically (rank 0 only under torchrun).
 
 Every write replaces the whole file through ``atomic_write`` (metrics.jsonl included: a run logs a few
 hundred lines at most, so rewriting it is cheap), so a killed process never leaves a torn line.
@@ -11,6 +11,7 @@ import json
 import os
 
 from utils.checkpoint import atomic_write
+from utils.distributed import is_main
 from utils.errors import UserError
 
 STATE_FILE = "state.pt"  # written by utils.resume; here because check_out_dir must know it
@@ -40,12 +41,14 @@ class RunDir:
 
     def start(self, args: dict) -> None:
         """A fresh run: remove a previous run's files (only reached with --overwrite), write args.json."""
+        self._lines = []
+        if not is_main():  # torchrun: only rank 0 touches the run folder
+            return
         os.makedirs(self.path, exist_ok=True)
         for name in RUN_FILES:
             if os.path.exists(self.file(name)):
                 os.remove(self.file(name))
         self.write_json("args.json", args)
-        self._lines = []
         _write_text(self.file("metrics.jsonl"), "")
 
     def resume(self, n_lines: int) -> None:
@@ -70,8 +73,8 @@ class RunDir:
         _write_text(self.file("metrics.jsonl"), "".join(line + "\n" for line in self._lines))
 
     def records(self) -> list[dict]:
-        with open(self.file("metrics.jsonl")) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        """The lines logged so far (kept in memory, so every torchrun rank sees the same)."""
+        return [json.loads(line) for line in self._lines]
 
 
 def check_out_dir(path: str, overwrite: bool = False) -> None:

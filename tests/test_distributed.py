@@ -1,0 +1,160 @@
+"""Data-parallel training (utils/distributed.py) on CPU with the gloo backend.
+
+Two checks:
+
+1. ``torchrun --nproc_per_node 2 train_blend.py`` (run as ``python -m torch.distributed.run``)
+   completes, only rank 0 writes the run folder and prints, and its numbers agree with a
+   single-process run of the same seed within a tolerance. They are not expected to be equal:
+   each rank normalises with BatchNorm statistics of its half-batch (32 images, not 64; there is
+   no SyncBatchNorm on CPU), and the averaged gradient is summed in another order. After one epoch
+   the test accuracy (both near chance on 400 images) must agree within 0.05 and the epoch's mean
+   training loss within 0.02.
+2. The same helpers the attack uses (``epoch_batches``, ``wrap``, ``mean_over_ranks``, the
+   all-reduced ``evaluate``) train a BatchNorm-free model to the same weights as one process
+   (to float rounding), which checks the sharding and gradient averaging exactly.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import ROOT
+
+COMMON = ["--dataset", "synthetic", "--arch", "cnn", "--train_subset", "400", "--test_subset", "200", "--n_iters", "1",
+          "--bs", "64", "--lr_C", "0.05", "--device", "cpu", "--seed", "3"]
+
+
+def _run(argv, env_extra=None, timeout=120):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
+    r2 = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+               "train_blend.py", *COMMON, "--out_dir", str(ddp_dir)])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r1 = _run(["train_blend.py", *COMMON, "--out_dir", str(one_dir)], {"OMP_NUM_THREADS": "1"})
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    # rank 0 alone printed and wrote: one start line, one epoch line, one metrics line
+    assert r2.stdout.count("attack: ") == 1 and r2.stdout.count("epoch 1/1") == 1, r2.stdout
+    assert len((ddp_dir / "metrics.jsonl").read_text().strip().splitlines()) == 1
+    for f in ("model.pt", "summary.json", "args.json", "curves.png", "samples.png"):
+        assert (ddp_dir / f).stat().st_size > 0
+    ck = torch.load(ddp_dir / "model.pt", weights_only=False)
+    assert not any(k.startswith("module.") for k in ck["state_dict"])  # the plain model, not the DDP wrapper
+    a = json.loads((ddp_dir / "summary.json").read_text())
+    b = json.loads((one_dir / "summary.json").read_text())
+    assert a["train_size"] == b["train_size"] == 400 and a["test_size"] == b["test_size"] == 200
+    assert abs(a["final"]["clean_acc"] - b["final"]["clean_acc"]) <= 0.05, (a, b)
+    assert abs(a["final"]["loss"] - b["final"]["loss"]) <= 0.02, (a, b)
+
+
+def _torchrun(args, env_extra=None):
+    return _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                 "train_blend.py", *args], env_extra)
+
+
+def test_a_signal_on_one_rank_stops_both_and_the_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGTERM reaches rank 1 only (mid epoch 2): both ranks stop at the same batch (none hangs in a
+    collective), rank 0 keeps the state of epoch 1, and a torchrun --resume ends where an uninterrupted
+    2-process run ends."""
+    args = [*COMMON, "--n_iters", "2", "--train_subset", "256", "--test_subset", "100"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = _torchrun([*args, "--out_dir", str(full)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun([*args, "--out_dir", str(cut)], {"PUD_INJECT_SIGTERM_AT": "2:1", "PUD_INJECT_RANK": "1"})
+    assert r.returncode != 0
+    assert "interrupted (SIGTERM) at attack epoch 2, batch 1" in r.stderr, r.stderr[-3000:]
+    assert (cut / "state.pt").exists() and not (cut / "summary.json").exists()
+    assert torch.load(cut / "state.pt", weights_only=False)["position"] == "epoch 1"
+    r = _torchrun([*args, "--out_dir", str(cut), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (cut / "state.pt").exists()
+    a = json.loads((full / "summary.json").read_text())["final"]
+    b = json.loads((cut / "summary.json").read_text())["final"]
+    assert a == b
+    lines = (cut / "metrics.jsonl").read_text().strip().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    wa = torch.load(full / "model.pt", weights_only=False)["state_dict"]
+    wb = torch.load(cut / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("script", ["pbe_main.py", "PUD.py"])
+def test_defenses_refuse_torchrun(tmp_path, script):
+    r = _run([script, "--model_path", str(tmp_path / "model.pt")], {"WORLD_SIZE": "2"})  # refused before loading
+    assert r.returncode == 2 and "train_blend.py only" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_global_batch_size_must_divide_by_the_process_count(tmp_path):
+    r = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+              "train_blend.py", *COMMON, "--bs", "63", "--out_dir", str(tmp_path / "x")])
+    assert r.returncode != 0 and "--bs 63 is the global batch size" in r.stderr
+    assert not (tmp_path / "x" / "summary.json").exists()
+
+
+# ----- exact check of the helpers, in-process ranks ------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(world: int, rank: int, port: int, out):
+    """Two epochs of SGD on a BatchNorm-free model through the attack's helpers; returns weights and metrics."""
+    import torch.nn as nn
+
+    from utils import distributed as dist
+    from utils.datasets import make_synthetic
+    from utils.evaluation import evaluate
+    from utils.training import train_epoch
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    device = dist.init(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 32), nn.ReLU(), nn.Linear(32, 10))
+    net = dist.wrap(model, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data, test = make_synthetic(250, seed=1), make_synthetic(101, seed=2)  # 101: unequal test shards (50 + 51)
+    gen = torch.Generator().manual_seed(0)
+    stats = []
+    for _ in range(2):
+        s = train_epoch(net, opt, dist.epoch_batches(data, 50, gen), generator=gen)
+        stats.append(dist.mean_over_ranks(s))
+    ev = evaluate(model, test, batch_size=16)
+    result = {"weights": [p.detach().numpy().copy() for p in model.parameters()], "stats": stats, "eval": ev}
+    if world > 1:
+        dist.finish()
+    if rank == 0 and out is not None:
+        out.put(result)
+    return result
+
+
+def _worker(rank, world, port, q):
+    _train(world, rank, port, q)
+
+
+def test_ddp_helpers_match_one_process_exactly_without_batchnorm():
+    one = _train(1, 0, 0, None)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = mp.spawn(_worker, args=(2, _free_port(), q), nprocs=2, join=False)
+    two = q.get(timeout=120)  # read before joining: a child cannot exit while its queue data is unread
+    while not procs.join():
+        pass
+    # 250 images, global batch 50: each rank takes 25 of every 50 consecutive positions of the same permutation
+    for a, b in zip(one["weights"], two["weights"]):
+        assert abs(a - b).max() < 1e-5, abs(a - b).max()
+    for a, b in zip(one["stats"], two["stats"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["acc"] == pytest.approx(b["acc"], abs=1e-9)
+    assert one["eval"] == two["eval"]

@@ -1,0 +1,64 @@
+"""The streamed ImageNet-style path (utils/streaming.py): class selection, subsets, device batches, a tiny attack run."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script
+from utils.errors import UserError
+from utils.streaming import StreamingSplit, resolve_classes
+
+CLASSES = ["n003", "n001", "n004", "n002"]  # sorted: n001 n002 n003 n004
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inet")
+    rng = np.random.default_rng(0)
+    for split, per in (("train", 6), ("val", 2)):
+        for c in CLASSES:
+            d = root / "imagenet" / split / c
+            d.mkdir(parents=True)
+            for i in range(per):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"{c}_{i}.JPEG")
+            (d / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_first_n_sorted_classes_and_list_file(tree, tmp_path):
+    assert resolve_classes(str(tree), 2) == ["n001", "n002"]
+    f = tmp_path / "classes.txt"
+    f.write_text("# mine\nn004\nn001\n")
+    assert resolve_classes(str(tree), None, str(f)) == ["n004", "n001"]
+    f.write_text("n004\nn999\n")
+    with pytest.raises(UserError, match="missing"):
+        resolve_classes(str(tree), None, str(f))
+    with pytest.raises(UserError, match="has only 4 class folders"):
+        resolve_classes(str(tree), 5)
+
+
+def test_split_yields_device_batches_with_selected_labels(tree):
+    s = StreamingSplit(str(tree), True, 32, 0, "cpu", ["n004", "n001"])
+    assert len(s) == 12 and s.num_classes == 2 and sorted(set(s.y.tolist())) == [0, 1]
+    seen = []
+    for idx, x, y in s.batches(5, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        assert torch.equal(s.y[idx], y)
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(12))
+    sub = StreamingSplit(str(tree), False, 32, 0, "cpu", ["n004", "n001"], keep=torch.tensor([0, 3]))
+    assert len(sub) == 2 and [i for i, _, _ in sub.batches(8)][0].tolist() == [0, 1]
+
+
+def test_attack_runs_on_a_class_subset_and_records_the_classes(tree, tmp_path):
+    out = tmp_path / "run"
+    r = run_script("train_blend.py", "--dataset", "imagenet", "--data_root", str(tree), "--imagenet_classes", "3",
+                   "--arch", "cnn", "--n_iters", "1", "--bs", "8", "--num_workers", "2", "--pc", "0.2",
+                   "--device", "cpu", "--out_dir", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    args = json.loads((out / "args.json").read_text())
+    assert args["num_classes"] == 3 and args["imagenet_class_names"] == ["n001", "n002", "n003"]
+    ck = torch.load(out / "model.pt", weights_only=False)
+    assert ck["num_classes"] == 3 and ck["state_dict"]["net.fc.weight"].shape[0] == 3

@@ -1,0 +1,53 @@
+"""utils/training.py: device-side epoch statistics and the deferred divergence check."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.datasets import make_synthetic
+from utils.training import DivergenceError, train_epoch
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    return model, opt, make_synthetic(200, seed=1)
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 100])
+def test_stats_are_the_per_sample_mean_whatever_the_check_interval(check_every):
+    model, opt, data = _setup()
+    ref = copy.deepcopy(model)  # the expected stats, computed the old way (per-batch .item()) on a copy
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.01)
+    loss_sum = correct = n = 0
+    for _, x, y in data.batches(64):  # 64, 64, 64, 8: unequal last batch
+        logits = ref(x)
+        loss = F.cross_entropy(logits, y)
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    stats = train_epoch(model, opt, data.batches(64), check_every=check_every)
+    assert stats["loss"] == pytest.approx(loss_sum / n, rel=1e-6)
+    assert stats["acc"] == correct / n
+
+
+@pytest.mark.parametrize("check_every", [1, 2, 16])
+def test_non_finite_loss_raises_naming_the_first_bad_batch(check_every):
+    model, opt, data = _setup()
+
+    def poison_batch_2(i, x, y):
+        return x * float("nan") if i == 2 else x
+
+    with pytest.raises(DivergenceError, match=r"non-finite training loss \(nan\) at ft epoch 4, batch 2$"):
+        train_epoch(model, opt, data.batches(32), transform=poison_batch_2, stage="ft", epoch=4, check_every=check_every)
+
+
+def test_empty_epoch():
+    model, opt, data = _setup()
+    assert train_epoch(model, opt, iter(())) == {"loss": 0.0, "acc": 0.0}
