@@ -9,6 +9,12 @@ The attack runs the model in eval mode and restores every submodule's previous t
 afterwards, also when the model raises. Gradients are taken with ``torch.autograd.grad`` with
 respect to the input only, so parameter ``.grad`` fields are never touched, and the result is
 detached. ``clamp=False`` skips the [0,1] clamp, reproducing the paper code's unclamped PGD.
+
+``window=k`` (an option of this toolkit, not of the papers) restricts the perturbation of each image
+to one k x k window of pixels (all channels), drawn uniformly at random per image and per run. With
+L∞ ε = 1 this is a *patch-shaped* adversarial example: the attack may paint any pixel values into a
+small square, which is what a BadNets patch trigger is and what an ε = 6/255 perturbation of the
+whole image cannot imitate. ``window=0`` (default) perturbs the whole image.
 """
 from __future__ import annotations
 
@@ -27,8 +33,8 @@ NORMS = ("linf", "l2")
 _TINY = 1e-12  # guards the L2 normalisations against zero gradients / zero perturbations
 
 
-def _check(eps, alpha, steps, norm, restarts) -> tuple[float, float, int, int]:
-    """Validate the settings; returns (eps, alpha, steps, restarts) as plain float/int."""
+def _check(eps, alpha, steps, norm, restarts, window=0) -> tuple[float, float, int, int, int]:
+    """Validate the settings; returns (eps, alpha, steps, restarts, window) as plain float/int."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     out = []
@@ -40,7 +46,7 @@ def _check(eps, alpha, steps, norm, restarts) -> tuple[float, float, int, int]:
         if isinstance(v, bool) or not math.isfinite(f) or f < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         out.append(f)
-    for name, v, lo in (("steps", steps, 0), ("restarts", restarts, 1)):
+    for name, v, lo in (("steps", steps, 0), ("restarts", restarts, 1), ("window", window, 0)):
         try:
             i = operator.index(v)
         except TypeError:
@@ -68,6 +74,20 @@ def _per_sample_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
+def _window_mask(x: Tensor, k: int, generator: torch.Generator | None) -> Tensor | None:
+    """A (N, 1, H, W) 0/1 mask holding one k x k window per image at a uniform random position (None: k == 0)."""
+    if k == 0:
+        return None
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    dev = generator.device if generator is not None else x.device
+    top = torch.randint(0, h - k + 1, (n,), generator=generator, device=dev).to(x.device).view(n, 1, 1)
+    left = torch.randint(0, w - k + 1, (n,), generator=generator, device=dev).to(x.device).view(n, 1, 1)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = (rows >= top) & (rows < top + k) & (cols >= left) & (cols < left + k)
+    return inside.unsqueeze(1).to(x.dtype)
+
+
 def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
     """A random perturbation: uniform in the ε-box (L∞) or uniform in the ε-ball (L2)."""
     dev = generator.device if generator is not None else x.device
@@ -83,9 +103,14 @@ def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator |
     return delta.to(x.device)
 
 
-def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str, clamp: bool) -> Tensor:
-    """Project onto the ε-neighbourhood of ``x`` (then [0,1]; clamping only shrinks the perturbation)."""
+def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str, clamp: bool, mask: Tensor | None = None) -> Tensor:
+    """Project onto the ε-neighbourhood of ``x`` (then [0,1]; clamping only shrinks the perturbation).
+
+    With ``mask`` the perturbation is first zeroed outside the mask (the projection onto the window).
+    """
     delta = x_adv - x
+    if mask is not None:
+        delta = delta * mask
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
@@ -95,22 +120,28 @@ def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str, clamp: bool) -> Te
     return out.clamp(0.0, 1.0) if clamp else out
 
 
-def _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator) -> Tensor:
-    """One PGD run from one (random or zero) start; returns the detached final iterate."""
+def _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window=0) -> Tensor:
+    """One PGD run from one (random or zero) start; returns the detached final iterate.
+
+    With ``window`` > 0 the run draws its windows first, then (if ``random_start``) the start.
+    """
+    mask = _window_mask(x, window, generator)
     x_adv = x.clone()
     if random_start:
-        x_adv = _project(x_adv + _random_start(x, eps, norm, generator), x, eps, norm, clamp)
+        x_adv = _project(x_adv + _random_start(x, eps, norm, generator), x, eps, norm, clamp, mask)
     sign = -1.0 if targeted else 1.0  # targeted: descend CE toward the target labels
     for _ in range(steps):
         x_adv.requires_grad_(True)
         loss = F.cross_entropy(model(x_adv), y, reduction="sum")  # sum: per-sample gradients independent of N
         (g,) = torch.autograd.grad(loss, x_adv)
         x_adv = x_adv.detach()
+        if mask is not None:
+            g = g * mask  # L2: the whole step length goes into the window
         if norm == "linf":
             step = g.sign()
         else:
             step = g / _per_sample_norm(g).clamp_min(_TINY)  # zero gradient -> zero step
-        x_adv = _project(x_adv + (sign * alpha) * step, x, eps, norm, clamp)
+        x_adv = _project(x_adv + (sign * alpha) * step, x, eps, norm, clamp, mask)
     return x_adv.detach()
 
 
@@ -127,7 +158,7 @@ def _score(model, x_adv, y, targeted) -> tuple[Tensor, Tensor]:
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",
         random_start: bool = True, restarts: int = 1, targeted: bool = False, clamp: bool = True,
-        generator: torch.Generator | None = None) -> Tensor:
+        generator: torch.Generator | None = None, window: int = 0) -> Tensor:
     """Projected gradient descent on the cross-entropy, batched; returns detached adversarial images.
 
     Untargeted (default) ascends CE(model(x_adv), y); ``targeted=True`` treats ``y`` as target labels
@@ -139,9 +170,11 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
     best objective (highest CE; targeted: lowest CE to the target); the first run is the one a
     single-restart call with the same generator state would make, so restarts never do worse.
     ``clamp`` keeps images in [0,1] (the centre ``x`` is clamped too). ``eps == 0`` or
-    ``steps == 0`` returns ``x`` (clamped) unchanged.
+    ``steps == 0`` returns ``x`` (clamped) unchanged. ``window=k > 0`` confines each image's
+    perturbation to one random k x k window (all channels; drawn from ``generator`` at the start of
+    every run, so restarts also try other windows); use it with L∞ ε = 1 for patch-shaped examples.
     """
-    eps, alpha, steps, restarts = _check(eps, alpha, steps, norm, restarts)
+    eps, alpha, steps, restarts, window = _check(eps, alpha, steps, norm, restarts, window)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y disagree on the batch size: {x.shape[0]} vs {y.shape[0]}")
     # inference_mode(False)/clone: usable from inside inference or no-grad blocks of the caller
@@ -152,14 +185,17 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
             x = x.clamp(0.0, 1.0)
         if eps == 0 or steps == 0 or x.shape[0] == 0:
             return x
-        runs = restarts if random_start else 1  # without a random start every restart is the same run
+        if window > min(x.shape[-2:]):
+            raise ValueError(f"window {window} is larger than the {x.shape[-2]}x{x.shape[-1]} images")
+        # without a random start (and without random windows) every restart is the same run
+        runs = restarts if (random_start or window) else 1
         with eval_mode(model):
-            best = _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator)
+            best = _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window)
             if runs == 1:
                 return best
             best_ok, best_obj = _score(model, best, y, targeted)
             for _ in range(runs - 1):
-                cand = _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator)
+                cand = _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window)
                 ok, obj = _score(model, cand, y, targeted)
                 take = (ok & ~best_ok) | ((ok == best_ok) & (obj > best_obj))
                 best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), cand, best)
@@ -173,8 +209,8 @@ class PGD:
 
     def __init__(self, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, norm: str = "linf",
                  random_start: bool = True, restarts: int = 1, targeted: bool = False, clamp: bool = True,
-                 generator: torch.Generator | None = None):
-        self.eps, self.alpha, self.steps, self.restarts = _check(eps, alpha, steps, norm, restarts)
+                 generator: torch.Generator | None = None, window: int = 0):
+        self.eps, self.alpha, self.steps, self.restarts, self.window = _check(eps, alpha, steps, norm, restarts, window)
         self.norm, self.random_start = norm, bool(random_start)
         self.targeted, self.clamp = bool(targeted), bool(clamp)
         self.generator = generator
@@ -183,12 +219,12 @@ class PGD:
         """Attack a batch; ``generator`` overrides the one given at construction for this call."""
         return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, random_start=self.random_start,
                    restarts=self.restarts, targeted=self.targeted, clamp=self.clamp,
-                   generator=generator if generator is not None else self.generator)
+                   generator=generator if generator is not None else self.generator, window=self.window)
 
     def settings(self) -> dict:
         return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "norm": self.norm,
                 "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted,
-                "clamp": self.clamp}
+                "clamp": self.clamp, "window": self.window}
 
     def __repr__(self) -> str:
         return "PGD(" + ", ".join(f"{k}={v!r}" for k, v in self.settings().items()) + ")"
