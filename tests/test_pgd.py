@@ -313,7 +313,8 @@ def test_pgd_class_settings_and_generator(trained):
     model, _, x, y = trained
     atk = PGD(eps=0.05, alpha=0.01, steps=3, norm="l2", restarts=2, clamp=False)
     assert atk.settings() == {"eps": 0.05, "alpha": 0.01, "steps": 3, "norm": "l2", "random_start": True,
-                              "restarts": 2, "targeted": False, "clamp": False, "window": 0}
+                              "restarts": 2, "targeted": False, "clamp": False, "window": 0,
+                              "eps_outside": 0.0}
     a = atk(model, x[:20], y[:20], generator=torch.Generator().manual_seed(7))
     b = atk(model, x[:20], y[:20], generator=torch.Generator().manual_seed(7))
     c = atk(model, x[:20], y[:20], generator=torch.Generator().manual_seed(8))
@@ -412,3 +413,39 @@ def test_window_larger_than_the_image_raises(trained):
     model, _, x, y = trained
     with pytest.raises(ValueError, match="window 9 is larger"):
         pgd(model, x[:4], y[:4], 1.0, 0.25, 2, window=9)
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+def test_window_with_eps_outside_budgets(trained, random_start):
+    """L∞ ε = 1 in the window and eps_outside everywhere else: each part stays within its own budget and in [0, 1]."""
+    model, _, x, y = trained
+    k, eps_out = 3, 0.03
+    for inputs in (x, _extreme_inputs(x)):
+        gen = torch.Generator().manual_seed(11)
+        out = pgd(model, inputs, y, 1.0, 0.25, 6, random_start=random_start, window=k, eps_outside=eps_out, generator=gen)
+        assert out.min() >= 0 and out.max() <= 1
+        diff = (out - inputs).abs().amax(1)  # (N, H, W)
+        big = diff > eps_out + 1e-6  # pixels that moved more than the outside budget: only inside the window
+        _, height, width = _changed_box(big.unsqueeze(1).float(), torch.zeros_like(big.unsqueeze(1).float()))
+        moved = big.flatten(1).any(1)
+        assert moved.float().mean() > 0.9
+        assert (height[moved] <= k).all() and (width[moved] <= k).all()
+        # outside the window the image moved too (by at most eps_outside, most pixels by about that much)
+        outside = ~big & (diff > 0)
+        assert outside.flatten(1).sum(1).float().mean() > 0.5 * (64 - k * k)
+        assert diff.max() > 0.5
+    # the same draw of windows with eps_outside = 0 leaves the outside untouched
+    only = pgd(model, x, y, 1.0, 0.25, 6, random_start=random_start, window=k, generator=torch.Generator().manual_seed(11))
+    _, height, width = _changed_box(only, x)
+    assert (height <= k).all() and (width <= k).all()
+
+
+@pytest.mark.parametrize("kw", [dict(eps_outside=0.03), dict(eps_outside=0.03, window=3, norm="l2"),
+                                dict(eps_outside=0.5, window=3, eps=0.1), dict(eps_outside=-0.01, window=3)])
+def test_eps_outside_needs_a_linf_window_and_at_most_eps(trained, kw):
+    model, _, x, y = trained
+    args = {**dict(eps=1.0, alpha=0.25, steps=2), **kw}
+    with pytest.raises(ValueError):
+        PGD(**args)
+    with pytest.raises(ValueError):
+        pgd(model, x[:4], y[:4], **args)

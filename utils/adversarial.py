@@ -33,12 +33,12 @@ NORMS = ("linf", "l2")
 _TINY = 1e-12  # guards the L2 normalisations against zero gradients / zero perturbations
 
 
-def _check(eps, alpha, steps, norm, restarts, window=0) -> tuple[float, float, int, int, int]:
-    """Validate the settings; returns (eps, alpha, steps, restarts, window) as plain float/int."""
+def _check(eps, alpha, steps, norm, restarts, window=0, eps_outside=0.0) -> tuple[float, float, int, int, int, float]:
+    """Validate the settings; returns (eps, alpha, steps, restarts, window, eps_outside) as plain float/int."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     out = []
-    for name, v in (("eps", eps), ("alpha", alpha)):
+    for name, v in (("eps", eps), ("alpha", alpha), ("eps_outside", eps_outside)):
         try:
             f = float(v)
         except (TypeError, ValueError):
@@ -54,7 +54,12 @@ def _check(eps, alpha, steps, norm, restarts, window=0) -> tuple[float, float, i
         if isinstance(v, bool) or i < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         out.append(i)
-    return tuple(out)
+    eps, alpha, eps_outside, steps, restarts, window = out
+    if eps_outside > 0 and (window == 0 or norm != "linf"):
+        raise ValueError("eps_outside (the budget outside the window) needs window > 0 and the linf norm")
+    if eps_outside > eps:
+        raise ValueError(f"eps_outside {eps_outside} must not exceed eps {eps} (the budget inside the window)")
+    return eps, alpha, steps, restarts, window, eps_outside
 
 
 @contextlib.contextmanager
@@ -103,45 +108,53 @@ def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator |
     return delta.to(x.device)
 
 
-def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str, clamp: bool, mask: Tensor | None = None) -> Tensor:
+def _project(x_adv: Tensor, x: Tensor, eps, norm: str, clamp: bool, mask: Tensor | None = None) -> Tensor:
     """Project onto the ε-neighbourhood of ``x`` (then [0,1]; clamping only shrinks the perturbation).
 
-    With ``mask`` the perturbation is first zeroed outside the mask (the projection onto the window).
+    L∞: ``eps`` is a number or a per-pixel bound (a window's budget map). L2: with ``mask`` the
+    perturbation is first zeroed outside the window, then scaled into the ε-ball.
     """
     delta = x_adv - x
-    if mask is not None:
-        delta = delta * mask
     if norm == "linf":
-        delta = delta.clamp(-eps, eps)
+        delta = torch.minimum(torch.maximum(delta, -eps), eps) if torch.is_tensor(eps) else delta.clamp(-eps, eps)
     else:
+        if mask is not None:
+            delta = delta * mask
         n = _per_sample_norm(delta)
         delta = delta * (eps / n.clamp_min(_TINY)).clamp(max=1.0)
     out = x + delta
     return out.clamp(0.0, 1.0) if clamp else out
 
 
-def _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window=0) -> Tensor:
+def _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window=0,
+         eps_outside=0.0) -> Tensor:
     """One PGD run from one (random or zero) start; returns the detached final iterate.
 
-    With ``window`` > 0 the run draws its windows first, then (if ``random_start``) the start.
+    With ``window`` > 0 the run draws its windows first, then (if ``random_start``) the start. L∞
+    then works with a per-pixel budget (``eps`` inside the window, ``eps_outside`` elsewhere) and
+    steps of ``alpha`` scaled by the same ratio, so both parts take their budget in the same steps.
     """
     mask = _window_mask(x, window, generator)
+    bound = eps
+    if mask is not None and norm == "linf":
+        bound = eps * mask + eps_outside * (1 - mask)
+    step_size = alpha * (bound / eps) if torch.is_tensor(bound) else alpha
     x_adv = x.clone()
     if random_start:
-        x_adv = _project(x_adv + _random_start(x, eps, norm, generator), x, eps, norm, clamp, mask)
+        x_adv = _project(x_adv + _random_start(x, bound, norm, generator), x, bound, norm, clamp, mask)
     sign = -1.0 if targeted else 1.0  # targeted: descend CE toward the target labels
     for _ in range(steps):
         x_adv.requires_grad_(True)
         loss = F.cross_entropy(model(x_adv), y, reduction="sum")  # sum: per-sample gradients independent of N
         (g,) = torch.autograd.grad(loss, x_adv)
         x_adv = x_adv.detach()
-        if mask is not None:
-            g = g * mask  # L2: the whole step length goes into the window
         if norm == "linf":
             step = g.sign()
         else:
+            if mask is not None:
+                g = g * mask  # the whole step length goes into the window
             step = g / _per_sample_norm(g).clamp_min(_TINY)  # zero gradient -> zero step
-        x_adv = _project(x_adv + (sign * alpha) * step, x, eps, norm, clamp, mask)
+        x_adv = _project(x_adv + (sign * step_size) * step, x, bound, norm, clamp, mask)
     return x_adv.detach()
 
 
@@ -158,7 +171,7 @@ def _score(model, x_adv, y, targeted) -> tuple[Tensor, Tensor]:
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",
         random_start: bool = True, restarts: int = 1, targeted: bool = False, clamp: bool = True,
-        generator: torch.Generator | None = None, window: int = 0) -> Tensor:
+        generator: torch.Generator | None = None, window: int = 0, eps_outside: float = 0.0) -> Tensor:
     """Projected gradient descent on the cross-entropy, batched; returns detached adversarial images.
 
     Untargeted (default) ascends CE(model(x_adv), y); ``targeted=True`` treats ``y`` as target labels
@@ -173,8 +186,11 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
     ``steps == 0`` returns ``x`` (clamped) unchanged. ``window=k > 0`` confines each image's
     perturbation to one random k x k window (all channels; drawn from ``generator`` at the start of
     every run, so restarts also try other windows); use it with L∞ ε = 1 for patch-shaped examples.
+    ``eps_outside`` (L∞ only, <= ε) lets the rest of the image move by that much at the same time
+    (e.g. ε = 1 in the window plus 6/255 everywhere else: a patch and an ordinary example in one);
+    its step is ``alpha * eps_outside / eps``.
     """
-    eps, alpha, steps, restarts, window = _check(eps, alpha, steps, norm, restarts, window)
+    eps, alpha, steps, restarts, window, eps_outside = _check(eps, alpha, steps, norm, restarts, window, eps_outside)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y disagree on the batch size: {x.shape[0]} vs {y.shape[0]}")
     # inference_mode(False)/clone: usable from inside inference or no-grad blocks of the caller
@@ -190,12 +206,13 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
         # without a random start (and without random windows) every restart is the same run
         runs = restarts if (random_start or window) else 1
         with eval_mode(model):
-            best = _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window)
+            best = _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window, eps_outside)
             if runs == 1:
                 return best
             best_ok, best_obj = _score(model, best, y, targeted)
             for _ in range(runs - 1):
-                cand = _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window)
+                cand = _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window,
+                            eps_outside)
                 ok, obj = _score(model, cand, y, targeted)
                 take = (ok & ~best_ok) | ((ok == best_ok) & (obj > best_obj))
                 best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), cand, best)
@@ -209,8 +226,9 @@ class PGD:
 
     def __init__(self, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, norm: str = "linf",
                  random_start: bool = True, restarts: int = 1, targeted: bool = False, clamp: bool = True,
-                 generator: torch.Generator | None = None, window: int = 0):
-        self.eps, self.alpha, self.steps, self.restarts, self.window = _check(eps, alpha, steps, norm, restarts, window)
+                 generator: torch.Generator | None = None, window: int = 0, eps_outside: float = 0.0):
+        self.eps, self.alpha, self.steps, self.restarts, self.window, self.eps_outside = _check(
+            eps, alpha, steps, norm, restarts, window, eps_outside)
         self.norm, self.random_start = norm, bool(random_start)
         self.targeted, self.clamp = bool(targeted), bool(clamp)
         self.generator = generator
@@ -219,12 +237,13 @@ class PGD:
         """Attack a batch; ``generator`` overrides the one given at construction for this call."""
         return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, random_start=self.random_start,
                    restarts=self.restarts, targeted=self.targeted, clamp=self.clamp,
-                   generator=generator if generator is not None else self.generator, window=self.window)
+                   generator=generator if generator is not None else self.generator, window=self.window,
+                   eps_outside=self.eps_outside)
 
     def settings(self) -> dict:
         return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "norm": self.norm,
                 "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted,
-                "clamp": self.clamp, "window": self.window}
+                "clamp": self.clamp, "window": self.window, "eps_outside": self.eps_outside}
 
     def __repr__(self) -> str:
         return "PGD(" + ", ".join(f"{k}={v!r}" for k, v in self.settings().items()) + ")"
