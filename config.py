@@ -107,6 +107,12 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adv_alpha", type=fraction, default=1.2 / 255, help="PGD step for fine-tuning")
     g.add_argument("--adv_steps", type=int, default=7, help="PGD steps for fine-tuning")
     g.add_argument("--adv_random_start", action="store_true", help="random start for fine-tuning PGD (paper code: none)")
+    g.add_argument("--adv_window", type=int, default=0,
+                   help="confine each fine-tuning PGD example to one random KxK pixel window (0: whole image, the paper); "
+                        "with --adv_eps 1 a patch-shaped example that reaches BadNets-style patch triggers")
+    g.add_argument("--adv_eps_outside", type=fraction, default=0.0,
+                   help="with --adv_window (L-inf): the PGD budget outside the window, e.g. 6/255 for a patch-shaped "
+                        "and an ordinary example in one (0: only the window moves)")
     g.add_argument("--clean_weight", type=fraction, default=0.0, help="mix w*CE(clean) into adversarial batches (paper: 0)")
 
 
@@ -314,6 +320,14 @@ def validate_finetune(args: argparse.Namespace) -> None:
         _require(args.adv_eps >= 0, f"--adv_eps must be >= 0, got {args.adv_eps}")
     _require(args.adv_alpha >= 0, f"--adv_alpha must be >= 0, got {args.adv_alpha}")
     _require(args.adv_steps >= 0, f"--adv_steps must be >= 0, got {args.adv_steps}")
+    size = min(args.input_shape[1:])
+    _require(0 <= args.adv_window <= size,
+             f"--adv_window must be between 0 (whole image) and the image size {size}, got {args.adv_window}")
+    if args.adv_eps_outside != 0:
+        _require(args.adv_window > 0 and args.adv_norm == "linf",
+                 "--adv_eps_outside is the budget outside --adv_window: it needs --adv_window > 0 and --adv_norm linf")
+        _require(0 < args.adv_eps_outside <= args.adv_eps,
+                 f"--adv_eps_outside must be in (0, --adv_eps {args.adv_eps}], got {args.adv_eps_outside}")
     _require(0 <= args.clean_weight < 1, f"--clean_weight must be in [0, 1), got {args.clean_weight}")
 
 

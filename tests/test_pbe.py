@@ -24,6 +24,18 @@ def test_aft_runs_from_the_checkpoint_alone_and_writes_its_outputs(infected_run,
     assert (out / "model.pt").exists() and (out / "curves.png").exists()
 
 
+def test_aft_patch_shaped_examples_are_used_and_recorded(infected_run, tmp_path):
+    """--adv_window / --adv_eps_outside reach the fine-tuning PGD and are stored with the run's settings."""
+    out = tmp_path / "aft-window"
+    r = run_script("pbe_main.py", "--model_path", str(infected_run / "model.pt"), "--aft_epochs", "1", "--adv_epochs", "1",
+                   "--adv_window", "5", "--adv_eps", "1", "--adv_alpha", "1/4", "--adv_random_start",
+                   "--adv_eps_outside", "6/255", "--out_dir", str(out), *FAST)
+    assert r.returncode == 0, r.stderr
+    pgd = json.loads((out / "summary.json").read_text())["settings"]["pgd"]
+    assert (pgd["window"], pgd["eps"], pgd["alpha"], pgd["random_start"]) == (5, 1.0, 0.25, True)
+    assert pgd["eps_outside"] == pytest.approx(6 / 255)
+
+
 def test_progressive_pbe_reports_rounds(infected_run, tmp_path):
     out = tmp_path / "pbe"
     r = run_script("pbe_main.py", "--model_path", str(infected_run / "model.pt"), "--progressive", "--rounds", "2",

@@ -313,7 +313,8 @@ def test_pgd_class_settings_and_generator(trained):
     model, _, x, y = trained
     atk = PGD(eps=0.05, alpha=0.01, steps=3, norm="l2", restarts=2, clamp=False)
     assert atk.settings() == {"eps": 0.05, "alpha": 0.01, "steps": 3, "norm": "l2", "random_start": True,
-                              "restarts": 2, "targeted": False, "clamp": False}
+                              "restarts": 2, "targeted": False, "clamp": False, "window": 0,
+                              "eps_outside": 0.0}
     a = atk(model, x[:20], y[:20], generator=torch.Generator().manual_seed(7))
     b = atk(model, x[:20], y[:20], generator=torch.Generator().manual_seed(7))
     c = atk(model, x[:20], y[:20], generator=torch.Generator().manual_seed(8))
@@ -326,7 +327,7 @@ def test_pgd_class_settings_and_generator(trained):
 
 
 @pytest.mark.parametrize("kw", [dict(eps=-0.1), dict(alpha=-1.0), dict(steps=-1), dict(norm="l1"), dict(restarts=0),
-                                dict(eps=float("nan")), dict(steps=2.5)])
+                                dict(eps=float("nan")), dict(steps=2.5), dict(window=-1), dict(window=1.5)])
 def test_bad_arguments_raise(trained, kw):
     model, _, x, y = trained
     args = {**dict(eps=0.03, alpha=0.01, steps=2), **kw}
@@ -353,3 +354,98 @@ def test_robust_acc_from_args(trained):
         DEFAULT_EVAL["eps"], DEFAULT_EVAL["alpha"], 2, DEFAULT_EVAL["random_start"])
     with pytest.raises(UserError):
         robust_acc_from_args(model, test, SimpleNamespace(eval_eps=-1.0))
+
+
+# ----- window: patch-shaped perturbations ------------------------------------------------------
+
+def _changed_box(out, x):
+    """Per image: the changed pixels (any channel) as a (N, H, W) mask and its bounding-box height / width."""
+    changed = (out != x).any(1)
+    rows, cols = changed.any(2), changed.any(1)
+    idx_h = torch.arange(changed.shape[1]).expand_as(rows)
+    idx_w = torch.arange(changed.shape[2]).expand_as(cols)
+    big = 10 ** 6
+    height = torch.where(rows, idx_h, -big).amax(1) - torch.where(rows, idx_h, big).amin(1) + 1
+    width = torch.where(cols, idx_w, -big).amax(1) - torch.where(cols, idx_w, big).amin(1) + 1
+    return changed, height, width
+
+
+@pytest.mark.parametrize("norm,eps,alpha", [("linf", 1.0, 0.25), ("l2", 2.0, 0.5)])
+@pytest.mark.parametrize("random_start", [True, False])
+def test_window_changes_only_one_kxk_window_per_image(trained, norm, eps, alpha, random_start):
+    model, _, x, y = trained
+    k = 3
+    for inputs in (x, _extreme_inputs(x)):
+        out = pgd(model, inputs, y, eps, alpha, 6, norm=norm, random_start=random_start, restarts=2, window=k,
+                  generator=torch.Generator().manual_seed(5))
+        assert out.min() >= 0 and out.max() <= 1
+        assert _dist(out, inputs, norm).max() <= eps + 1e-5
+        changed, height, width = _changed_box(out, inputs)
+        moved = changed.flatten(1).any(1)
+        assert moved.float().mean() > 0.9  # nearly every image was perturbed ...
+        assert (height[moved] <= k).all() and (width[moved] <= k).all()  # ... inside one k x k window only
+        # the windows are drawn per image: they are not all at one place
+        centres = {(int(r), int(c)) for r, c in zip(changed.float().flatten(1).argmax(1) // 8,
+                                                    changed.float().flatten(1).argmax(1) % 8)}
+        assert len(centres) > 5
+
+
+def test_window_linf_eps_one_is_a_strong_patch_attack(trained):
+    """ε = 1 inside a 4x4 window (a quadrant's size) beats the ε = 0.03 whole-image attack by far;
+    restarts (other windows) never do worse; the window is part of the settings and the result is seeded."""
+    model, _, x, y = trained
+    whole = _acc(model, pgd(model, x, y, 0.03, 0.01, 10, generator=torch.Generator().manual_seed(0)), y)
+    one = pgd(model, x, y, 1.0, 0.25, 10, random_start=False, window=4, generator=torch.Generator().manual_seed(0))
+    acc_one = _acc(model, one, y)
+    acc_three = _acc(model, pgd(model, x, y, 1.0, 0.25, 10, random_start=False, restarts=3, window=4,
+                                generator=torch.Generator().manual_seed(0)), y)
+    assert acc_one < whole - 0.2
+    assert acc_three <= acc_one
+    atk = PGD(1.0, 0.25, 10, random_start=False, window=4)
+    assert atk.settings()["window"] == 4
+    assert torch.equal(atk(model, x, y, generator=torch.Generator().manual_seed(0)), one)
+    # window = the image size is the whole image: the same as window = 0 up to the (unused) window draw
+    full = pgd(model, x, y, 0.03, 0.01, 5, random_start=False, window=8)
+    assert torch.equal(full, pgd(model, x, y, 0.03, 0.01, 5, random_start=False))
+
+
+def test_window_larger_than_the_image_raises(trained):
+    model, _, x, y = trained
+    with pytest.raises(ValueError, match="window 9 is larger"):
+        pgd(model, x[:4], y[:4], 1.0, 0.25, 2, window=9)
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+def test_window_with_eps_outside_budgets(trained, random_start):
+    """L∞ ε = 1 in the window and eps_outside everywhere else: each part stays within its own budget and in [0, 1]."""
+    model, _, x, y = trained
+    k, eps_out = 3, 0.03
+    for inputs in (x, _extreme_inputs(x)):
+        gen = torch.Generator().manual_seed(11)
+        out = pgd(model, inputs, y, 1.0, 0.25, 6, random_start=random_start, window=k, eps_outside=eps_out, generator=gen)
+        assert out.min() >= 0 and out.max() <= 1
+        diff = (out - inputs).abs().amax(1)  # (N, H, W)
+        big = diff > eps_out + 1e-6  # pixels that moved more than the outside budget: only inside the window
+        _, height, width = _changed_box(big.unsqueeze(1).float(), torch.zeros_like(big.unsqueeze(1).float()))
+        moved = big.flatten(1).any(1)
+        assert moved.float().mean() > 0.9
+        assert (height[moved] <= k).all() and (width[moved] <= k).all()
+        # outside the window the image moved too (by at most eps_outside, most pixels by about that much)
+        outside = ~big & (diff > 0)
+        assert outside.flatten(1).sum(1).float().mean() > 0.5 * (64 - k * k)
+        assert diff.max() > 0.5
+    # the same draw of windows with eps_outside = 0 leaves the outside untouched
+    only = pgd(model, x, y, 1.0, 0.25, 6, random_start=random_start, window=k, generator=torch.Generator().manual_seed(11))
+    _, height, width = _changed_box(only, x)
+    assert (height <= k).all() and (width <= k).all()
+
+
+@pytest.mark.parametrize("kw", [dict(eps_outside=0.03), dict(eps_outside=0.03, window=3, norm="l2"),
+                                dict(eps_outside=0.5, window=3, eps=0.1), dict(eps_outside=-0.01, window=3)])
+def test_eps_outside_needs_a_linf_window_and_at_most_eps(trained, kw):
+    model, _, x, y = trained
+    args = {**dict(eps=1.0, alpha=0.25, steps=2), **kw}
+    with pytest.raises(ValueError):
+        PGD(**args)
+    with pytest.raises(ValueError):
+        pgd(model, x[:4], y[:4], **args)

@@ -17,6 +17,12 @@ are folded into single convolutions (weights read live from the model on every c
 never goes stale as the model trains). Logits agree with the eval-mode model to float rounding;
 on CPU this removes the BatchNorm forward/backward passes, which dominated eval-mode backward
 (measured in benchmarks/bench.py). ``FOLD_BN = False`` turns it off.
+
+``window=k`` (an option of this toolkit, not of the papers) restricts the perturbation of each image
+to one k x k window of pixels (all channels), drawn uniformly at random per image and per run. With
+L∞ ε = 1 this is a *patch-shaped* adversarial example: the attack may paint any pixel values into a
+small square, which is what a BadNets patch trigger is and what an ε = 6/255 perturbation of the
+whole image cannot imitate. ``window=0`` (default) perturbs the whole image.
 """
 from __future__ import annotations
 
@@ -39,12 +45,12 @@ NORMS = ("linf", "l2")
 _TINY = 1e-12  # guards the L2 normalisations against zero gradients / zero perturbations
 
 
-def _check(eps, alpha, steps, norm, restarts) -> tuple[float, float, int, int]:
-    """Validate the settings; returns (eps, alpha, steps, restarts) as plain float/int."""
+def _check(eps, alpha, steps, norm, restarts, window=0, eps_outside=0.0) -> tuple[float, float, int, int, int, float]:
+    """Validate the settings; returns (eps, alpha, steps, restarts, window, eps_outside) as plain float/int."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     out = []
-    for name, v in (("eps", eps), ("alpha", alpha)):
+    for name, v in (("eps", eps), ("alpha", alpha), ("eps_outside", eps_outside)):
         try:
             f = float(v)
         except (TypeError, ValueError):
@@ -52,7 +58,7 @@ def _check(eps, alpha, steps, norm, restarts) -> tuple[float, float, int, int]:
         if isinstance(v, bool) or not math.isfinite(f) or f < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         out.append(f)
-    for name, v, lo in (("steps", steps, 0), ("restarts", restarts, 1)):
+    for name, v, lo in (("steps", steps, 0), ("restarts", restarts, 1), ("window", window, 0)):
         try:
             i = operator.index(v)
         except TypeError:
@@ -60,7 +66,12 @@ def _check(eps, alpha, steps, norm, restarts) -> tuple[float, float, int, int]:
         if isinstance(v, bool) or i < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         out.append(i)
-    return tuple(out)
+    eps, alpha, eps_outside, steps, restarts, window = out
+    if eps_outside > 0 and (window == 0 or norm != "linf"):
+        raise ValueError("eps_outside (the budget outside the window) needs window > 0 and the linf norm")
+    if eps_outside > eps:
+        raise ValueError(f"eps_outside {eps_outside} must not exceed eps {eps} (the budget inside the window)")
+    return eps, alpha, steps, restarts, window, eps_outside
 
 
 @contextlib.contextmanager
@@ -80,6 +91,20 @@ def _per_sample_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
+def _window_mask(x: Tensor, k: int, generator: torch.Generator | None) -> Tensor | None:
+    """A (N, 1, H, W) 0/1 mask holding one k x k window per image at a uniform random position (None: k == 0)."""
+    if k == 0:
+        return None
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    dev = generator.device if generator is not None else x.device
+    top = torch.randint(0, h - k + 1, (n,), generator=generator, device=dev).to(x.device).view(n, 1, 1)
+    left = torch.randint(0, w - k + 1, (n,), generator=generator, device=dev).to(x.device).view(n, 1, 1)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = (rows >= top) & (rows < top + k) & (cols >= left) & (cols < left + k)
+    return inside.unsqueeze(1).to(x.dtype)
+
+
 def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
     """A random perturbation: uniform in the ε-box (L∞) or uniform in the ε-ball (L2)."""
     dev = generator.device if generator is not None else x.device
@@ -95,12 +120,18 @@ def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator |
     return delta.to(x.device)
 
 
-def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str, clamp: bool) -> Tensor:
-    """Project onto the ε-neighbourhood of ``x`` (then [0,1]; clamping only shrinks the perturbation)."""
+def _project(x_adv: Tensor, x: Tensor, eps, norm: str, clamp: bool, mask: Tensor | None = None) -> Tensor:
+    """Project onto the ε-neighbourhood of ``x`` (then [0,1]; clamping only shrinks the perturbation).
+
+    L∞: ``eps`` is a number or a per-pixel bound (a window's budget map). L2: with ``mask`` the
+    perturbation is first zeroed outside the window, then scaled into the ε-ball.
+    """
     delta = x_adv - x
     if norm == "linf":
-        delta = delta.clamp(-eps, eps)
+        delta = torch.minimum(torch.maximum(delta, -eps), eps) if torch.is_tensor(eps) else delta.clamp(-eps, eps)
     else:
+        if mask is not None:
+            delta = delta * mask
         n = _per_sample_norm(delta)
         delta = delta * (eps / n.clamp_min(_TINY)).clamp(max=1.0)
     out = x + delta
@@ -217,11 +248,22 @@ def attack_view(model: nn.Module) -> nn.Module:
     return view if view is not None else model
 
 
-def _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator) -> Tensor:
-    """One PGD run from one (random or zero) start; returns the detached final iterate."""
+def _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window=0,
+         eps_outside=0.0) -> Tensor:
+    """One PGD run from one (random or zero) start; returns the detached final iterate.
+
+    With ``window`` > 0 the run draws its windows first, then (if ``random_start``) the start. L∞
+    then works with a per-pixel budget (``eps`` inside the window, ``eps_outside`` elsewhere) and
+    steps of ``alpha`` scaled by the same ratio, so both parts take their budget in the same steps.
+    """
+    mask = _window_mask(x, window, generator)
+    bound = eps
+    if mask is not None and norm == "linf":
+        bound = eps * mask + eps_outside * (1 - mask)
+    step_size = alpha * (bound / eps) if torch.is_tensor(bound) else alpha
     x_adv = x.clone()
     if random_start:
-        x_adv = _project(x_adv + _random_start(x, eps, norm, generator), x, eps, norm, clamp)
+        x_adv = _project(x_adv + _random_start(x, bound, norm, generator), x, bound, norm, clamp, mask)
     sign = -1.0 if targeted else 1.0  # targeted: descend CE toward the target labels
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -231,8 +273,10 @@ def _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, ge
         if norm == "linf":
             step = g.sign()
         else:
+            if mask is not None:
+                g = g * mask  # the whole step length goes into the window
             step = g / _per_sample_norm(g).clamp_min(_TINY)  # zero gradient -> zero step
-        x_adv = _project(x_adv + (sign * alpha) * step, x, eps, norm, clamp)
+        x_adv = _project(x_adv + (sign * step_size) * step, x, bound, norm, clamp, mask)
     return x_adv.detach()
 
 
@@ -249,7 +293,7 @@ def _score(model, x_adv, y, targeted) -> tuple[Tensor, Tensor]:
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",
         random_start: bool = True, restarts: int = 1, targeted: bool = False, clamp: bool = True,
-        generator: torch.Generator | None = None) -> Tensor:
+        generator: torch.Generator | None = None, window: int = 0, eps_outside: float = 0.0) -> Tensor:
     """Projected gradient descent on the cross-entropy, batched; returns detached adversarial images.
 
     Untargeted (default) ascends CE(model(x_adv), y); ``targeted=True`` treats ``y`` as target labels
@@ -261,9 +305,14 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
     best objective (highest CE; targeted: lowest CE to the target); the first run is the one a
     single-restart call with the same generator state would make, so restarts never do worse.
     ``clamp`` keeps images in [0,1] (the centre ``x`` is clamped too). ``eps == 0`` or
-    ``steps == 0`` returns ``x`` (clamped) unchanged.
+    ``steps == 0`` returns ``x`` (clamped) unchanged. ``window=k > 0`` confines each image's
+    perturbation to one random k x k window (all channels; drawn from ``generator`` at the start of
+    every run, so restarts also try other windows); use it with L∞ ε = 1 for patch-shaped examples.
+    ``eps_outside`` (L∞ only, <= ε) lets the rest of the image move by that much at the same time
+    (e.g. ε = 1 in the window plus 6/255 everywhere else: a patch and an ordinary example in one);
+    its step is ``alpha * eps_outside / eps``.
     """
-    eps, alpha, steps, restarts = _check(eps, alpha, steps, norm, restarts)
+    eps, alpha, steps, restarts, window, eps_outside = _check(eps, alpha, steps, norm, restarts, window, eps_outside)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y disagree on the batch size: {x.shape[0]} vs {y.shape[0]}")
     # inference_mode(False)/clone: usable from inside inference or no-grad blocks of the caller
@@ -274,15 +323,19 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
             x = x.clamp(0.0, 1.0)
         if eps == 0 or steps == 0 or x.shape[0] == 0:
             return x
-        runs = restarts if random_start else 1  # without a random start every restart is the same run
+        if window > min(x.shape[-2:]):
+            raise ValueError(f"window {window} is larger than the {x.shape[-2]}x{x.shape[-1]} images")
+        # without a random start (and without random windows) every restart is the same run
+        runs = restarts if (random_start or window) else 1
         with eval_mode(model):
             net = attack_view(model)
-            best = _run(net, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator)
+            best = _run(net, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window, eps_outside)
             if runs == 1:
                 return best
             best_ok, best_obj = _score(net, best, y, targeted)
             for _ in range(runs - 1):
-                cand = _run(net, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator)
+                cand = _run(net, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window,
+                            eps_outside)
                 ok, obj = _score(net, cand, y, targeted)
                 take = (ok & ~best_ok) | ((ok == best_ok) & (obj > best_obj))
                 best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), cand, best)
@@ -296,8 +349,9 @@ class PGD:
 
     def __init__(self, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, norm: str = "linf",
                  random_start: bool = True, restarts: int = 1, targeted: bool = False, clamp: bool = True,
-                 generator: torch.Generator | None = None):
-        self.eps, self.alpha, self.steps, self.restarts = _check(eps, alpha, steps, norm, restarts)
+                 generator: torch.Generator | None = None, window: int = 0, eps_outside: float = 0.0):
+        self.eps, self.alpha, self.steps, self.restarts, self.window, self.eps_outside = _check(
+            eps, alpha, steps, norm, restarts, window, eps_outside)
         self.norm, self.random_start = norm, bool(random_start)
         self.targeted, self.clamp = bool(targeted), bool(clamp)
         self.generator = generator
@@ -306,12 +360,13 @@ class PGD:
         """Attack a batch; ``generator`` overrides the one given at construction for this call."""
         return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, random_start=self.random_start,
                    restarts=self.restarts, targeted=self.targeted, clamp=self.clamp,
-                   generator=generator if generator is not None else self.generator)
+                   generator=generator if generator is not None else self.generator, window=self.window,
+                   eps_outside=self.eps_outside)
 
     def settings(self) -> dict:
         return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "norm": self.norm,
                 "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted,
-                "clamp": self.clamp}
+                "clamp": self.clamp, "window": self.window, "eps_outside": self.eps_outside}
 
     def __repr__(self) -> str:
         return "PGD(" + ", ".join(f"{k}={v!r}" for k, v in self.settings().items()) + ")"

@@ -20,7 +20,7 @@ from utils.training import make_optimizer
 
 def finetune_attack(args) -> PGD:
     return PGD(eps=args.adv_eps, alpha=args.adv_alpha, steps=args.adv_steps, norm=args.adv_norm,
-               random_start=args.adv_random_start)
+               random_start=args.adv_random_start, window=args.adv_window, eps_outside=args.adv_eps_outside)
 
 
 def run_aft(args) -> dict:
