@@ -14,6 +14,7 @@ import time
 from fractions import Fraction
 
 from utils.datasets import DATASETS, get_spec
+from utils.defense import POISON_CANDIDATES
 from utils.errors import OneLineParser, UserError
 from utils.poison import POISON_MODES
 from utils.resume import SCRIPT_FILES
@@ -151,7 +152,7 @@ def _add_pud(p: argparse.ArgumentParser) -> None:
                    help="share of the pool kept as the next extra set after each step but the last")
     g.add_argument("--balanced_selection", type=int, choices=(0, 1), default=0,
                    help="1: the next extra set keeps the top share of every label; 0: a global top share (paper code)")
-    g.add_argument("--poison_candidates", choices=("target", "all"), default="target",
+    g.add_argument("--poison_candidates", choices=tuple(POISON_CANDIDATES), default="target",
                    help="draw the poison set from the samples labelled as the target (all2one) or from all (paper code)")
     g.add_argument("--poison_fraction", type=fraction, default=0.01, help="least consistent share of all samples used as poison set")
     g.add_argument("--pud_lr", type=fraction, default=0.01, help="SGD learning rate")
