@@ -208,3 +208,10 @@ def poison_candidates(mode: str, labels: torch.Tensor, target: int) -> torch.Ten
     them from genuine target-class images; over all samples it also picks up clean images the fine-tuning flipped.
     """
     return POISON_CANDIDATES[mode](labels, target)
+
+
+# Where PBE's round-0 random extra set is drawn from, given the training labels and the (estimated) target.
+INIT_POOLS = {
+    "non_target": lambda labels, target: torch.nonzero(labels != target).flatten(),  # no all2one poison can be in it
+    "all": lambda labels, target: torch.arange(len(labels)),  # the paper code
+}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from utils.adversarial import PGD
-from utils.defense import (all_logits, bottom_fraction, clean_indices, consistency_scores, detection_stats, finetune_epoch,
-                           poison_share, top_fraction)
+from utils.defense import (INIT_POOLS, all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores,
+                           detection_stats, finetune_epoch, poison_candidates, poison_share, top_fraction)
 from utils.errors import UserError
 from utils.plots import plot_curves
 from utils.session import DefenseSession
@@ -61,14 +61,18 @@ def run_pbe(args) -> dict:
     """
     s = DefenseSession(args, "pbe")
     inf = s.inf
-    n = len(inf.poisoned)
     truth = inf.poisoned.is_poison.cpu()
-    extra = torch.randperm(n, generator=s.gen)[:max(1, int(round(args.init_ratio * n)))].sort().values
+    labels = inf.poisoned.train_labels.cpu()
     opt = make_optimizer(inf.model, args.ft_lr)  # one optimizer across rounds, as in the paper code
     objects = {"model": inf.model, "opt": opt}
     attack = finetune_attack(args)
     with s.ctl:
-        c = s.start({"round": 0, "epoch": 0, "epoch_global": 0, "extra": extra, "rounds": []}, **objects)
+        c = s.start({"round": 0, "epoch": 0, "epoch_global": 0, "target": None, "extra": None, "rounds": []}, **objects)
+        if c["target"] is None:
+            c["target"] = choose_target(s)
+            c["extra"] = initial_extra(s, labels, c["target"]["used"])
+            s.save("the target estimate", c, **objects)
+        candidates = poison_candidates(args.poison_candidates, labels, c["target"]["used"])
         ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
         for r in range(c["round"], args.rounds):
             purity = poison_share(c["extra"], truth)
@@ -90,10 +94,12 @@ def run_pbe(args) -> dict:
                 s.log(rec, f"pbe round {r} epoch {e + 1}/{args.round_epochs}")
                 c["epoch"] = e + 1
                 s.save(f"pbe round {r} epoch {e + 1}", c, **objects)
-            scores = consistency_scores(ref_logits, all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl))
-            det = detection_stats(bottom_fraction(scores, args.detect_fraction), truth)
+            cur_logits = all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl)
+            scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=bool(args.argmax_penalty))
+            det = detection_stats(bottom_fraction(scores, args.detect_fraction, candidates), truth)
             info = {"round": r, "extra_size": len(c["extra"]), "extra_poison_share": purity,
                     "detect_precision": det["precision"], "detect_recall": det["recall"], "detect_fpr": det["fpr"],
+                    "poison_still_backdoor": backdoor_hit_rate(cur_logits, labels, truth),
                     **{k: s.history[-1][k] for k in ("clean_acc", "asr") if k in s.history[-1]}}
             if r < args.rounds - 1:
                 c["extra"] = top_fraction(scores, args.top_rates[r])
@@ -101,16 +107,38 @@ def run_pbe(args) -> dict:
                 info["next_extra_poison_share"] = poison_share(c["extra"], truth)
             c["rounds"].append(info)
             s.run.log({"round_summary": info, "epoch": c["epoch_global"]})
+            hit = info["poison_still_backdoor"]
             print(f"round {r}: lowest {args.detect_fraction:.0%} as poison -> precision {det['precision']:.3f} "
-                  f"recall {det['recall']:.3f}" + (f"; next extra set {len(c['extra'])} ({info['next_extra_poison_share']:.3%} "
+                  f"recall {det['recall']:.3f}; poisoned samples still given the backdoor label "
+                  f"{'-' if hit is None else f'{hit:.3f}'}" + (f"; next extra set {len(c['extra'])} ({info['next_extra_poison_share']:.3%} "
                                                    "poisoned)" if "next_extra_size" in info else ""), flush=True)
             c.update(round=r + 1, epoch=0)
             s.save(f"pbe round {r}", c, **objects)
         settings = {"init_ratio": args.init_ratio, "rounds": args.rounds, "round_epochs": args.round_epochs,
                     "top_rates": args.top_rates[:args.rounds - 1], "partial_batches": args.partial_batches, "lr": args.ft_lr,
-                    "pgd": attack.settings(), "detect_fraction": args.detect_fraction}
+                    "pgd": attack.settings(), "detect_fraction": args.detect_fraction, "target_label": args.target_label,
+                    "init_pool": args.init_pool, "argmax_penalty": args.argmax_penalty,
+                    "poison_candidates": args.poison_candidates}
         plot_rounds(c["rounds"], s.run.file("rounds.png"))
-        return s.finish(settings, {"rounds": c["rounds"]}, panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
+        return s.finish(settings, {"target": c["target"], "rounds": c["rounds"]},
+                        panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
+
+
+def initial_extra(s: DefenseSession, labels: torch.Tensor, target: int) -> torch.Tensor:
+    """Round 0's extra set: a random ``init_ratio`` of the training set's size, drawn from the ``--init_pool`` samples."""
+    pool = INIT_POOLS[s.args.init_pool](labels, target)
+    if len(pool) == 0:
+        raise UserError(f"--init_pool {s.args.init_pool} leaves no training sample (every label is the target {target}); "
+                        "use --init_pool all")
+    k = min(len(pool), max(1, int(round(s.args.init_ratio * len(labels)))))
+    return pool[torch.randperm(len(pool), generator=s.gen)[:k]].sort().values
+
+
+def backdoor_hit_rate(logits: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor) -> float | None:
+    """Share of the truly poisoned training samples the model still gives their backdoor label (a diagnostic)."""
+    if not bool(is_poison.any()):
+        return None
+    return float((logits.argmax(1)[is_poison] == labels[is_poison]).float().mean())
 
 
 def plot_rounds(rounds: list[dict], path: str) -> None:
