@@ -130,6 +130,9 @@ def _add_pbe(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top_rates", type=fraction, nargs="+", default=[0.2, 0.5, 0.7, 0.9],
                    help="share of training samples kept as the next extra set after each round")
     g.add_argument("--partial_batches", type=int, default=31, help="adversarial batches in the first epoch of rounds >= 1")
+    g.add_argument("--later_lr", type=fraction, default=None,
+                   help="learning rate of rounds >= 1 (default: --ft_lr, as in the paper code); their extra sets are 4-18x "
+                        "round 0's, so a raised --ft_lr for round 0 need not carry over")
     g.add_argument("--detect_fraction", type=fraction, default=0.1, help="lowest-scored share reported as detected poison")
     _add_target_estimate(g)
     g.add_argument("--init_pool", choices=tuple(INIT_POOLS), default="non_target",
@@ -140,6 +143,9 @@ def _add_pbe(p: argparse.ArgumentParser) -> None:
     g.add_argument("--poison_candidates", choices=tuple(POISON_CANDIDATES), default="target",
                    help="the detector flags the lowest --detect_fraction (of all samples) among the samples labelled as "
                         "the target (all2one) or among all samples (paper code)")
+    g.add_argument("--quarantine", type=int, choices=(0, 1), default=1,
+                   help="1: every sample the detector flags after a round is kept out of all later extra sets; "
+                        "0: the next extra set is the plain top share (paper code)")
 
 
 PUD_SPECTRE_LAYERS = {"cnn": "net.features", "preactresnet18": "net.layer4.0", "resnet18": "net.layer2.1"}
@@ -327,6 +333,7 @@ def validate_pbe(args: argparse.Namespace) -> None:
     _require(all(0 < r <= 1 for r in args.top_rates), f"--top_rates must be in (0, 1], got {args.top_rates}")
     _require(0 < args.detect_fraction < 1, f"--detect_fraction must be in (0, 1), got {args.detect_fraction}")
     _require(args.partial_batches >= 0, f"--partial_batches must be >= 0, got {args.partial_batches}")
+    _require(args.later_lr is None or args.later_lr > 0, f"--later_lr must be positive, got {args.later_lr}")
 
 
 def validate_pud(args: argparse.Namespace) -> None:

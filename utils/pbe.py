@@ -67,7 +67,8 @@ def run_pbe(args) -> dict:
     objects = {"model": inf.model, "opt": opt}
     attack = finetune_attack(args)
     with s.ctl:
-        c = s.start({"round": 0, "epoch": 0, "epoch_global": 0, "target": None, "extra": None, "rounds": []}, **objects)
+        c = s.start({"round": 0, "epoch": 0, "epoch_global": 0, "target": None, "extra": None,
+                     "quarantine": torch.zeros(0, dtype=torch.long), "rounds": []}, **objects)
         if c["target"] is None:
             c["target"] = choose_target(s)
             c["extra"] = initial_extra(s, labels, c["target"]["used"])
@@ -87,6 +88,8 @@ def run_pbe(args) -> dict:
                 else:
                     adv_batches = 0
                 use = attack if adv_batches != 0 else None
+                for group in opt.param_groups:  # one optimizer across rounds; rounds >= 1 may use --later_lr
+                    group["lr"] = round_lr(args, r)
                 batches = inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=c["extra"], augment=inf.augment)
                 stats = finetune_epoch(inf.model, opt, batches, use, adv_batches, None, s.gen, s.cl, args.clean_weight,
                                        desc=f"pbe r{r} e{e + 1}", stage=f"pbe round {r}", epoch=c["epoch_global"])
@@ -96,17 +99,25 @@ def run_pbe(args) -> dict:
                 s.save(f"pbe round {r} epoch {e + 1}", c, **objects)
             cur_logits = all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl)
             scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=bool(args.argmax_penalty))
-            det = detection_stats(bottom_fraction(scores, args.detect_fraction, candidates), truth)
+            flagged = bottom_fraction(scores, args.detect_fraction, candidates)
+            det = detection_stats(flagged, truth)
+            if args.quarantine:
+                c["quarantine"] = torch.cat([c["quarantine"], flagged]).unique()
             info = {"round": r, "extra_size": len(c["extra"]), "extra_poison_share": purity,
                     "detect_precision": det["precision"], "detect_recall": det["recall"], "detect_fpr": det["fpr"],
                     "poison_still_backdoor": backdoor_hit_rate(cur_logits, labels, truth),
+                    **({f"quarantine_{k}": v for k, v in detection_stats(c["quarantine"], truth).items()}
+                       if args.quarantine else {}),
                     **{k: s.history[-1][k] for k in ("clean_acc", "asr") if k in s.history[-1]}}
             if r < args.rounds - 1:
-                c["extra"] = top_fraction(scores, args.top_rates[r])
+                c["extra"] = top_fraction(without(scores, c["quarantine"]), args.top_rates[r])
                 info["next_extra_size"] = len(c["extra"])
                 info["next_extra_poison_share"] = poison_share(c["extra"], truth)
             c["rounds"].append(info)
             s.run.log({"round_summary": info, "epoch": c["epoch_global"]})
+            if args.quarantine:
+                print(f"round {r}: quarantine {info['quarantine_flagged']} samples, precision {info['quarantine_precision']:.3f} "
+                      f"recall {info['quarantine_recall']:.3f}", flush=True)
             hit = info["poison_still_backdoor"]
             print(f"round {r}: lowest {args.detect_fraction:.0%} as poison -> precision {det['precision']:.3f} "
                   f"recall {det['recall']:.3f}; poisoned samples still given the backdoor label "
@@ -116,12 +127,18 @@ def run_pbe(args) -> dict:
             s.save(f"pbe round {r}", c, **objects)
         settings = {"init_ratio": args.init_ratio, "rounds": args.rounds, "round_epochs": args.round_epochs,
                     "top_rates": args.top_rates[:args.rounds - 1], "partial_batches": args.partial_batches, "lr": args.ft_lr,
+                    "later_lr": args.later_lr if args.later_lr is not None else args.ft_lr,
                     "pgd": attack.settings(), "detect_fraction": args.detect_fraction, "target_label": args.target_label,
-                    "init_pool": args.init_pool, "argmax_penalty": args.argmax_penalty,
+                    "init_pool": args.init_pool, "argmax_penalty": args.argmax_penalty, "quarantine": args.quarantine,
                     "poison_candidates": args.poison_candidates}
         plot_rounds(c["rounds"], s.run.file("rounds.png"))
         return s.finish(settings, {"target": c["target"], "rounds": c["rounds"]},
                         panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
+
+
+def round_lr(args, r: int) -> float:
+    """Round 0 fine-tunes at ``--ft_lr``; later rounds at ``--later_lr`` if given, else also at ``--ft_lr``."""
+    return args.ft_lr if r == 0 or args.later_lr is None else args.later_lr
 
 
 def initial_extra(s: DefenseSession, labels: torch.Tensor, target: int) -> torch.Tensor:
@@ -132,6 +149,15 @@ def initial_extra(s: DefenseSession, labels: torch.Tensor, target: int) -> torch
                         "use --init_pool all")
     k = min(len(pool), max(1, int(round(s.args.init_ratio * len(labels)))))
     return pool[torch.randperm(len(pool), generator=s.gen)[:k]].sort().values
+
+
+def without(scores: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """``scores`` with the ``excluded`` samples put last (-inf), so a top share of the training set never holds them."""
+    if len(excluded) == 0:
+        return scores
+    out = scores.clone()
+    out[excluded] = float("-inf")
+    return out
 
 
 def backdoor_hit_rate(logits: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor) -> float | None:
