@@ -4,6 +4,14 @@ AFT fine-tunes the infected model on a small clean extra set, the first epochs o
 examples of the current model. PBE starts from a random share of the poisoned training set and,
 round by round, fine-tunes, scores every training sample by the cosine similarity of the infected
 and current models' logits and keeps the most consistent ones as the next extra set.
+
+Departures from the paper code, each an option whose other value is the paper's (see config.py):
+round 0's random share is drawn from the samples not labelled as the PGD-estimated target
+(``--init_pool non_target``: with a random 5 % the ~10 % all2one poisons among it keep their
+target label in PGD copies and re-teach the backdoor); the score subtracts 0.5 on arg-max
+disagreement (``--argmax_penalty``, PUD's score); the detector ranks among target-labelled
+samples (``--poison_candidates target``) and what it flags stays out of every later extra set
+(``--quarantine``). ``--later_lr`` sets the learning rate of rounds >= 1 (default ``--ft_lr``).
 """
 from __future__ import annotations
 
@@ -93,7 +101,8 @@ def run_pbe(args) -> dict:
                 batches = inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=c["extra"], augment=inf.augment)
                 stats = finetune_epoch(inf.model, opt, batches, use, adv_batches, None, s.gen, s.cl, args.clean_weight,
                                        desc=f"pbe r{r} e{e + 1}", stage=f"pbe round {r}", epoch=c["epoch_global"])
-                rec = {"epoch": c["epoch_global"], "round": r, **stats, **s.evaluate()}
+                rec = {"epoch": c["epoch_global"], "round": r, "adversarial": use is not None, "lr": round_lr(args, r),
+                       **stats, **s.evaluate()}
                 s.log(rec, f"pbe round {r} epoch {e + 1}/{args.round_epochs}")
                 c["epoch"] = e + 1
                 s.save(f"pbe round {r} epoch {e + 1}", c, **objects)
@@ -110,7 +119,7 @@ def run_pbe(args) -> dict:
                        if args.quarantine else {}),
                     **{k: s.history[-1][k] for k in ("clean_acc", "asr") if k in s.history[-1]}}
             if r < args.rounds - 1:
-                c["extra"] = top_fraction(without(scores, c["quarantine"]), args.top_rates[r])
+                c["extra"] = top_share_outside(scores, args.top_rates[r], c["quarantine"])
                 info["next_extra_size"] = len(c["extra"])
                 info["next_extra_poison_share"] = poison_share(c["extra"], truth)
             c["rounds"].append(info)
@@ -151,13 +160,14 @@ def initial_extra(s: DefenseSession, labels: torch.Tensor, target: int) -> torch
     return pool[torch.randperm(len(pool), generator=s.gen)[:k]].sort().values
 
 
-def without(scores: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
-    """``scores`` with the ``excluded`` samples put last (-inf), so a top share of the training set never holds them."""
+def top_share_outside(scores: torch.Tensor, fraction: float, excluded: torch.Tensor) -> torch.Tensor:
+    """The highest-scored ``fraction`` of all samples that are not ``excluded`` (fewer if too few are left), by index."""
     if len(excluded) == 0:
-        return scores
-    out = scores.clone()
-    out[excluded] = float("-inf")
-    return out
+        return top_fraction(scores, fraction)
+    ranked = scores.clone()
+    ranked[excluded] = float("-inf")  # ranked last, then dropped: the share stays a share of the whole training set
+    sel = top_fraction(ranked, fraction)
+    return sel[~torch.isin(sel, excluded)]
 
 
 def backdoor_hit_rate(logits: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor) -> float | None:
