@@ -130,6 +130,9 @@ def _add_pbe(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top_rates", type=fraction, nargs="+", default=[0.2, 0.5, 0.7, 0.9],
                    help="share of training samples kept as the next extra set after each round")
     g.add_argument("--partial_batches", type=int, default=31, help="adversarial batches in the first epoch of rounds >= 1")
+    g.add_argument("--round_eps", type=fraction, nargs="+", default=None,
+                   help="PGD radius per round (the step scales with it; default: --adv_eps in every round, as the paper "
+                        "code runs; its dead line meant 2/255 from round 2 on: 6/255 6/255 2/255 2/255)")
     g.add_argument("--later_lr", type=fraction, default=None,
                    help="learning rate of rounds >= 1 (default: --ft_lr, as in the paper code); their extra sets are 4-18x "
                         "round 0's, so a raised --ft_lr for round 0 need not carry over")
@@ -334,6 +337,11 @@ def validate_pbe(args: argparse.Namespace) -> None:
     _require(0 < args.detect_fraction < 1, f"--detect_fraction must be in (0, 1), got {args.detect_fraction}")
     _require(args.partial_batches >= 0, f"--partial_batches must be >= 0, got {args.partial_batches}")
     _require(args.later_lr is None or args.later_lr > 0, f"--later_lr must be positive, got {args.later_lr}")
+    if args.round_eps is not None:
+        _require(len(args.round_eps) == args.rounds,
+                 f"--round_eps needs one radius per round (--rounds {args.rounds}), got {len(args.round_eps)}")
+        _require(all(0 <= e <= (1 if args.adv_norm == "linf" else float("inf")) for e in args.round_eps),
+                 f"--round_eps must be >= 0 (and <= 1 for linf, pixel units), got {args.round_eps}")
 
 
 def validate_pud(args: argparse.Namespace) -> None:

@@ -106,3 +106,14 @@ def test_consistency_scores_and_selection():
     assert top_fraction(s, 1 / 3).tolist() == [0] and bottom_fraction(s, 1 / 3).tolist() == [2]
     det = detection_stats(torch.tensor([2, 1]), torch.tensor([False, False, True, False]))
     assert det["precision"] == 0.5 and det["recall"] == 1.0 and det["fpr"] == pytest.approx(1 / 3)
+
+
+def test_round_eps_sets_each_rounds_pgd_radius_and_scales_the_step():
+    from types import SimpleNamespace
+
+    from utils.pbe import finetune_attack
+
+    args = SimpleNamespace(adv_eps=6 / 255, adv_alpha=1.2 / 255, adv_steps=7, adv_norm="linf", adv_random_start=False)
+    default, small = finetune_attack(args), finetune_attack(args, 2 / 255)
+    assert default.settings()["eps"] == pytest.approx(6 / 255) and default.settings()["alpha"] == pytest.approx(1.2 / 255)
+    assert small.settings()["eps"] == pytest.approx(2 / 255) and small.settings()["alpha"] == pytest.approx(0.4 / 255)

@@ -11,7 +11,9 @@ round 0's random share is drawn from the samples not labelled as the PGD-estimat
 target label in PGD copies and re-teach the backdoor); the score subtracts 0.5 on arg-max
 disagreement (``--argmax_penalty``, PUD's score); the detector ranks among target-labelled
 samples (``--poison_candidates target``) and what it flags stays out of every later extra set
-(``--quarantine``). ``--later_lr`` sets the learning rate of rounds >= 1 (default ``--ft_lr``).
+(``--quarantine``). ``--later_lr`` sets the learning rate of rounds >= 1 (default ``--ft_lr``) and
+``--round_eps`` the PGD radius of each round (default ``--adv_eps`` throughout; the paper code's dead
+line meant 2/255 from round 2 on).
 """
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ from utils.session import DefenseSession
 from utils.training import make_optimizer
 
 
-def finetune_attack(args) -> PGD:
-    return PGD(eps=args.adv_eps, alpha=args.adv_alpha, steps=args.adv_steps, norm=args.adv_norm,
-               random_start=args.adv_random_start)
+def finetune_attack(args, eps: float | None = None) -> PGD:
+    """The fine-tuning PGD; ``eps`` replaces ``--adv_eps`` and scales the step with it (PBE's per-round radius)."""
+    scale = 1.0 if eps is None or args.adv_eps == 0 else eps / args.adv_eps
+    return PGD(eps=args.adv_eps if eps is None else eps, alpha=args.adv_alpha * scale, steps=args.adv_steps,
+               norm=args.adv_norm, random_start=args.adv_random_start)
 
 
 def run_aft(args) -> dict:
@@ -73,7 +77,7 @@ def run_pbe(args) -> dict:
     labels = inf.poisoned.train_labels.cpu()
     opt = make_optimizer(inf.model, args.ft_lr)  # one optimizer across rounds, as in the paper code
     objects = {"model": inf.model, "opt": opt}
-    attack = finetune_attack(args)
+    attacks = [finetune_attack(args, args.round_eps[r] if args.round_eps else None) for r in range(args.rounds)]
     with s.ctl:
         c = s.start({"round": 0, "epoch": 0, "epoch_global": 0, "target": None, "extra": None,
                      "quarantine": torch.zeros(0, dtype=torch.long), "rounds": []}, **objects)
@@ -95,7 +99,7 @@ def run_pbe(args) -> dict:
                     adv_batches = args.partial_batches
                 else:
                     adv_batches = 0
-                use = attack if adv_batches != 0 else None
+                use = attacks[r] if adv_batches != 0 else None
                 for group in opt.param_groups:  # one optimizer across rounds; rounds >= 1 may use --later_lr
                     group["lr"] = round_lr(args, r)
                 batches = inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=c["extra"], augment=inf.augment)
@@ -137,7 +141,7 @@ def run_pbe(args) -> dict:
         settings = {"init_ratio": args.init_ratio, "rounds": args.rounds, "round_epochs": args.round_epochs,
                     "top_rates": args.top_rates[:args.rounds - 1], "partial_batches": args.partial_batches, "lr": args.ft_lr,
                     "later_lr": args.later_lr if args.later_lr is not None else args.ft_lr,
-                    "pgd": attack.settings(), "detect_fraction": args.detect_fraction, "target_label": args.target_label,
+                    "pgd": [a.settings() for a in attacks], "detect_fraction": args.detect_fraction, "target_label": args.target_label,
                     "init_pool": args.init_pool, "argmax_penalty": args.argmax_penalty, "quarantine": args.quarantine,
                     "poison_candidates": args.poison_candidates}
         plot_rounds(c["rounds"], s.run.file("rounds.png"))
