@@ -14,6 +14,7 @@ import time
 from fractions import Fraction
 
 from utils.datasets import DATASETS, get_spec
+from utils.defense import INIT_POOLS, POISON_CANDIDATES
 from utils.errors import OneLineParser, UserError
 from utils.poison import POISON_MODES
 from utils.resume import SCRIPT_FILES
@@ -116,18 +117,6 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clean_weight", type=fraction, default=0.0, help="mix w*CE(clean) into adversarial batches (paper: 0)")
 
 
-def _add_pbe(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("progressive PBE (no clean data)")
-    g.add_argument("--progressive", action="store_true", help="run progressive PBE instead of AFT")
-    g.add_argument("--init_ratio", type=fraction, default=0.05, help="random share of the poisoned training set used in round 0")
-    g.add_argument("--rounds", type=int, default=4)
-    g.add_argument("--round_epochs", type=int, default=10)
-    g.add_argument("--top_rates", type=fraction, nargs="+", default=[0.2, 0.5, 0.7, 0.9],
-                   help="share of training samples kept as the next extra set after each round")
-    g.add_argument("--partial_batches", type=int, default=31, help="adversarial batches in the first epoch of rounds >= 1")
-    g.add_argument("--detect_fraction", type=fraction, default=0.1, help="lowest-scored share reported as detected poison")
-
-
 def target_label_arg(text: str):
     """``auto`` or a class index."""
     if text.strip().lower() == "auto":
@@ -138,15 +127,50 @@ def target_label_arg(text: str):
         raise argparse.ArgumentTypeError(f"'{text}' is not 'auto' or a class index") from None
 
 
+def _add_target_estimate(g) -> None:
+    """The backdoor target: given, or estimated by PGD (PUD and PBE share this and ``utils.defense.choose_target``)."""
+    g.add_argument("--target_label", type=target_label_arg, default="auto",
+                   help="backdoor target class, or auto: the most frequent class of untargeted PGD examples")
+    g.add_argument("--target_eps", type=fraction, default=8 / 255, help="PGD radius for the target estimate")
+    g.add_argument("--target_images", type=int, default=1000, help="training images attacked for the target estimate")
+
+
+def _add_pbe(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("progressive PBE (no clean data)")
+    g.add_argument("--progressive", action="store_true", help="run progressive PBE instead of AFT")
+    g.add_argument("--init_ratio", type=fraction, default=0.05, help="random share of the poisoned training set used in round 0")
+    g.add_argument("--rounds", type=int, default=4)
+    g.add_argument("--round_epochs", type=int, default=10)
+    g.add_argument("--top_rates", type=fraction, nargs="+", default=[0.2, 0.5, 0.7, 0.9],
+                   help="share of training samples kept as the next extra set after each round")
+    g.add_argument("--partial_batches", type=int, default=31, help="adversarial batches in the first epoch of rounds >= 1")
+    g.add_argument("--round_eps", type=fraction, nargs="+", default=None,
+                   help="PGD radius per round (the step scales with it; default: --adv_eps in every round, as the paper "
+                        "code runs; its dead line meant 2/255 from round 2 on: 6/255 6/255 2/255 2/255)")
+    g.add_argument("--later_lr", type=fraction, default=None,
+                   help="learning rate of rounds >= 1 (default: --ft_lr, as in the paper code); their extra sets are 4-18x "
+                        "round 0's, so a raised --ft_lr for round 0 need not carry over")
+    g.add_argument("--detect_fraction", type=fraction, default=0.1, help="lowest-scored share reported as detected poison")
+    _add_target_estimate(g)
+    g.add_argument("--init_pool", choices=tuple(INIT_POOLS), default="non_target",
+                   help="round 0's random extra set is drawn from: non_target = samples not labelled as the (estimated) "
+                        "target, so no all2one poison is in it; all = every sample (paper code)")
+    g.add_argument("--argmax_penalty", type=int, choices=(0, 1), default=1,
+                   help="1: consistency score minus 0.5 where the arg-max changed (PUD's score); 0: logit cosine only (paper)")
+    g.add_argument("--poison_candidates", choices=tuple(POISON_CANDIDATES), default="target",
+                   help="the detector flags the lowest --detect_fraction (of all samples) among the samples labelled as "
+                        "the target (all2one) or among all samples (paper code)")
+    g.add_argument("--quarantine", type=int, choices=(0, 1), default=1,
+                   help="1: every sample the detector flags after a round is kept out of all later extra sets; "
+                        "0: the next extra set is the plain top share (paper code)")
+
+
 PUD_SPECTRE_LAYERS = {"cnn": "net.features", "preactresnet18": "net.layer4.0", "resnet18": "net.layer2.1"}
 
 
 def _add_pud(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("PUD (progressive unlearning defense, no clean data)")
-    g.add_argument("--target_label", type=target_label_arg, default="auto",
-                   help="backdoor target class, or auto: the most frequent class of untargeted PGD examples")
-    g.add_argument("--target_eps", type=fraction, default=8 / 255, help="PGD radius for the target estimate")
-    g.add_argument("--target_images", type=int, default=1000, help="training images attacked for the target estimate")
+    _add_target_estimate(g)
     g.add_argument("--spectre_layer", default=None, help="module whose output SPECTRE uses (default: per arch)")
     g.add_argument("--spectre_remove", type=fraction, default=0.25, help="initial SPECTRE: share of the target class removed")
     g.add_argument("--spectre_step_remove", type=fraction, default=0.1, help="per-step SPECTRE: share of the extra set's target part removed")
@@ -165,7 +189,7 @@ def _add_pud(p: argparse.ArgumentParser) -> None:
                    help="share of the pool kept as the next extra set after each step but the last")
     g.add_argument("--balanced_selection", type=int, choices=(0, 1), default=0,
                    help="1: the next extra set keeps the top share of every label; 0: a global top share (paper code)")
-    g.add_argument("--poison_candidates", choices=("target", "all"), default="target",
+    g.add_argument("--poison_candidates", choices=tuple(POISON_CANDIDATES), default="target",
                    help="draw the poison set from the samples labelled as the target (all2one) or from all (paper code)")
     g.add_argument("--poison_fraction", type=fraction, default=0.01, help="least consistent share of all samples used as poison set")
     g.add_argument("--pud_lr", type=fraction, default=0.01, help="SGD learning rate")
@@ -331,6 +355,14 @@ def validate_finetune(args: argparse.Namespace) -> None:
     _require(0 <= args.clean_weight < 1, f"--clean_weight must be in [0, 1), got {args.clean_weight}")
 
 
+def validate_target_estimate(args: argparse.Namespace) -> None:
+    t = args.target_label
+    _require(t == "auto" or 0 <= t < args.num_classes,
+             f"--target_label {t} is not a class of {args.dataset} (classes 0..{args.num_classes - 1}) nor 'auto'")
+    _require(0 <= args.target_eps <= 1, f"--target_eps must be in [0, 1] (pixel units), got {args.target_eps}")
+    _require(args.target_images > 0, f"--target_images must be positive, got {args.target_images}")
+
+
 def validate_pbe(args: argparse.Namespace) -> None:
     _require(0 < args.init_ratio <= 1, f"--init_ratio must be in (0, 1], got {args.init_ratio}")
     _require(args.rounds > 0 and args.round_epochs > 0, "--rounds and --round_epochs must be positive")
@@ -339,14 +371,15 @@ def validate_pbe(args: argparse.Namespace) -> None:
     _require(all(0 < r <= 1 for r in args.top_rates), f"--top_rates must be in (0, 1], got {args.top_rates}")
     _require(0 < args.detect_fraction < 1, f"--detect_fraction must be in (0, 1), got {args.detect_fraction}")
     _require(args.partial_batches >= 0, f"--partial_batches must be >= 0, got {args.partial_batches}")
+    _require(args.later_lr is None or args.later_lr > 0, f"--later_lr must be positive, got {args.later_lr}")
+    if args.round_eps is not None:
+        _require(len(args.round_eps) == args.rounds,
+                 f"--round_eps needs one radius per round (--rounds {args.rounds}), got {len(args.round_eps)}")
+        _require(all(0 <= e <= (1 if args.adv_norm == "linf" else float("inf")) for e in args.round_eps),
+                 f"--round_eps must be >= 0 (and <= 1 for linf, pixel units), got {args.round_eps}")
 
 
 def validate_pud(args: argparse.Namespace) -> None:
-    t = args.target_label
-    _require(t == "auto" or 0 <= t < args.num_classes,
-             f"--target_label {t} is not a class of {args.dataset} (classes 0..{args.num_classes - 1}) nor 'auto'")
-    _require(0 <= args.target_eps <= 1, f"--target_eps must be in [0, 1] (pixel units), got {args.target_eps}")
-    _require(args.target_images > 0, f"--target_images must be positive, got {args.target_images}")
     if args.spectre_layer is None:
         args.spectre_layer = PUD_SPECTRE_LAYERS.get(args.arch, "net")
     else:  # checked now rather than after the initial evaluation has written the run folder
@@ -388,8 +421,8 @@ def validate_pud(args: argparse.Namespace) -> None:
 
 
 VALIDATORS = {"attack": (validate_common, validate_attack, validate_robust_eval),
-              "pbe": (validate_common, validate_robust_eval, validate_finetune, validate_pbe),
-              "pud": (validate_common, validate_robust_eval, validate_pud)}
+              "pbe": (validate_common, validate_robust_eval, validate_finetune, validate_pbe, validate_target_estimate),
+              "pud": (validate_common, validate_robust_eval, validate_target_estimate, validate_pud)}
 FROM_CHECKPOINT = {"pbe", "pud"}
 
 

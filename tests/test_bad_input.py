@@ -87,6 +87,12 @@ CASES = [
     (P, ("--model_path", "{ck}", "--eval_steps=-1"), "--eval_steps must be >= 0"),
     (P, ("--model_path", "{ck}", "--progressive", "--rounds", "3", "--top_rates", "0.5"), "--top_rates needs a keep-fraction"),
     (P, ("--model_path", "{ck}", "--progressive", "--detect_fraction", "1"), "--detect_fraction must be in (0, 1)"),
+    (P, ("--model_path", "{ck}", "--progressive", "--later_lr", "0"), "--later_lr must be positive"),
+    (P, ("--model_path", "{ck}", "--progressive", "--round_eps", "6/255", "2/255"), "--round_eps needs one radius per round"),
+    (P, ("--model_path", "{ck}", "--progressive", "--rounds", "1", "--round_eps", "2"), "--round_eps must be >= 0"),
+    (P, ("--model_path", "{ck}", "--progressive", "--init_pool", "clean"), "invalid choice: 'clean'"),
+    (P, ("--model_path", "{ck}", "--progressive", "--target_label", "10"), "--target_label 10 is not a class"),
+    (P, ("--model_path", "{ck}", "--progressive", "--target_images", "0"), "--target_images must be positive"),
     (P, ("--model_path", "{ck}", "--resume", "--out_dir", "{interrupted}"), "holds a train_blend.py run, not a pbe_main.py run"),
     # PUD.py
     (U, ("--model_path", "{batch}"), "PUD needs the training set's poisoned indices"),

@@ -36,15 +36,76 @@ def test_aft_patch_shaped_examples_are_used_and_recorded(infected_run, tmp_path)
     assert pgd["eps_outside"] == pytest.approx(6 / 255)
 
 
-def test_progressive_pbe_reports_rounds(infected_run, tmp_path):
-    out = tmp_path / "pbe"
+PAPER = ("--init_pool", "all", "--argmax_penalty", "0", "--poison_candidates", "all", "--quarantine", "0")
+
+
+def run_pbe(infected_run, out, *extra):
     r = run_script("pbe_main.py", "--model_path", str(infected_run / "model.pt"), "--progressive", "--rounds", "2",
-                   "--round_epochs", "1", "--top_rates", "0.5", "--out_dir", str(out), *FAST)
+                   "--round_epochs", "2", "--top_rates", "0.5", "--ft_lr", "0.01", "--later_lr", "0.002",
+                   "--target_images", "200", "--out_dir", str(out), *extra, *FAST)
     assert r.returncode == 0, r.stderr
-    s = json.loads((out / "summary.json").read_text())
-    assert len(s["rounds"]) == 2 and s["rounds"][0]["next_extra_size"] == 1000
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "summary.json").read_text()), [rec for rec in recs if "round" in rec and "lr" in rec]
+
+
+def test_progressive_pbe_keeps_target_labelled_samples_out_of_round_0_and_quarantines_flagged(infected_run, tmp_path):
+    s, recs = run_pbe(infected_run, tmp_path / "pbe")
+    assert s["target"]["estimate"] == 0 and s["target"]["used"] == 0
+    r0, r1 = s["rounds"]
+    assert r0["extra_size"] == 100 and r0["extra_poison_share"] == 0.0  # 5 % of 2,000, none labelled as the target
+    assert r0["quarantine_flagged"] == 200 and r1["quarantine_flagged"] >= 200  # 10 % of 2,000, and it only grows
+    # the detector ranks among the target-labelled samples only: with 200 poisons among them it is not blind
+    assert r0["detect_precision"] > 0.3 and r0["poison_still_backdoor"] is not None
+    # the next extra set is half the training set, none of it quarantined
+    assert r0["next_extra_size"] == 1000 and r0["next_extra_poison_share"] < r0["quarantine_precision"]
+    assert [(rec["round"], rec["adversarial"], rec["lr"]) for rec in recs] == [(0, True, 0.01), (0, True, 0.01),
+                                                                            (1, True, 0.002), (1, False, 0.002)]
+    assert s["settings"]["init_pool"] == "non_target" and s["settings"]["later_lr"] == 0.002
+
+
+def test_progressive_pbe_paper_settings_start_from_a_random_share_with_poisons(infected_run, tmp_path):
+    s, _ = run_pbe(infected_run, tmp_path / "pbe", *PAPER)
+    r0, r1 = s["rounds"]
+    assert r0["extra_size"] == 100 and r0["extra_poison_share"] > 0
+    assert "quarantine_flagged" not in r0 and r0["next_extra_size"] == 1000
     for rd in s["rounds"]:
         assert 0 <= rd["extra_poison_share"] <= 1 and 0 <= rd["detect_precision"] <= 1
+
+
+def test_initial_extra_is_drawn_from_the_init_pool():
+    from types import SimpleNamespace
+
+    from utils.pbe import initial_extra
+
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    for pool, allowed in (("non_target", {1, 2, 4, 5, 7, 8}), ("all", set(range(10)))):
+        s = SimpleNamespace(args=SimpleNamespace(init_pool=pool, init_ratio=0.4), gen=torch.Generator().manual_seed(0))
+        got = initial_extra(s, labels, target=0)
+        assert len(got) == 4 and set(got.tolist()) <= allowed and torch.equal(got, got.sort().values)
+    s = SimpleNamespace(args=SimpleNamespace(init_pool="non_target", init_ratio=0.9), gen=torch.Generator().manual_seed(0))
+    assert len(initial_extra(s, labels, target=0)) == 6  # capped by the pool
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="leaves no training sample"):
+        initial_extra(s, torch.zeros(5, dtype=torch.long), target=0)
+
+
+def test_top_share_outside_never_picks_an_excluded_sample_and_stays_a_share_of_all():
+    from utils.pbe import top_share_outside
+
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    assert torch.equal(top_share_outside(scores, 0.3, torch.zeros(0, dtype=torch.long)), torch.tensor([0, 1, 2]))
+    assert torch.equal(top_share_outside(scores, 0.3, torch.tensor([0, 2])), torch.tensor([1, 3, 4]))
+    assert torch.equal(top_share_outside(scores, 0.9, torch.tensor([0, 2, 5])), torch.tensor([1, 3, 4, 6, 7, 8, 9]))
+
+
+def test_round_lr():
+    from types import SimpleNamespace
+
+    from utils.pbe import round_lr
+
+    assert [round_lr(SimpleNamespace(ft_lr=0.01, later_lr=0.001), r) for r in range(3)] == [0.01, 0.001, 0.001]
+    assert [round_lr(SimpleNamespace(ft_lr=0.01, later_lr=None), r) for r in range(2)] == [0.01, 0.01]
 
 
 def test_consistency_scores_and_selection():
@@ -57,3 +118,14 @@ def test_consistency_scores_and_selection():
     assert top_fraction(s, 1 / 3).tolist() == [0] and bottom_fraction(s, 1 / 3).tolist() == [2]
     det = detection_stats(torch.tensor([2, 1]), torch.tensor([False, False, True, False]))
     assert det["precision"] == 0.5 and det["recall"] == 1.0 and det["fpr"] == pytest.approx(1 / 3)
+
+
+def test_round_eps_sets_each_rounds_pgd_radius_and_scales_the_step():
+    from types import SimpleNamespace
+
+    from utils.pbe import finetune_attack
+
+    args = SimpleNamespace(adv_eps=6 / 255, adv_alpha=1.2 / 255, adv_steps=7, adv_norm="linf", adv_random_start=False)
+    default, small = finetune_attack(args), finetune_attack(args, 2 / 255)
+    assert default.settings()["eps"] == pytest.approx(6 / 255) and default.settings()["alpha"] == pytest.approx(1.2 / 255)
+    assert small.settings()["eps"] == pytest.approx(2 / 255) and small.settings()["alpha"] == pytest.approx(0.4 / 255)

@@ -38,18 +38,15 @@ def test_pud_runs_end_to_end_and_writes_its_outputs(infected_run, tmp_path):
 
 def test_poison_set_is_drawn_from_target_labelled_samples_by_default():
     """The bottom fraction counts over all samples but picks from the target-labelled ones (``all``: paper code)."""
-    import argparse
-
     import torch
 
-    from utils.defense import bottom_fraction
-    from utils.pud import poison_candidates
+    from utils.defense import bottom_fraction, poison_candidates
 
     labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
     scores = torch.tensor([0.9, 0.1, 0.2, 0.0, 0.8, 0.3, 0.5, 0.4, 0.6, 0.7])
-    among = poison_candidates(argparse.Namespace(poison_candidates="target"), labels, 0)
+    among = poison_candidates("target", labels, 0)
     assert torch.equal(bottom_fraction(scores, 0.2, among), torch.tensor([2, 6]))
-    assert poison_candidates(argparse.Namespace(poison_candidates="all"), labels, 0) is None
+    assert poison_candidates("all", labels, 0) is None
     assert torch.equal(bottom_fraction(scores, 0.2), torch.tensor([1, 3]))
 
 

@@ -153,3 +153,64 @@ def poison_share(indices: torch.Tensor, is_poison: torch.Tensor) -> float:
     if len(indices) == 0:
         return 0.0
     return float(is_poison.cpu()[indices.cpu()].float().mean())
+
+
+def estimate_target(s) -> dict:
+    """Most frequent prediction of the infected model on untargeted PGD examples of random clean training images.
+
+    ``s`` is a ``DefenseSession`` (args ``target_images``, ``target_eps``, ``eval_bs``; the infected run; the generator).
+    """
+    args, inf = s.args, s.inf
+    data = inf.poisoned.data
+    n = min(args.target_images, len(data.y))
+    idx = torch.randperm(len(data.y), generator=s.gen)[:n].sort().values
+    attack = PGD(eps=args.target_eps, alpha=args.target_eps / 4, steps=10, random_start=False)
+    preds = []
+    for _, x, y in data.batches(args.eval_bs, shuffle=False, indices=idx):
+        if s.cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x_adv = attack(inf.reference, x, y, generator=s.gen)
+        with torch.no_grad():
+            preds.append(inf.reference(x_adv).argmax(1).cpu())
+    counts = torch.bincount(torch.cat(preds), minlength=inf.backdoor.num_classes)
+    est = int(counts.argmax())
+    return {"estimate": est, "vote_share": float(counts[est]) / max(n, 1), "images": n, "pgd": attack.settings()}
+
+
+def choose_target(s) -> dict:
+    """The backdoor target class: ``--target_label`` if given, else estimated by PGD (``estimate_target``)."""
+    args, inf = s.args, s.inf
+    if args.target_label == "auto":
+        target = estimate_target(s)
+    else:
+        target = {"estimate": None, "vote_share": None, "given": int(args.target_label)}
+    t = target["estimate"] if args.target_label == "auto" else int(args.target_label)
+    target["used"] = t
+    target["true"] = inf.backdoor.target_label if inf.ck["attack_mode"] == "all2one" else None
+    print(f"target class {t}" + (f" (estimated, vote share {target['vote_share']:.1%})" if args.target_label == "auto" else ""),
+          flush=True)
+    return target
+
+
+# Where a poison set / poison detector picks its samples from, given the training labels and the (estimated) target.
+POISON_CANDIDATES = {
+    "target": lambda labels, target: torch.nonzero(labels == target).flatten(),
+    "all": lambda labels, target: None,  # the paper code: every training sample
+}
+
+
+def poison_candidates(mode: str, labels: torch.Tensor, target: int) -> torch.Tensor | None:
+    """Indices a poison set is drawn from (``None`` = all samples); ``mode`` is a key of ``POISON_CANDIDATES``.
+
+    An all2one poisoned sample always carries the target label, and once the backdoor is weakened exactly those
+    target-labelled samples flip their arg-max away from the infected model's, so the consistency score separates
+    them from genuine target-class images; over all samples it also picks up clean images the fine-tuning flipped.
+    """
+    return POISON_CANDIDATES[mode](labels, target)
+
+
+# Where PBE's round-0 random extra set is drawn from, given the training labels and the (estimated) target.
+INIT_POOLS = {
+    "non_target": lambda labels, target: torch.nonzero(labels != target).flatten(),  # no all2one poison can be in it
+    "all": lambda labels, target: torch.arange(len(labels)),  # the paper code
+}

@@ -4,23 +4,37 @@ AFT fine-tunes the infected model on a small clean extra set, the first epochs o
 examples of the current model. PBE starts from a random share of the poisoned training set and,
 round by round, fine-tunes, scores every training sample by the cosine similarity of the infected
 and current models' logits and keeps the most consistent ones as the next extra set.
+
+Departures from the paper code, each an option whose other value is the paper's (see config.py):
+round 0's random share is drawn from the samples not labelled as the PGD-estimated target
+(``--init_pool non_target``: with a random 5 % the ~10 % all2one poisons among it keep their
+target label in PGD copies and re-teach the backdoor); the score subtracts 0.5 on arg-max
+disagreement (``--argmax_penalty``, PUD's score); the detector ranks among target-labelled
+samples (``--poison_candidates target``) and what it flags stays out of every later extra set
+(``--quarantine``). ``--later_lr`` sets the learning rate of rounds >= 1 (default ``--ft_lr``) and
+``--round_eps`` the PGD radius of each round (default ``--adv_eps`` throughout; the paper code's dead
+line meant 2/255 from round 2 on).
 """
 from __future__ import annotations
 
 import torch
 
 from utils.adversarial import PGD
-from utils.defense import (all_logits, bottom_fraction, clean_indices, consistency_scores, detection_stats, finetune_epoch,
-                           poison_share, top_fraction)
+from utils.defense import (INIT_POOLS, all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores,
+                           detection_stats, finetune_epoch, poison_candidates, poison_share, top_fraction)
 from utils.errors import UserError
 from utils.plots import plot_curves
 from utils.session import DefenseSession
 from utils.training import make_optimizer
 
 
-def finetune_attack(args) -> PGD:
-    return PGD(eps=args.adv_eps, alpha=args.adv_alpha, steps=args.adv_steps, norm=args.adv_norm,
-               random_start=args.adv_random_start, window=args.adv_window, eps_outside=args.adv_eps_outside)
+def finetune_attack(args, eps: float | None = None) -> PGD:
+    """The fine-tuning PGD; ``eps`` replaces ``--adv_eps`` and scales the step (and ``--adv_eps_outside``) with it
+    (PBE's per-round radius)."""
+    scale = 1.0 if eps is None or args.adv_eps == 0 else eps / args.adv_eps
+    return PGD(eps=args.adv_eps if eps is None else eps, alpha=args.adv_alpha * scale, steps=args.adv_steps,
+               norm=args.adv_norm, random_start=args.adv_random_start, window=args.adv_window,
+               eps_outside=args.adv_eps_outside * scale)
 
 
 def run_aft(args) -> dict:
@@ -61,14 +75,19 @@ def run_pbe(args) -> dict:
     """
     s = DefenseSession(args, "pbe")
     inf = s.inf
-    n = len(inf.poisoned)
     truth = inf.poisoned.is_poison.cpu()
-    extra = torch.randperm(n, generator=s.gen)[:max(1, int(round(args.init_ratio * n)))].sort().values
+    labels = inf.poisoned.train_labels.cpu()
     opt = make_optimizer(inf.model, args.ft_lr)  # one optimizer across rounds, as in the paper code
     objects = {"model": inf.model, "opt": opt}
-    attack = finetune_attack(args)
+    attacks = [finetune_attack(args, args.round_eps[r] if args.round_eps else None) for r in range(args.rounds)]
     with s.ctl:
-        c = s.start({"round": 0, "epoch": 0, "epoch_global": 0, "extra": extra, "rounds": []}, **objects)
+        c = s.start({"round": 0, "epoch": 0, "epoch_global": 0, "target": None, "extra": None,
+                     "quarantine": torch.zeros(0, dtype=torch.long), "rounds": []}, **objects)
+        if c["target"] is None:
+            c["target"] = choose_target(s)
+            c["extra"] = initial_extra(s, labels, c["target"]["used"])
+            s.save("the target estimate", c, **objects)
+        candidates = poison_candidates(args.poison_candidates, labels, c["target"]["used"])
         ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
         for r in range(c["round"], args.rounds):
             purity = poison_share(c["extra"], truth)
@@ -82,35 +101,86 @@ def run_pbe(args) -> dict:
                     adv_batches = args.partial_batches
                 else:
                     adv_batches = 0
-                use = attack if adv_batches != 0 else None
+                use = attacks[r] if adv_batches != 0 else None
+                for group in opt.param_groups:  # one optimizer across rounds; rounds >= 1 may use --later_lr
+                    group["lr"] = round_lr(args, r)
                 batches = inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=c["extra"], augment=inf.augment)
                 stats = finetune_epoch(inf.model, opt, batches, use, adv_batches, None, s.gen, s.cl, args.clean_weight,
                                        desc=f"pbe r{r} e{e + 1}", stage=f"pbe round {r}", epoch=c["epoch_global"])
-                rec = {"epoch": c["epoch_global"], "round": r, **stats, **s.evaluate()}
+                rec = {"epoch": c["epoch_global"], "round": r, "adversarial": use is not None, "lr": round_lr(args, r),
+                       **stats, **s.evaluate()}
                 s.log(rec, f"pbe round {r} epoch {e + 1}/{args.round_epochs}")
                 c["epoch"] = e + 1
                 s.save(f"pbe round {r} epoch {e + 1}", c, **objects)
-            scores = consistency_scores(ref_logits, all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl))
-            det = detection_stats(bottom_fraction(scores, args.detect_fraction), truth)
+            cur_logits = all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl)
+            scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=bool(args.argmax_penalty))
+            flagged = bottom_fraction(scores, args.detect_fraction, candidates)
+            det = detection_stats(flagged, truth)
+            if args.quarantine:
+                c["quarantine"] = torch.cat([c["quarantine"], flagged]).unique()
             info = {"round": r, "extra_size": len(c["extra"]), "extra_poison_share": purity,
                     "detect_precision": det["precision"], "detect_recall": det["recall"], "detect_fpr": det["fpr"],
+                    "poison_still_backdoor": backdoor_hit_rate(cur_logits, labels, truth),
+                    **({f"quarantine_{k}": v for k, v in detection_stats(c["quarantine"], truth).items()}
+                       if args.quarantine else {}),
                     **{k: s.history[-1][k] for k in ("clean_acc", "asr") if k in s.history[-1]}}
             if r < args.rounds - 1:
-                c["extra"] = top_fraction(scores, args.top_rates[r])
+                c["extra"] = top_share_outside(scores, args.top_rates[r], c["quarantine"])
                 info["next_extra_size"] = len(c["extra"])
                 info["next_extra_poison_share"] = poison_share(c["extra"], truth)
             c["rounds"].append(info)
             s.run.log({"round_summary": info, "epoch": c["epoch_global"]})
+            if args.quarantine:
+                print(f"round {r}: quarantine {info['quarantine_flagged']} samples, precision {info['quarantine_precision']:.3f} "
+                      f"recall {info['quarantine_recall']:.3f}", flush=True)
+            hit = info["poison_still_backdoor"]
             print(f"round {r}: lowest {args.detect_fraction:.0%} as poison -> precision {det['precision']:.3f} "
-                  f"recall {det['recall']:.3f}" + (f"; next extra set {len(c['extra'])} ({info['next_extra_poison_share']:.3%} "
+                  f"recall {det['recall']:.3f}; poisoned samples still given the backdoor label "
+                  f"{'-' if hit is None else f'{hit:.3f}'}" + (f"; next extra set {len(c['extra'])} ({info['next_extra_poison_share']:.3%} "
                                                    "poisoned)" if "next_extra_size" in info else ""), flush=True)
             c.update(round=r + 1, epoch=0)
             s.save(f"pbe round {r}", c, **objects)
         settings = {"init_ratio": args.init_ratio, "rounds": args.rounds, "round_epochs": args.round_epochs,
                     "top_rates": args.top_rates[:args.rounds - 1], "partial_batches": args.partial_batches, "lr": args.ft_lr,
-                    "pgd": attack.settings(), "detect_fraction": args.detect_fraction}
+                    "later_lr": args.later_lr if args.later_lr is not None else args.ft_lr,
+                    "pgd": [a.settings() for a in attacks], "detect_fraction": args.detect_fraction, "target_label": args.target_label,
+                    "init_pool": args.init_pool, "argmax_penalty": args.argmax_penalty, "quarantine": args.quarantine,
+                    "poison_candidates": args.poison_candidates}
         plot_rounds(c["rounds"], s.run.file("rounds.png"))
-        return s.finish(settings, {"rounds": c["rounds"]}, panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
+        return s.finish(settings, {"target": c["target"], "rounds": c["rounds"]},
+                        panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
+
+
+def round_lr(args, r: int) -> float:
+    """Round 0 fine-tunes at ``--ft_lr``; later rounds at ``--later_lr`` if given, else also at ``--ft_lr``."""
+    return args.ft_lr if r == 0 or args.later_lr is None else args.later_lr
+
+
+def initial_extra(s: DefenseSession, labels: torch.Tensor, target: int) -> torch.Tensor:
+    """Round 0's extra set: a random ``init_ratio`` of the training set's size, drawn from the ``--init_pool`` samples."""
+    pool = INIT_POOLS[s.args.init_pool](labels, target)
+    if len(pool) == 0:
+        raise UserError(f"--init_pool {s.args.init_pool} leaves no training sample (every label is the target {target}); "
+                        "use --init_pool all")
+    k = min(len(pool), max(1, int(round(s.args.init_ratio * len(labels)))))
+    return pool[torch.randperm(len(pool), generator=s.gen)[:k]].sort().values
+
+
+def top_share_outside(scores: torch.Tensor, fraction: float, excluded: torch.Tensor) -> torch.Tensor:
+    """The highest-scored ``fraction`` of all samples that are not ``excluded`` (fewer if too few are left), by index."""
+    if len(excluded) == 0:
+        return top_fraction(scores, fraction)
+    ranked = scores.clone()
+    ranked[excluded] = float("-inf")  # ranked last, then dropped: the share stays a share of the whole training set
+    sel = top_fraction(ranked, fraction)
+    return sel[~torch.isin(sel, excluded)]
+
+
+def backdoor_hit_rate(logits: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor) -> float | None:
+    """Share of the truly poisoned training samples the model still gives their backdoor label (a diagnostic)."""
+    if not bool(is_poison.any()):
+        return None
+    return float((logits.argmax(1)[is_poison] == labels[is_poison]).float().mean())
 
 
 def plot_rounds(rounds: list[dict], path: str) -> None:

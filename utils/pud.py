@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from utils.adversarial import PGD
 from utils.checkpoint import load_checkpoint
-from utils.defense import (all_logits, bottom_fraction, clean_indices, consistency_scores, detection_stats, finetune_epoch,
-                           poison_share, top_fraction)
+from utils.defense import (all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores, detection_stats,
+                           finetune_epoch, poison_candidates, poison_share, top_fraction)
 from utils.errors import UserError
 from utils.mean_teacher import ema_update, make_teacher, softmax_consistency
 from utils.session import DefenseSession
@@ -30,25 +30,6 @@ from utils.unlearning import unlearning_loss
 
 NO_POISON_INDICES = ("PUD needs the training set's poisoned indices; re-train the infected model with train_blend.py "
                      "--poison_mode fixed (the default)")
-
-
-def estimate_target(s: DefenseSession) -> dict:
-    """Most frequent prediction of the infected model on untargeted PGD examples of random clean training images."""
-    args, inf = s.args, s.inf
-    data = inf.poisoned.data
-    n = min(args.target_images, len(data.y))
-    idx = torch.randperm(len(data.y), generator=s.gen)[:n].sort().values
-    attack = PGD(eps=args.target_eps, alpha=args.target_eps / 4, steps=10, random_start=False)
-    preds = []
-    for _, x, y in data.batches(args.eval_bs, shuffle=False, indices=idx):
-        if s.cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x_adv = attack(inf.reference, x, y, generator=s.gen)
-        with torch.no_grad():
-            preds.append(inf.reference(x_adv).argmax(1).cpu())
-    counts = torch.bincount(torch.cat(preds), minlength=inf.backdoor.num_classes)
-    est = int(counts.argmax())
-    return {"estimate": est, "vote_share": float(counts[est]) / max(n, 1), "images": n, "pgd": attack.settings()}
 
 
 def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -137,21 +118,6 @@ def run_pud(args) -> dict:
                         panels={"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]})
 
 
-def choose_target(s: DefenseSession) -> dict:
-    """1. The backdoor target class: given, or estimated by PGD."""
-    args, inf = s.args, s.inf
-    if args.target_label == "auto":
-        target = estimate_target(s)
-    else:
-        target = {"estimate": None, "vote_share": None, "given": int(args.target_label)}
-    t = target["estimate"] if args.target_label == "auto" else int(args.target_label)
-    target["used"] = t
-    target["true"] = inf.backdoor.target_label if inf.ck["attack_mode"] == "all2one" else None
-    print(f"target class {t}" + (f" (estimated, vote share {target['vote_share']:.1%})" if args.target_label == "auto" else ""),
-          flush=True)
-    return target
-
-
 def initial_spectre(s: DefenseSession, c: dict) -> None:
     """2. SPECTRE on the target-labelled samples; the rest is the pool. Also draws the step-0 extra set."""
     args, inf = s.args, s.inf
@@ -170,18 +136,6 @@ def initial_spectre(s: DefenseSession, c: dict) -> None:
     pick = clean_indices(inf.poisoned) if args.model_repair else pool
     k0 = max(1, int(round(args.init_ratio * len(pick))))
     c["extra"] = pick[torch.randperm(len(pick), generator=s.gen)[:k0]].sort().values
-
-
-def poison_candidates(args, labels: torch.Tensor, target: int) -> torch.Tensor | None:
-    """Where the poison set is drawn from: the samples labelled as the (estimated) target, or all samples (paper).
-
-    An all2one poisoned sample always carries the target label, and once the backdoor is weakened exactly those
-    target-labelled samples flip their arg-max away from the infected model's, so the consistency score separates
-    them from genuine target-class images; over all samples it also picks up clean images the fine-tuning flipped.
-    """
-    if args.poison_candidates == "all":
-        return None
-    return torch.nonzero(labels == target).flatten()
 
 
 def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
@@ -230,7 +184,7 @@ def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
             s.log(rec, f"pud step {st} (no epochs)")
         # score every training sample; next extra set from the pool, poison set from all samples
         scores = consistency_scores(ref_logits, all_logits(model, inf.poisoned, args.eval_bs, s.cl), argmax_penalty=True)
-        c["poison_set"] = bottom_fraction(scores, args.poison_fraction, poison_candidates(args, labels, t))
+        c["poison_set"] = bottom_fraction(scores, args.poison_fraction, poison_candidates(args.poison_candidates, labels, t))
         det = detection_stats(c["poison_set"], truth)
         info.update({"poison_set_size": len(c["poison_set"]), "poison_precision": det["precision"],
                      "poison_recall": det["recall"], **{k: s.history[-1].get(k) for k in ("clean_acc", "asr", "robust_acc")}})
