@@ -103,7 +103,7 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adv_epochs", type=int, default=3, help="AFT: how many of the first epochs use PGD examples")
     g.add_argument("--ft_lr", type=fraction, default=0.001, help="fine-tuning SGD learning rate")
     g.add_argument("--adv_norm", choices=("linf", "l2"), default="linf",
-                   help="PGD norm for fine-tuning (l2 reaches patch triggers that an L-inf ball of 6/255 cannot)")
+                   help="PGD norm for fine-tuning (measured: l2 does not remove a patch trigger either; see --adv_window)")
     g.add_argument("--adv_eps", type=fraction, default=6 / 255, help="PGD radius for fine-tuning")
     g.add_argument("--adv_alpha", type=fraction, default=1.2 / 255, help="PGD step for fine-tuning")
     g.add_argument("--adv_steps", type=int, default=7, help="PGD steps for fine-tuning")
@@ -262,6 +262,9 @@ def validate_common(args: argparse.Namespace) -> None:
              f"--out_dir '{args.out_dir}' is a file, not a folder; choose another --out_dir")
     _require(args.arch in ARCHS, f"unknown arch '{args.arch}'; choose one of {', '.join(ARCHS)}")
     _require(args.bs > 0, f"--bs must be positive, got {args.bs}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _require(args.bs % world == 0, f"--bs {args.bs} is the global batch size and must divide by the {world} processes; "
+                                   f"use a multiple of {world}")
     _require(args.eval_bs > 0, f"--eval_bs must be positive, got {args.eval_bs}")
     _require(args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
     for name in ("train_subset", "test_subset"):
@@ -281,9 +284,6 @@ def validate_attack(args: argparse.Namespace) -> None:
     _require(0 <= args.target_label < args.num_classes,
              f"--target_label {args.target_label} is not a class of {args.dataset} (classes 0..{args.num_classes - 1})")
     _require(args.n_iters > 0, f"--n_iters must be a positive number of epochs, got {args.n_iters}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    _require(args.bs % world == 0, f"--bs {args.bs} is the global batch size and must divide by the {world} processes; "
-                                   f"use a multiple of {world}")
     if args.lr_C is None:
         args.lr_C = 0.01
     _require(args.lr_C > 0, f"--lr_C must be positive, got {args.lr_C}")
@@ -429,9 +429,9 @@ FROM_CHECKPOINT = {"pbe", "pud"}
 def parse_args(script: str, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, fill per-dataset defaults and validate; raises ``UserError`` on bad input."""
     parser = build_parser(script)
-    if script != "attack" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"{script}: the defenses run in one process; multi-process torchrun runs are supported by "
-                        "train_blend.py only (start this script with plain python)")
+    if script == "pud" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("PUD.py runs in one process; multi-process torchrun runs are supported by train_blend.py and "
+                        "pbe_main.py (start PUD.py with plain python)")
     if script in FROM_CHECKPOINT:
         parser.set_defaults(dataset=None)
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dataloader import backdoor_from_checkpoint, load_data, make_augment, poisoned_train_from_checkpoint
 from models import model_from_checkpoint
+from utils import distributed as dist
 from utils.adversarial import PGD
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
@@ -72,16 +73,24 @@ def clean_indices(poisoned: PoisonedTrainSet) -> torch.Tensor:
 def finetune_epoch(model, optimizer, batches, attack: PGD | None, adv_batches: int | None, augment=None,
                    generator=None, channels_last=False, clean_weight: float = 0.0, desc="finetune", total=None,
                    stage: str = "finetune", epoch: int | None = None) -> dict:
-    """One fine-tuning epoch; batches with index < ``adv_batches`` (None = all) are replaced by PGD examples."""
+    """One fine-tuning epoch; batches with index < ``adv_batches`` (None = all) are replaced by PGD examples.
+
+    Under torchrun ``model`` is the DDP wrapper and ``batches`` this rank's share: PGD attacks the plain
+    model, the epoch's statistics are averaged over ranks and rank 0's BatchNorm statistics are copied
+    to every rank afterwards, so every rank scores and selects with the same model.
+    """
+    plain = dist.unwrap(model)
     transform = None
     if attack is not None and (adv_batches is None or adv_batches > 0):
         def transform(i, x, y):
             if adv_batches is not None and i >= adv_batches:
                 return x
-            return attack(model, x, y, generator=generator)
-    return train_epoch(model, optimizer, batches, augment, transform=transform, generator=generator,
-                       channels_last=channels_last, clean_weight=clean_weight, desc=desc, total=total, stage=stage,
-                       epoch=epoch)
+            return attack(plain, x, y, generator=generator)
+    stats = train_epoch(model, optimizer, batches, augment, transform=transform, generator=generator,
+                        channels_last=channels_last, clean_weight=clean_weight, desc=desc, total=total, stage=stage,
+                        epoch=epoch)
+    dist.sync_buffers(plain)
+    return dist.mean_over_ranks(stats)
 
 
 @torch.no_grad()

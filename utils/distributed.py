@@ -177,14 +177,21 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def epoch_batches(data, batch_size: int, generator: torch.Generator, augment=None):
-    """One shuffled training epoch of ``data`` (anything with ``batches``), this rank's share of it.
+def epoch_batches(data, batch_size: int, generator: torch.Generator, augment=None, indices: torch.Tensor | None = None):
+    """One shuffled training epoch of ``data`` (anything with ``batches``), or of its ``indices``; this rank's share.
 
     One process: ``data.batches(batch_size, shuffle=True, ...)`` exactly as before. Under torchrun:
     the global permutation is sharded (``epoch_shard``) and each rank yields ``batch_size / N`` batches.
     """
     extra = {"augment": augment} if augment is not None else {}  # ImageSet.batches has no augment argument
     if world_size() == 1:
-        return data.batches(batch_size, shuffle=True, generator=generator, **extra)
-    idx = epoch_shard(len(data), generator)
+        return data.batches(batch_size, shuffle=True, generator=generator, indices=indices, **extra)
+    idx = epoch_shard(len(data) if indices is None else len(indices), generator)
+    if indices is not None:
+        idx = indices[idx.to(indices.device)]
     return data.batches(local_batch_size(batch_size), shuffle=False, indices=idx, **extra)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside a DDP wrapper (what PGD attacks and checkpoints hold), else ``model``."""
+    return getattr(model, "module", model)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from utils import distributed as dist
 from utils.adversarial import PGD
 from utils.defense import (INIT_POOLS, all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores,
                            detection_stats, finetune_epoch, poison_candidates, poison_share, top_fraction)
@@ -55,7 +56,7 @@ def run_aft(args) -> dict:
         c = s.start({"epoch": 0, "extra": extra}, **objects)
         for epoch in range(c["epoch"] + 1, args.aft_epochs + 1):
             adv = epoch <= args.adv_epochs
-            stats = finetune_epoch(inf.model, opt, data.batches(args.bs, shuffle=True, generator=s.gen, indices=c["extra"]),
+            stats = finetune_epoch(s.train_model, opt, dist.epoch_batches(data, args.bs, s.gen, indices=c["extra"]),
                                    attack if adv else None, None, inf.augment, s.gen, s.cl, args.clean_weight,
                                    desc=f"aft {epoch}", stage="aft", epoch=epoch)
             rec = {"epoch": epoch, "adversarial": adv, **stats, **s.evaluate()}
@@ -88,7 +89,7 @@ def run_pbe(args) -> dict:
             c["extra"] = initial_extra(s, labels, c["target"]["used"])
             s.save("the target estimate", c, **objects)
         candidates = poison_candidates(args.poison_candidates, labels, c["target"]["used"])
-        ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
+        ref_logits = dist.broadcast(all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl))  # torchrun: rank 0's
         for r in range(c["round"], args.rounds):
             purity = poison_share(c["extra"], truth)
             if c["epoch"] == 0:
@@ -104,15 +105,15 @@ def run_pbe(args) -> dict:
                 use = attacks[r] if adv_batches != 0 else None
                 for group in opt.param_groups:  # one optimizer across rounds; rounds >= 1 may use --later_lr
                     group["lr"] = round_lr(args, r)
-                batches = inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=c["extra"], augment=inf.augment)
-                stats = finetune_epoch(inf.model, opt, batches, use, adv_batches, None, s.gen, s.cl, args.clean_weight,
+                batches = dist.epoch_batches(inf.poisoned, args.bs, s.gen, inf.augment, indices=c["extra"])
+                stats = finetune_epoch(s.train_model, opt, batches, use, adv_batches, None, s.gen, s.cl, args.clean_weight,
                                        desc=f"pbe r{r} e{e + 1}", stage=f"pbe round {r}", epoch=c["epoch_global"])
                 rec = {"epoch": c["epoch_global"], "round": r, "adversarial": use is not None, "lr": round_lr(args, r),
                        **stats, **s.evaluate()}
                 s.log(rec, f"pbe round {r} epoch {e + 1}/{args.round_epochs}")
                 c["epoch"] = e + 1
                 s.save(f"pbe round {r} epoch {e + 1}", c, **objects)
-            cur_logits = all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl)
+            cur_logits = dist.broadcast(all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl))
             scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=bool(args.argmax_penalty))
             flagged = bottom_fraction(scores, args.detect_fraction, candidates)
             det = detection_stats(flagged, truth)

@@ -7,6 +7,7 @@ its epoch and stage boundaries. The work runs inside ``with s.ctl:`` (signals, f
 """
 from __future__ import annotations
 
+from utils import distributed as dist
 from utils.attack import checkpoint_payload, log_line
 from utils.checkpoint import save_checkpoint
 from utils.defense import InfectedRun, load_infected
@@ -25,10 +26,11 @@ class DefenseSession:
 
     def __init__(self, args, name: str):
         self.args, self.name = args, name
-        self.device = pick_device(args.device)
+        self.device = dist.init(pick_device(args.device))  # torchrun (AFT, PBE): join the group, this rank's device
         loaded = prepare_out_dir(SCRIPT_OF[name], args)
         self.gen = seed_everything(args.seed)
         self.inf: InfectedRun = load_infected(args, self.device)
+        self.train_model = dist.wrap(self.inf.model, self.device)  # DDP under torchrun, else the model itself
         self.cl = args.channels_last != "off"
         self.run = RunDir(args.out_dir)
         self.ctl = RunControl(SCRIPT_OF[name], args, self.run, self.gen, loaded)
@@ -81,4 +83,5 @@ class DefenseSession:
         self.run.write_json("summary.json", summary)
         self.ctl.finish()
         print(log_line(f"final ({summary['seconds']:.0f}s)", summary["final"]) + f" | {self.args.out_dir}", flush=True)
+        dist.finish()
         return summary
