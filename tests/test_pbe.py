@@ -125,7 +125,12 @@ def test_round_eps_sets_each_rounds_pgd_radius_and_scales_the_step():
 
     from utils.pbe import finetune_attack
 
-    args = SimpleNamespace(adv_eps=6 / 255, adv_alpha=1.2 / 255, adv_steps=7, adv_norm="linf", adv_random_start=False)
+    args = SimpleNamespace(adv_eps=6 / 255, adv_alpha=1.2 / 255, adv_steps=7, adv_norm="linf", adv_random_start=False,
+                           adv_window=0, adv_eps_outside=0.0)
     default, small = finetune_attack(args), finetune_attack(args, 2 / 255)
     assert default.settings()["eps"] == pytest.approx(6 / 255) and default.settings()["alpha"] == pytest.approx(1.2 / 255)
     assert small.settings()["eps"] == pytest.approx(2 / 255) and small.settings()["alpha"] == pytest.approx(0.4 / 255)
+    # patch-shaped examples: the window's budget follows the round's radius, the outside budget in proportion
+    args.adv_window, args.adv_eps, args.adv_alpha, args.adv_eps_outside = 5, 1.0, 0.25, 6 / 255
+    half = finetune_attack(args, 0.5).settings()
+    assert (half["window"], half["eps"], half["alpha"]) == (5, 0.5, 0.125) and half["eps_outside"] == pytest.approx(3 / 255)
