@@ -429,9 +429,6 @@ FROM_CHECKPOINT = {"pbe", "pud"}
 def parse_args(script: str, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, fill per-dataset defaults and validate; raises ``UserError`` on bad input."""
     parser = build_parser(script)
-    if script == "pud" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("PUD.py runs in one process; multi-process torchrun runs are supported by train_blend.py and "
-                        "pbe_main.py (start PUD.py with plain python)")
     if script in FROM_CHECKPOINT:
         parser.set_defaults(dataset=None)
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -86,9 +86,23 @@ def test_a_signal_on_one_rank_stops_both_and_the_run_resumes_to_the_uninterrupte
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_pud_refuses_torchrun(tmp_path):
-    r = _run(["PUD.py", "--model_path", str(tmp_path / "model.pt")], {"WORLD_SIZE": "2"})  # refused before loading
-    assert r.returncode == 2 and "PUD.py runs in one process" in r.stderr and "Traceback" not in r.stderr
+def test_pud_under_torchrun_completes_with_one_writer_and_the_same_filtering(infected_run, tmp_path):
+    from test_pud import FAST, TINY
+
+    ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
+    model = str(infected_run / "model.pt")
+    r2 = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+               "PUD.py", "--model_path", model, *TINY, *FAST, "--out_dir", str(ddp_dir)])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.stdout.count("step 1: poison set") == 1, r2.stdout
+    r1 = _run(["PUD.py", "--model_path", model, *TINY, *FAST, "--out_dir", str(one_dir)], {"OMP_NUM_THREADS": "1"})
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    a = json.loads((ddp_dir / "summary.json").read_text())
+    b = json.loads((one_dir / "summary.json").read_text())
+    # before any training both see the same model: the same target vote and the same SPECTRE removal
+    assert a["target"] == b["target"] and a["spectre_initial"] == b["spectre_initial"] and a["initial"] == b["initial"]
+    assert [st["step"] for st in a["steps"]] == [0, 1] and a["unlearning"]["epochs"] == 1
+    assert abs(a["final"]["clean_acc"] - b["final"]["clean_acc"]) <= 0.1, (a["final"], b["final"])
 
 
 AFT = ["--aft_epochs", "2", "--adv_epochs", "1", "--extra_ratio", "0.2", "--bs", "64", "--ft_lr", "0.01",

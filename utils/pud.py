@@ -8,6 +8,10 @@
    of all samples the poison set.
 4. Machine unlearning (CE on the extra set − λ·bounded CE on the poison set + μ·L1 to a frozen copy).
 5. Mean-teacher fine-tuning on the extra set (EMA teacher, softmax consistency).
+
+Under torchrun the progressive fine-tuning is data-parallel (each rank its share of the extra set);
+scores, SPECTRE flags and selections are rank 0's, broadcast; unlearning and the mean teacher run
+the same full passes on every rank (same data, same seed, so the same weights), not yet sharded.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from utils import distributed as dist
 from utils.adversarial import PGD
 from utils.checkpoint import load_checkpoint
 from utils.defense import (all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores, detection_stats,
@@ -41,7 +46,7 @@ def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float) ->
     except ValueError as e:
         raise UserError(f"--spectre_layer: {e}") from None
     res = spectre_filter(reps.double(), fraction)
-    return indices[res.flagged_mask.cpu()].sort().values
+    return dist.broadcast(indices[res.flagged_mask.cpu()].sort().values)  # torchrun: rank 0's (a fixed count)
 
 
 def spectre_record(removed: torch.Tensor, considered: int, truth: torch.Tensor) -> dict:
@@ -145,7 +150,7 @@ def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
     truth = inf.poisoned.is_poison.cpu()
     labels = inf.poisoned.train_labels.cpu()
     t = c["target"]["used"]
-    ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
+    ref_logits = dist.broadcast(all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl))  # torchrun: rank 0's
     for st in range(c["step"], args.steps):
         attack = step_attack(args, st)
         if c["step_info"] is None:  # the step's start: per-step SPECTRE on the extra set's target part (steps >= 1)
@@ -169,8 +174,8 @@ def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
             c["epoch_global"] += 1
             adv = e < args.step_adv_epochs[st]
             adv_batches = (args.partial_batches if partial else None) if adv else 0
-            batches = inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=c["extra"], augment=inf.augment)
-            stats = finetune_epoch(model, opt, batches, attack if adv else None, adv_batches, None, s.gen, s.cl,
+            batches = dist.epoch_batches(inf.poisoned, args.bs, s.gen, inf.augment, indices=c["extra"])
+            stats = finetune_epoch(s.train_model, opt, batches, attack if adv else None, adv_batches, None, s.gen, s.cl,
                                    desc=f"pud s{st} e{e + 1}", stage=f"pud step {st}", epoch=c["epoch_global"])
             sched.step()
             last = e == args.step_epochs[st] - 1
@@ -183,7 +188,8 @@ def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
             rec = {"epoch": c["epoch_global"], "step": st, **s.evaluate(robust=True)}
             s.log(rec, f"pud step {st} (no epochs)")
         # score every training sample; next extra set from the pool, poison set from all samples
-        scores = consistency_scores(ref_logits, all_logits(model, inf.poisoned, args.eval_bs, s.cl), argmax_penalty=True)
+        cur_logits = dist.broadcast(all_logits(model, inf.poisoned, args.eval_bs, s.cl))
+        scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=True)
         c["poison_set"] = bottom_fraction(scores, args.poison_fraction, poison_candidates(args.poison_candidates, labels, t))
         det = detection_stats(c["poison_set"], truth)
         info.update({"poison_set_size": len(c["poison_set"]), "poison_precision": det["precision"],
@@ -263,7 +269,7 @@ def refresh_extra(s: DefenseSession, c: dict, model) -> dict:
     """
     inf, t = s.inf, c["target"]["used"]
     extra = c["extra"]
-    pred = all_logits(model, inf.poisoned, s.args.eval_bs, s.cl).argmax(1)[extra]
+    pred = dist.broadcast(all_logits(model, inf.poisoned, s.args.eval_bs, s.cl)).argmax(1)[extra]
     drop = (inf.poisoned.train_labels.cpu()[extra] == t) & (pred != t)
     truth = inf.poisoned.is_poison.cpu()
     info = {"dropped": int(drop.sum()), "dropped_poison": int(truth[extra[drop]].sum()),
