@@ -97,6 +97,9 @@ def test_top_share_outside_never_picks_an_excluded_sample_and_stays_a_share_of_a
     assert torch.equal(top_share_outside(scores, 0.3, torch.zeros(0, dtype=torch.long)), torch.tensor([0, 1, 2]))
     assert torch.equal(top_share_outside(scores, 0.3, torch.tensor([0, 2])), torch.tensor([1, 3, 4]))
     assert torch.equal(top_share_outside(scores, 0.9, torch.tensor([0, 2, 5])), torch.tensor([1, 3, 4, 6, 7, 8, 9]))
+    # per label (--balanced_selection 1): 40 % of each label's samples, so label 1's best are kept too
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    assert torch.equal(top_share_outside(scores, 0.4, torch.tensor([0]), labels), torch.tensor([1, 2, 5, 6]))
 
 
 def test_round_lr():

@@ -126,7 +126,8 @@ def run_pbe(args) -> dict:
                        if args.quarantine else {}),
                     **{k: s.history[-1][k] for k in ("clean_acc", "asr") if k in s.history[-1]}}
             if r < args.rounds - 1:
-                c["extra"] = top_share_outside(scores, args.top_rates[r], c["quarantine"])
+                c["extra"] = top_share_outside(scores, args.top_rates[r], c["quarantine"],
+                                               labels if args.balanced_selection else None)
                 info["next_extra_size"] = len(c["extra"])
                 info["next_extra_poison_share"] = poison_share(c["extra"], truth)
             c["rounds"].append(info)
@@ -167,13 +168,13 @@ def initial_extra(s: DefenseSession, labels: torch.Tensor, target: int) -> torch
     return pool[torch.randperm(len(pool), generator=s.gen)[:k]].sort().values
 
 
-def top_share_outside(scores: torch.Tensor, fraction: float, excluded: torch.Tensor) -> torch.Tensor:
-    """The highest-scored ``fraction`` of all samples that are not ``excluded`` (fewer if too few are left), by index."""
-    if len(excluded) == 0:
-        return top_fraction(scores, fraction)
+def top_share_outside(scores: torch.Tensor, fraction: float, excluded: torch.Tensor,
+                      labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The highest-scored ``fraction`` of all samples (of every label's samples, with ``labels``) that are not
+    ``excluded`` (fewer if too few are left), by index."""
     ranked = scores.clone()
     ranked[excluded] = float("-inf")  # ranked last, then dropped: the share stays a share of the whole training set
-    sel = top_fraction(ranked, fraction)
+    sel = top_fraction(ranked, fraction, labels=labels)
     return sel[~torch.isin(sel, excluded)]
 
 
