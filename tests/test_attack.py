@@ -48,3 +48,34 @@ def test_gtsrb_missing_offline_names_download_script(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.GTSRB, "__init__", offline)
     with pytest.raises(UserError, match="gtsrb_download.sh"):
         load_split("gtsrb", str(tmp_path), train=True)
+
+
+class _FixedClassifier(torch.nn.Module):
+    """Predicts the true class of the (single, in-order) test batch, trigger or not, except never ``never``."""
+
+    def __init__(self, labels: torch.Tensor, never: int, instead: int, n_classes: int = 10):
+        super().__init__()
+        self.labels, self.never, self.instead, self.n = labels, never, instead, n_classes
+
+    def forward(self, x):
+        y = self.labels[:len(x)]
+        y = torch.where(y == self.never, torch.full_like(y, self.instead), y)
+        return torch.nn.functional.one_hot(y, self.n).float()
+
+
+def test_target_class_accuracy_exposes_a_model_that_never_predicts_the_target():
+    """ASR 0 alone cannot tell a removed backdoor from a suppressed target class: evaluate reports both."""
+    from utils.poison import BackdoorSpec
+    from utils.triggers import build_trigger
+
+    test = make_synthetic(200, seed=5)
+    labels = torch.cat([y for _, _, y in test.batches(200)])
+    backdoor = BackdoorSpec(build_trigger("patch", (3, 32, 32)), "all2one", 0, 10)
+    suppressed = evaluate(_FixedClassifier(labels, never=0, instead=1), test, backdoor, batch_size=200)
+    assert suppressed["asr"] == 0.0 and suppressed["target_class_acc"] == 0.0
+    assert suppressed["clean_acc"] == pytest.approx(1 - float((labels == 0).float().mean()))
+    fine = evaluate(_FixedClassifier(labels, never=-1, instead=1), test, backdoor, batch_size=200)
+    assert fine["target_class_acc"] == 1.0 and fine["clean_acc"] == 1.0
+    # all2all has no single target class, so no such figure
+    assert "target_class_acc" not in evaluate(_FixedClassifier(labels, -1, 1), test,
+                                              BackdoorSpec(backdoor.trigger, "all2all", 0, 10), batch_size=200)

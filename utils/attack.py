@@ -43,7 +43,8 @@ def checkpoint_payload(args, model, backdoor, poisoned, train_indices, metrics: 
 
 
 def log_line(prefix: str, rec: dict) -> str:
-    keys = [k for k in ("loss", "clean_acc", "asr", "asr_incl_target", "noise_acc", "robust_acc") if k in rec]
+    keys = [k for k in ("loss", "clean_acc", "target_class_acc", "asr", "asr_incl_target", "noise_acc", "robust_acc")
+            if k in rec]
     return prefix + " | " + " ".join(f"{k} {rec[k]:.4f}" for k in keys)
 
 
@@ -89,7 +90,8 @@ def run_attack(args) -> dict:
             carry = {"epoch": epoch, "rec": rec}
             ctl.save(f"epoch {epoch}", carry, **objects)
         rec = carry["rec"]
-        final = {k: v for k, v in rec.items() if k in ("clean_acc", "asr", "asr_incl_target", "noise_acc", "robust_acc", "loss")}
+        final = {k: v for k, v in rec.items() if k in ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "noise_acc",
+                                                         "robust_acc", "loss")}
         if getattr(args, "eval_robust", False):
             from utils.robust import robust_acc_from_args
             final.update(robust_acc_from_args(model, test, args))

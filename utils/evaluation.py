@@ -28,16 +28,21 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
     was_training = model.training
     model.eval()
     warp = backdoor is not None and isinstance(backdoor.trigger, WarpTrigger)
-    counts = None  # n, correct, bd_hits, bd_n, bd_hits_all, noise_correct
+    counts = None  # n, correct, bd_hits, bd_n, bd_hits_all, noise_correct, target_n, target_correct
+    target = backdoor.target_label if backdoor is not None and backdoor.attack_mode == "all2one" else None
     try:
         with torch.inference_mode():
             for _, x, y in test.batches(batch_size, indices=indices):
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if counts is None:
-                    counts = torch.zeros(6, dtype=torch.long, device=y.device)
+                    counts = torch.zeros(8, dtype=torch.long, device=y.device)
                 counts[0] += y.numel()
-                counts[1] += (model(x).argmax(1) == y).sum()
+                right = model(x).argmax(1) == y
+                counts[1] += right.sum()
+                if target is not None:
+                    counts[6] += (y == target).sum()
+                    counts[7] += (right & (y == target)).sum()
                 if backdoor is None:
                     continue
                 yb = backdoor.labels(y)
@@ -51,12 +56,15 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
     finally:
         model.train(was_training)
     if counts is None:
-        counts = torch.zeros(6, dtype=torch.long)
-    n, correct, bd_hits, bd_n, bd_hits_all, noise_correct = all_reduce_sum(counts).tolist()
+        counts = torch.zeros(8, dtype=torch.long)
+    n, correct, bd_hits, bd_n, bd_hits_all, noise_correct, target_n, target_correct = all_reduce_sum(counts).tolist()
     out = {"clean_acc": correct / max(n, 1)}
     if backdoor is not None:
         out["asr"] = bd_hits / max(bd_n, 1)
         out["asr_incl_target"] = bd_hits_all / max(n, 1)
         if warp:
             out["noise_acc"] = noise_correct / max(n, 1)
+        if target is not None and target_n:
+            # clean accuracy on the target class: a "defense" that stops predicting the target at all has ASR 0 too
+            out["target_class_acc"] = target_correct / target_n
     return out

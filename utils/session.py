@@ -69,7 +69,7 @@ class DefenseSession:
 
     def finish(self, settings: dict, extra_summary: dict | None = None, panels: dict | None = None) -> dict:
         final = self.evaluate(robust=True)
-        keys = ("clean_acc", "asr", "asr_incl_target", "robust_acc", "noise_acc")
+        keys = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "robust_acc", "noise_acc")
         summary = {"defense": self.name, "initial": {k: self.initial[k] for k in keys if k in self.initial},
                    "final": {k: final[k] for k in keys if k in final}, "robust_eval": final.get("robust_eval"),
                    "settings": settings, "seconds": self.ctl.elapsed(), **(extra_summary or {})}
