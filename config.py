@@ -146,7 +146,7 @@ def _add_pbe(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init_ratio", type=fraction, default=0.05, help="random share of the poisoned training set used in round 0")
     g.add_argument("--rounds", type=int, default=4)
     g.add_argument("--round_epochs", type=int, default=10)
-    g.add_argument("--top_rates", type=fraction, nargs="+", default=[0.2, 0.5, 0.7, 0.9],
+    g.add_argument("--top_rates", type=fraction, nargs="*", default=[0.2, 0.5, 0.7, 0.9],
                    help="share of training samples kept as the next extra set after each round")
     g.add_argument("--partial_batches", type=int, default=31, help="adversarial batches in the first epoch of rounds >= 1")
     g.add_argument("--round_eps", type=fraction, nargs="+", default=None,
@@ -191,7 +191,7 @@ def _add_pud(p: argparse.ArgumentParser) -> None:
     g.add_argument("--step_pgd_steps", type=int, default=7, help="PGD iterations of the fine-tuning attack")
     g.add_argument("--partial_batches", type=int, default=31, help="adversarial batches of a partial adversarial epoch")
     g.add_argument("--init_ratio", type=fraction, default=0.05, help="random share of the pool used as extra set in step 0")
-    g.add_argument("--top_rates", type=fraction, nargs="+", default=[0.2, 0.4, 0.7, 0.8],
+    g.add_argument("--top_rates", type=fraction, nargs="*", default=[0.2, 0.4, 0.7, 0.8],
                    help="share of the pool kept as the next extra set after each step but the last")
     _add_balanced_selection(g)
     g.add_argument("--poison_candidates", choices=tuple(POISON_CANDIDATES), default="target",

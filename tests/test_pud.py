@@ -79,3 +79,19 @@ def test_refresh_drops_target_labelled_samples_no_longer_predicted_as_target(mon
     assert torch.equal(c["extra"], torch.tensor([0, 3, 4, 5]))  # 4 is labelled 1: kept although predicted 0
     assert info["dropped"] == 1 and info["dropped_poison"] == 1
     assert abs(info["extra_poison_share_before"] - 0.4) < 1e-6 and abs(info["extra_poison_share_after"] - 0.25) < 1e-6
+
+
+def test_a_single_step_needs_no_top_rate(infected_run):
+    """--steps 1 has no next extra set to choose, so --top_rates is given empty (it used to need >= 1 value)."""
+    from config import parse_args
+    from utils.errors import UserError
+
+    one = ["--model_path", str(infected_run / "model.pt"), "--steps", "1", "--step_epochs", "1", "--step_adv_epochs", "1",
+           "--step_partial", "0", "--step_eps", "6/255", "--step_alpha_div", "5"]
+    assert parse_args("pud", [*one, "--top_rates"]).top_rates == []
+    try:
+        parse_args("pud", [*one, "--top_rates", "0.5"])
+    except UserError as e:
+        assert "--top_rates needs one value per step but the last (0 for --steps 1)" in str(e)
+    else:
+        raise AssertionError("a top rate for a single step was accepted")
