@@ -25,6 +25,16 @@ def infected_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops are faster on one thread (and much faster when the CPU is shared); restored after the module.
+    Use it module-wide with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cli(main, *argv) -> int:
     """Run an entry script's ``main`` in this process, as ``run_cli`` does for the command line; returns the exit code.
 

@@ -9,7 +9,7 @@ Two checks:
    no SyncBatchNorm on CPU), and the averaged gradient is summed in another order. After one epoch
    the test accuracy (both near chance on 400 images) must agree within 0.05 and the epoch's mean
    training loss within 0.02.
-2. The same helpers the attack uses (``epoch_batches``, ``wrap``, ``mean_over_ranks``, the
+2. The same helpers the attack uses (``epoch_batches``, ``wrap``, ``train_epoch``'s rank average, the
    all-reduced ``evaluate``) train a BatchNorm-free model to the same weights as one process
    (to float rounding), which checks the sharding and gradient averaging exactly.
 """
@@ -181,8 +181,7 @@ def _train(world: int, rank: int, port: int, out):
     gen = torch.Generator().manual_seed(0)
     stats = []
     for _ in range(2):
-        s = train_epoch(net, opt, dist.epoch_batches(data, 50, gen), generator=gen)
-        stats.append(dist.mean_over_ranks(s))
+        stats.append(train_epoch(net, opt, dist.epoch_batches(data, 50, gen), generator=gen))  # averaged over ranks
     ev = evaluate(model, test, batch_size=16)
     result = {"weights": [p.detach().numpy().copy() for p in model.parameters()], "stats": stats, "eval": ev}
     if world > 1:

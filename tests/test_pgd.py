@@ -22,13 +22,7 @@ from utils.robust import DEFAULT_EVAL, robust_acc_from_args
 NUM_CLASSES = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny ops are faster on one thread (and much faster when the CPU is shared); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quadrant_task(n: int, seed: int) -> ImageSet:

@@ -79,7 +79,6 @@ def run_attack(args) -> dict:
             stats = train_epoch(train_model, opt, dist.epoch_batches(poisoned, args.bs, gen, augment),
                                 generator=gen, channels_last=cl, desc=f"epoch {epoch}", total=n_batches,
                                 stage="attack", epoch=epoch)
-            stats = dist.mean_over_ranks(stats)
             sched.step()
             rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}
             if epoch % args.eval_every == 0 or epoch == args.n_iters:

@@ -75,9 +75,7 @@ def finetune_epoch(model, optimizer, batches, attack: PGD | None, adv_batches: i
                    stage: str = "finetune", epoch: int | None = None) -> dict:
     """One fine-tuning epoch; batches with index < ``adv_batches`` (None = all) are replaced by PGD examples.
 
-    Under torchrun ``model`` is the DDP wrapper and ``batches`` this rank's share: PGD attacks the plain
-    model, the epoch's statistics are averaged over ranks and rank 0's BatchNorm statistics are copied
-    to every rank afterwards, so every rank scores and selects with the same model.
+    Under torchrun ``model`` is the DDP wrapper and ``batches`` this rank's share; PGD attacks the plain model.
     """
     plain = dist.unwrap(model)
     transform = None
@@ -86,16 +84,16 @@ def finetune_epoch(model, optimizer, batches, attack: PGD | None, adv_batches: i
             if adv_batches is not None and i >= adv_batches:
                 return x
             return attack(plain, x, y, generator=generator)
-    stats = train_epoch(model, optimizer, batches, augment, transform=transform, generator=generator,
-                        channels_last=channels_last, clean_weight=clean_weight, desc=desc, total=total, stage=stage,
-                        epoch=epoch)
-    dist.sync_buffers(plain)
-    return dist.mean_over_ranks(stats)
+    return train_epoch(model, optimizer, batches, augment, transform=transform, generator=generator,
+                       channels_last=channels_last, clean_weight=clean_weight, desc=desc, total=total, stage=stage,
+                       epoch=epoch)
 
 
 @torch.no_grad()
 def all_logits(model, poisoned: PoisonedTrainSet, batch_size: int = 512, channels_last=False) -> torch.Tensor:
-    """Logits (on CPU) of every training sample as the model was trained on it, in index order, no augmentation."""
+    """Logits (on CPU) of every training sample as the model was trained on it, in index order, no augmentation.
+
+    Under torchrun every rank gets rank 0's logits, so all ranks score and select the same samples."""
     was = model.training
     model.eval()
     out = []
@@ -106,7 +104,7 @@ def all_logits(model, poisoned: PoisonedTrainSet, batch_size: int = 512, channel
             out.append(model(x).float().cpu())
     finally:
         model.train(was)
-    return torch.cat(out)
+    return dist.broadcast(torch.cat(out))
 
 
 def consistency_scores(ref_logits: torch.Tensor, cur_logits: torch.Tensor, argmax_penalty: bool = False) -> torch.Tensor:

@@ -97,19 +97,18 @@ def local_batch_size(batch_size: int) -> int:
     return batch_size // n
 
 
-def epoch_shard(n: int, generator: torch.Generator, device=None) -> torch.Tensor:
+def epoch_shard(n: int, generator: torch.Generator) -> torch.Tensor:
     """This rank's dataset indices for one shuffled epoch: the same seeded permutation on every rank
     (rank 0's draw, broadcast), padded by wrap-around to a multiple of the world size, then strided."""
     world = world_size()
     perm = torch.randperm(n, generator=generator)
     if world == 1:
-        return perm.to(device) if device is not None else perm
+        return perm
     perm = broadcast(perm)
     pad = (-n) % world
     if pad:
         perm = torch.cat([perm, perm[:pad]])
-    mine = perm[rank()::world]
-    return mine.to(device) if device is not None else mine
+    return perm[rank()::world]
 
 
 def eval_shard(n: int) -> torch.Tensor | None:
@@ -144,7 +143,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def max_over_ranks(value: int) -> int:
     """The largest ``value`` of all ranks (e.g. a pending signal number, so every rank stops at the same batch)."""
-    if world_size() == 1 or not dist.is_initialized():
+    if world_size() == 1:
         return value
     buf = torch.tensor([value], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(buf, op=dist.ReduceOp.MAX)

@@ -41,8 +41,9 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
                 right = model(x).argmax(1) == y
                 counts[1] += right.sum()
                 if target is not None:
-                    counts[6] += (y == target).sum()
-                    counts[7] += (right & (y == target)).sum()
+                    is_target = y == target
+                    counts[6] += is_target.sum()
+                    counts[7] += (right & is_target).sum()
                 if backdoor is None:
                     continue
                 yb = backdoor.labels(y)

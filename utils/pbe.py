@@ -89,7 +89,7 @@ def run_pbe(args) -> dict:
             c["extra"] = initial_extra(s, labels, c["target"]["used"])
             s.save("the target estimate", c, **objects)
         candidates = poison_candidates(args.poison_candidates, labels, c["target"]["used"])
-        ref_logits = dist.broadcast(all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl))  # torchrun: rank 0's
+        ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
         for r in range(c["round"], args.rounds):
             purity = poison_share(c["extra"], truth)
             if c["epoch"] == 0:
@@ -113,7 +113,7 @@ def run_pbe(args) -> dict:
                 s.log(rec, f"pbe round {r} epoch {e + 1}/{args.round_epochs}")
                 c["epoch"] = e + 1
                 s.save(f"pbe round {r} epoch {e + 1}", c, **objects)
-            cur_logits = dist.broadcast(all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl))
+            cur_logits = all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl)
             scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=bool(args.argmax_penalty))
             flagged = bottom_fraction(scores, args.detect_fraction, candidates)
             det = detection_stats(flagged, truth)

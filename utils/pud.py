@@ -150,7 +150,7 @@ def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
     truth = inf.poisoned.is_poison.cpu()
     labels = inf.poisoned.train_labels.cpu()
     t = c["target"]["used"]
-    ref_logits = dist.broadcast(all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl))  # torchrun: rank 0's
+    ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
     for st in range(c["step"], args.steps):
         attack = step_attack(args, st)
         if c["step_info"] is None:  # the step's start: per-step SPECTRE on the extra set's target part (steps >= 1)
@@ -188,8 +188,7 @@ def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
             rec = {"epoch": c["epoch_global"], "step": st, **s.evaluate(robust=True)}
             s.log(rec, f"pud step {st} (no epochs)")
         # score every training sample; next extra set from the pool, poison set from all samples
-        cur_logits = dist.broadcast(all_logits(model, inf.poisoned, args.eval_bs, s.cl))
-        scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=True)
+        scores = consistency_scores(ref_logits, all_logits(model, inf.poisoned, args.eval_bs, s.cl), argmax_penalty=True)
         c["poison_set"] = bottom_fraction(scores, args.poison_fraction, poison_candidates(args.poison_candidates, labels, t))
         det = detection_stats(c["poison_set"], truth)
         info.update({"poison_set_size": len(c["poison_set"]), "poison_precision": det["precision"],
@@ -269,7 +268,7 @@ def refresh_extra(s: DefenseSession, c: dict, model) -> dict:
     """
     inf, t = s.inf, c["target"]["used"]
     extra = c["extra"]
-    pred = dist.broadcast(all_logits(model, inf.poisoned, s.args.eval_bs, s.cl)).argmax(1)[extra]
+    pred = all_logits(model, inf.poisoned, s.args.eval_bs, s.cl).argmax(1)[extra]
     drop = (inf.poisoned.train_labels.cpu()[extra] == t) & (pred != t)
     truth = inf.poisoned.is_poison.cpu()
     info = {"dropped": int(drop.sum()), "dropped_poison": int(truth[extra[drop]].sum()),

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils import distributed as dist
 from utils import interrupt, testhooks
 from utils.errors import DivergenceError
 from utils.progress import progress
@@ -69,23 +70,27 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     ``check_every`` batches and at the end. A non-finite loss raises ``DivergenceError`` naming the first
     bad batch; up to ``check_every - 1`` further steps may have run on the diverged weights by then,
     which does not matter because the run stops without saving them.
+
+    Under torchrun (``model`` the DDP wrapper, ``batches`` this rank's share) the returned statistics are
+    averaged over ranks and rank 0's BatchNorm statistics are copied to every rank, so all ranks go on
+    with the same model.
     """
     model.train()
     pending: list[torch.Tensor] = []  # per-batch losses not yet checked
+    sizes: list[int] = []  # their batch sizes
     first = 0  # batch index of pending[0]
     loss_sum = correct = None
-    sizes: list[int] = []
     n = 0
 
     def check() -> None:
-        nonlocal pending, first, loss_sum
+        nonlocal pending, sizes, first, loss_sum
         if not pending:
             return
         losses = checked_losses(pending, stage, epoch, first)
-        w = torch.tensor(sizes[first:first + len(pending)], dtype=losses.dtype, device=losses.device)
+        w = torch.tensor(sizes, dtype=losses.dtype, device=losses.device)
         loss_sum = (losses * w).sum() + (loss_sum if loss_sum is not None else 0)
         first += len(pending)
-        pending = []
+        pending, sizes = [], []
 
     for i, (_, x, y) in enumerate(progress(batches, desc=desc, total=total)):
         batch_start(stage, epoch, i)
@@ -110,6 +115,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         if len(pending) >= check_every:
             check()
     check()
+    dist.sync_buffers(dist.unwrap(model))
     if n == 0:
         return {"loss": 0.0, "acc": 0.0}
-    return {"loss": float(loss_sum) / n, "acc": int(correct) / n}
+    return dist.mean_over_ranks({"loss": float(loss_sum) / n, "acc": int(correct) / n})
