@@ -162,7 +162,7 @@ def _add_pbe(p: argparse.ArgumentParser) -> None:
                         "target, so no all2one poison is in it; all = every sample (paper code)")
     g.add_argument("--argmax_penalty", type=int, choices=(0, 1), default=1,
                    help="1: consistency score minus 0.5 where the arg-max changed (PUD's score); 0: logit cosine only (paper)")
-    g.add_argument("--poison_candidates", choices=tuple(POISON_CANDIDATES), default="target",
+    g.add_argument("--poison_candidates", choices=("target", "all"), default="target",
                    help="the detector flags the lowest --detect_fraction (of all samples) among the samples labelled as "
                         "the target (all2one) or among all samples (paper code)")
     _add_balanced_selection(g)
@@ -180,6 +180,13 @@ def _add_pud(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spectre_layer", default=None, help="module whose output SPECTRE uses (default: per arch)")
     g.add_argument("--spectre_remove", type=fraction, default=0.25, help="initial SPECTRE: share of the target class removed")
     g.add_argument("--spectre_step_remove", type=fraction, default=0.1, help="per-step SPECTRE: share of the extra set's target part removed")
+    g.add_argument("--class_split", type=int, choices=(0, 1), default=1,
+                   help="1: also split the target class in two clusters of representations and drop the one the infected "
+                        "model, target logit masked, finds most like other classes (for poisons that are the class's "
+                        "majority, where SPECTRE fails; this toolkit's addition); 0: SPECTRE only (the paper)")
+    g.add_argument("--class_split_spread", type=fraction, default=1.25,
+                   help="the split is applied only if the removed cluster's non-target predictions spread over this many "
+                        "times as many classes as the other cluster's (poisons are images of many classes)")
     g.add_argument("--spectre_min", type=int, default=100, help="per-step SPECTRE runs only on at least this many target samples")
     g.add_argument("--steps", type=int, default=5, help="progressive steps")
     g.add_argument("--step_epochs", type=int, nargs="+", default=[10, 10, 10, 10, 30], help="fine-tuning epochs per step")
@@ -195,7 +202,8 @@ def _add_pud(p: argparse.ArgumentParser) -> None:
                    help="share of the pool kept as the next extra set after each step but the last")
     _add_balanced_selection(g)
     g.add_argument("--poison_candidates", choices=tuple(POISON_CANDIDATES), default="target",
-                   help="draw the poison set from the samples labelled as the target (all2one) or from all (paper code)")
+                   help="draw the poison set from the samples labelled as the target (all2one), from those the initial "
+                        "filtering removed (filtered), or from all (paper code)")
     g.add_argument("--poison_fraction", type=fraction, default=0.01, help="least consistent share of all samples used as poison set")
     g.add_argument("--pud_lr", type=fraction, default=0.01, help="SGD learning rate")
     g.add_argument("--pud_milestones", type=int, nargs="+", default=[30, 60], help="MultiStepLR epochs (gamma 0.1)")
@@ -399,6 +407,7 @@ def validate_pud(args: argparse.Namespace) -> None:
     for name in ("spectre_remove", "spectre_step_remove"):
         v = getattr(args, name)
         _require(0 < v < 1, f"--{name} must be in (0, 1), got {v}")
+    _require(args.class_split_spread > 0, f"--class_split_spread must be positive, got {args.class_split_spread}")
     _require(args.spectre_min > 0, f"--spectre_min must be positive, got {args.spectre_min}")
     _require(args.steps > 0, f"--steps must be positive, got {args.steps}")
     for name in ("step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div"):

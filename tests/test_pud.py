@@ -16,6 +16,9 @@ def test_pud_runs_end_to_end_and_writes_its_outputs(infected_run, tmp_path):
     assert s["defense"] == "pud"
     assert s["target"]["estimate"] == 0 and s["target"]["used"] == 0 and 0 < s["target"]["vote_share"] <= 1
     assert s["spectre_initial"]["removed"] > 0 and 0 <= s["spectre_initial"]["precision"] <= 1
+    split = s["spectre_initial"]["class_split"]  # the patch poisons are the target class's majority: one cluster
+    assert split["precision"] >= 0.9 and split["recall"] >= 0.9, split
+    assert s["spectre_initial"]["pool_poison_share"] < 0.01
     assert [st["step"] for st in s["steps"]] == [0, 1]
     for st in s["steps"]:
         assert 0 <= st["extra_poison_share"] <= 1 and 0 <= st["poison_precision"] <= 1 and "robust_acc" in st

@@ -199,21 +199,26 @@ def choose_target(s) -> dict:
     return target
 
 
-# Where a poison set / poison detector picks its samples from, given the training labels and the (estimated) target.
+# Where a poison set / poison detector picks its samples from, given the training labels, the (estimated) target and
+# the samples an initial filter removed (PUD's SPECTRE and class split; PBE has none).
 POISON_CANDIDATES = {
-    "target": lambda labels, target: torch.nonzero(labels == target).flatten(),
-    "all": lambda labels, target: None,  # the paper code: every training sample
+    "target": lambda labels, target, filtered: torch.nonzero(labels == target).flatten(),
+    "all": lambda labels, target, filtered: None,  # the paper code: every training sample
+    "filtered": lambda labels, target, filtered: filtered,  # PUD: the samples its initial filtering removed
 }
 
 
-def poison_candidates(mode: str, labels: torch.Tensor, target: int) -> torch.Tensor | None:
+def poison_candidates(mode: str, labels: torch.Tensor, target: int, filtered: torch.Tensor | None = None) -> torch.Tensor | None:
     """Indices a poison set is drawn from (``None`` = all samples); ``mode`` is a key of ``POISON_CANDIDATES``.
 
     An all2one poisoned sample always carries the target label, and once the backdoor is weakened exactly those
     target-labelled samples flip their arg-max away from the infected model's, so the consistency score separates
     them from genuine target-class images; over all samples it also picks up clean images the fine-tuning flipped.
+    ``filtered`` ranks only what an initial filter removed: the suspects, when that filter is good.
     """
-    return POISON_CANDIDATES[mode](labels, target)
+    if mode == "filtered" and (filtered is None or len(filtered) == 0):
+        raise UserError("--poison_candidates filtered needs samples removed by the initial filtering, and it removed none")
+    return POISON_CANDIDATES[mode](labels, target, filtered)
 
 
 # Where PBE's round-0 random extra set is drawn from, given the training labels and the (estimated) target.

@@ -1,7 +1,9 @@
 """PUD: progressive unlearning defense without clean data (reference §8, with the §11.2 bugs fixed).
 
 1. Estimate the backdoor target (most frequent class of untargeted PGD examples) unless given.
-2. SPECTRE on the training samples labelled as the target removes the most suspicious share; the rest is the pool.
+2. SPECTRE on the training samples labelled as the target removes the most suspicious share and (``--class_split``,
+   this toolkit's addition, ``utils.class_split``) a two-way split of that class removes the cluster that looks
+   like images of the other classes; the rest is the pool.
 3. Progressive steps: (adversarial) fine-tuning on an extra set, then every training sample is scored by the
    consistency of the infected and current logits (arg-max disagreement penalised). The most consistent share of
    the pool becomes the next extra set (cleaned once more by SPECTRE on its target part), the least consistent share
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from utils import distributed as dist
 from utils.adversarial import PGD
 from utils.checkpoint import load_checkpoint
+from utils.class_split import split_target_class
 from utils.defense import (all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores, detection_stats,
                            finetune_epoch, poison_candidates, poison_share, top_fraction)
 from utils.errors import UserError
@@ -37,16 +40,39 @@ NO_POISON_INDICES = ("PUD needs the training set's poisoned indices; re-train th
                      "--poison_mode fixed (the default)")
 
 
-def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Indices (subset of ``indices``) SPECTRE flags on the infected model's representations, without augmentation."""
-    inf = s.inf
-    batches = (x for _, x, _ in inf.poisoned.batches(s.args.eval_bs, shuffle=False, indices=indices))
+def representations(s: DefenseSession, indices: torch.Tensor) -> torch.Tensor:
+    """The infected model's ``--spectre_layer`` outputs of the training samples ``indices``, without augmentation."""
+    batches = (x for _, x, _ in s.inf.poisoned.batches(s.args.eval_bs, shuffle=False, indices=indices))
     try:
-        reps = layer_representations(inf.reference, s.args.spectre_layer, batches)
+        return layer_representations(s.inf.reference, s.args.spectre_layer, batches)
     except ValueError as e:
         raise UserError(f"--spectre_layer: {e}") from None
+
+
+def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float, reps: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (subset of ``indices``) SPECTRE flags on the infected model's representations."""
+    reps = representations(s, indices) if reps is None else reps
     res = spectre_filter(reps.double(), fraction)
     return dist.broadcast(indices[res.flagged_mask.cpu()].sort().values)  # torchrun: rank 0's (a fixed count)
+
+
+def split_remove(s: DefenseSession, indices: torch.Tensor, target: int, reps: torch.Tensor, truth: torch.Tensor) -> tuple:
+    """The target class's suspicious cluster (``utils.class_split``): its indices and a record for the summary."""
+    with torch.no_grad():
+        logits = torch.cat([s.inf.reference(x).float().cpu()
+                            for _, x, _ in s.inf.poisoned.batches(s.args.eval_bs, shuffle=False, indices=indices)])
+    # its own seeded generator: a split that is not applied leaves the run identical to --class_split 0
+    res = split_target_class(reps, logits, target, min_spread=s.args.class_split_spread,
+                             generator=torch.Generator().manual_seed(s.args.seed))
+    flagged = indices[res.flagged_mask]
+    # torchrun: rank 0's cluster (the count may differ between ranks, so its size goes first)
+    size = int(dist.broadcast(torch.tensor([len(flagged)]))[0])
+    flagged = dist.broadcast(flagged if dist.is_main() else torch.zeros(size, dtype=torch.long))
+    rec = {**spectre_record(flagged, len(indices), truth), "recall": detection_stats(flagged, truth)["recall"],
+           "applied": res.applied, "cluster_sizes": list(res.sizes),
+           "cluster_confidence": [round(c, 4) for c in res.confidence], "cluster_spread": [round(c, 2) for c in res.spread],
+           "suspicious_cluster": res.flagged_cluster, "separation": round(res.separation, 3)}
+    return flagged.sort().values, rec
 
 
 def spectre_record(removed: torch.Tensor, considered: int, truth: torch.Tensor) -> dict:
@@ -76,7 +102,7 @@ def frozen_copy(model: torch.nn.Module, state_dict: dict | None = None) -> torch
 def initial_carry() -> dict:
     """PUD's loop cursor and loop-carried values: everything a resumed run needs besides model/optimizer/scheduler."""
     return {"stage": "target", "epoch_global": 0, "target": None, "spectre_initial": None, "pool": None,
-            "extra": None, "poison_set": torch.zeros(0, dtype=torch.long), "step": 0, "epoch": 0, "step_info": None,
+            "filtered": None, "extra": None, "poison_set": torch.zeros(0, dtype=torch.long), "step": 0, "epoch": 0, "step_info": None,
             "steps": [], "unlearning": None, "mt_refresh": None, "reference": None, "teacher": None, "gstep": 0}
 
 
@@ -113,7 +139,7 @@ def run_pud(args) -> dict:
             mean_teacher(s, c, objects)
         settings = {k: getattr(args, k) for k in (
             "target_label", "target_eps", "target_images", "spectre_layer", "spectre_remove", "spectre_step_remove",
-            "spectre_min", "steps", "step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div",
+            "spectre_min", "class_split", "class_split_spread", "steps", "step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div",
             "step_pgd_steps", "partial_batches", "init_ratio", "top_rates", "poison_fraction", "poison_candidates",
             "balanced_selection", "mt_refresh", "pud_lr", "pud_milestones",
             "unlearn_epochs", "unlearn_lambda", "unlearn_mu", "poison_loss_bound", "mt_epochs", "mt_weight", "ema_decay",
@@ -129,15 +155,28 @@ def initial_spectre(s: DefenseSession, c: dict) -> None:
     n = len(inf.poisoned)
     truth = inf.poisoned.is_poison.cpu()
     tidx = torch.nonzero(inf.poisoned.train_labels.cpu() == c["target"]["used"]).flatten()
-    removed = spectre_remove(s, tidx, args.spectre_remove) if len(tidx) > 1 else torch.zeros(0, dtype=torch.long)
+    reps = representations(s, tidx) if len(tidx) > 1 else None
+    removed = spectre_remove(s, tidx, args.spectre_remove, reps) if len(tidx) > 1 else torch.zeros(0, dtype=torch.long)
+    record = {**spectre_record(removed, len(tidx), truth), "recall": detection_stats(removed, truth)["recall"]}
+    print(f"initial SPECTRE: removed {len(removed)} of {len(tidx)} target-labelled samples "
+          f"({record['removed_poison']} truly poisoned)", flush=True)
+    if args.class_split and len(tidx) > 1:
+        split, record["class_split"] = split_remove(s, tidx, c["target"]["used"], reps, truth)
+        sp = record["class_split"]
+        print(f"target-class split: clusters {sp['cluster_sizes']}, non-target confidence {sp['cluster_confidence']}, "
+              f"spread over {sp['cluster_spread']} classes; " + (
+                  f"removed cluster {sp['suspicious_cluster']}: {sp['removed']} samples ({sp['removed_poison']} truly poisoned)"
+                  if sp["applied"] else "not applied (the more confident cluster does not spread over more classes)"),
+              flush=True)
+        removed = torch.unique(torch.cat([removed, split]))
     keep = torch.ones(n, dtype=torch.bool)
     keep[removed] = False
     pool = torch.nonzero(keep).flatten()
-    c["pool"] = pool
-    c["spectre_initial"] = {**spectre_record(removed, len(tidx), truth), "recall": detection_stats(removed, truth)["recall"],
+    c["pool"], c["filtered"] = pool, removed
+    c["spectre_initial"] = {**record, "filtered": len(removed), "filtered_precision": poison_share(removed, truth),
+                            "filtered_recall": detection_stats(removed, truth)["recall"],
                             "pool_size": len(pool), "pool_poison_share": poison_share(pool, truth)}
-    print(f"initial SPECTRE: removed {len(removed)} of {len(tidx)} target-labelled samples "
-          f"({c['spectre_initial']['removed_poison']} truly poisoned); pool {len(pool)}", flush=True)
+    print(f"pool {len(pool)} samples, {c['spectre_initial']['pool_poison_share']:.3%} truly poisoned", flush=True)
     pick = clean_indices(inf.poisoned) if args.model_repair else pool
     k0 = max(1, int(round(args.init_ratio * len(pick))))
     c["extra"] = pick[torch.randperm(len(pick), generator=s.gen)[:k0]].sort().values
@@ -151,6 +190,7 @@ def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
     labels = inf.poisoned.train_labels.cpu()
     t = c["target"]["used"]
     ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
+    candidates = poison_candidates(args.poison_candidates, labels, t, c["filtered"])
     for st in range(c["step"], args.steps):
         attack = step_attack(args, st)
         if c["step_info"] is None:  # the step's start: per-step SPECTRE on the extra set's target part (steps >= 1)
@@ -189,7 +229,7 @@ def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
             s.log(rec, f"pud step {st} (no epochs)")
         # score every training sample; next extra set from the pool, poison set from all samples
         scores = consistency_scores(ref_logits, all_logits(model, inf.poisoned, args.eval_bs, s.cl), argmax_penalty=True)
-        c["poison_set"] = bottom_fraction(scores, args.poison_fraction, poison_candidates(args.poison_candidates, labels, t))
+        c["poison_set"] = bottom_fraction(scores, args.poison_fraction, candidates)
         det = detection_stats(c["poison_set"], truth)
         info.update({"poison_set_size": len(c["poison_set"]), "poison_precision": det["precision"],
                      "poison_recall": det["recall"], **{k: s.history[-1].get(k) for k in ("clean_acc", "asr", "robust_acc")}})

@@ -1,0 +1,101 @@
+"""The target-class split (utils.class_split) and PUD's 'filtered' poison candidates."""
+import pytest
+import torch
+
+from utils.class_split import effective_classes, non_target_confidence, split_target_class, two_means
+from utils.defense import poison_candidates
+from utils.errors import UserError
+
+TARGET = 0
+CLASSES = 10
+
+
+def planted(n_clean=120, n_poison=150, dim=32, evidence_on_poison=True, concentrated=None, seed=0):
+    """Target-labelled samples: a genuine cluster and a poison cluster (by default the larger, as at pc = 0.1).
+
+    Every sample's logits favour the target. The poisons are images of the other classes, so their non-target
+    logits peak strongly on their own (random) source class; genuine images lean weakly to one neighbouring
+    class (1). ``evidence_on_poison=False`` swaps the two logit patterns between the clusters; ``concentrated``
+    (a cluster's truth value) makes that cluster's strong evidence point at class 2 only.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = n_clean + n_poison
+    truth = torch.cat([torch.zeros(n_clean, dtype=torch.bool), torch.ones(n_poison, dtype=torch.bool)])
+    reps = torch.randn(n, dim, generator=g)
+    reps[truth] += 8.0 * torch.randn(dim, generator=g) / dim ** 0.5
+    logits = torch.randn(n, CLASSES, generator=g)
+    logits[:, TARGET] += 12.0
+    strong = torch.nonzero(truth == evidence_on_poison).flatten()
+    weak = torch.nonzero(truth != evidence_on_poison).flatten()
+    src = torch.randint(1, CLASSES, (len(strong),), generator=g)
+    if concentrated is not None and concentrated == evidence_on_poison:
+        src[:] = 2
+    logits[strong, src] += 6.0
+    logits[weak, 1] += 3.0
+    perm = torch.randperm(n, generator=g)  # the split must not depend on the order
+    return reps[perm], logits[perm], truth[perm]
+
+
+def test_split_flags_the_poison_majority_cluster():
+    reps, logits, truth = planted()
+    res = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1))
+    flagged = res.flagged_mask
+    precision = (flagged & truth).sum() / flagged.sum()
+    recall = (flagged & truth).sum() / truth.sum()
+    assert precision >= 0.95 and recall >= 0.95
+    assert res.confidence[res.flagged_cluster] > res.confidence[1 - res.flagged_cluster]
+    assert sorted(res.sizes) == sorted([int(flagged.sum()), int((~flagged).sum())])
+    assert res.applied and res.spread[res.flagged_cluster] >= 1.25 * res.spread[1 - res.flagged_cluster]
+    assert res.separation > 1.0
+
+
+def test_split_is_not_applied_when_the_confident_cluster_spreads_over_few_classes():
+    """A sub-mode of one class confidently like a single other class (not images of many classes): nothing flagged."""
+    reps, logits, truth = planted(concentrated=True)
+    res = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1))
+    assert not res.applied and not res.flagged_mask.any()
+    assert res.spread[res.flagged_cluster] < res.spread[1 - res.flagged_cluster]
+    assert (res.assign == res.assign[truth][0]).eq(truth).float().mean() >= 0.95  # the clusters themselves were found
+
+
+def test_split_follows_the_content_signal_not_the_cluster_size():
+    """Which cluster is flagged is decided by the other-class evidence alone: move it and the flag moves."""
+    reps, logits, truth = planted(evidence_on_poison=False)
+    res = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1))
+    assert (res.flagged_mask == ~truth).float().mean() >= 0.95
+
+
+def test_non_target_confidence_ignores_the_target_logit():
+    logits = torch.tensor([[100.0, 2.0, 0.0], [100.0, 0.0, 3.0], [-5.0, 1.0, 1.0]])
+    conf, pred = non_target_confidence(logits, 0)
+    expected = torch.sigmoid(torch.tensor([2.0, 3.0, 0.0]))
+    assert torch.allclose(conf, expected, atol=1e-6) and pred[:2].tolist() == [1, 2]
+
+
+def test_effective_classes_counts_how_many_classes_predictions_spread_over():
+    assert effective_classes(torch.tensor([3, 3, 3]), 5) == pytest.approx(1.0)
+    assert effective_classes(torch.tensor([1, 2, 3, 4]), 5) == pytest.approx(4.0)
+    assert effective_classes(torch.tensor([1, 1, 2, 2]), 5) == pytest.approx(2.0)
+
+
+def test_two_means_recovers_two_blobs_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    z = torch.cat([torch.randn(40, 3, generator=g), torch.randn(60, 3, generator=g) + 10.0])
+    a = two_means(z, torch.Generator().manual_seed(5))
+    assert len(set(a[:40].tolist())) == 1 and len(set(a[40:].tolist())) == 1 and a[0] != a[40]
+    assert torch.equal(a, two_means(z, torch.Generator().manual_seed(5)))
+
+
+def test_split_rejects_mismatched_inputs_and_skips_tiny_sets():
+    with pytest.raises(ValueError, match="same samples"):
+        split_target_class(torch.zeros(5, 4), torch.zeros(6, 3), 0)
+    res = split_target_class(torch.randn(3, 4), torch.randn(3, 3), 0)
+    assert not res.flagged_mask.any()
+
+
+def test_filtered_poison_candidates_are_the_removed_samples():
+    labels = torch.tensor([0, 1, 0, 0])
+    removed = torch.tensor([0, 3])
+    assert torch.equal(poison_candidates("filtered", labels, 0, removed), removed)
+    with pytest.raises(UserError, match="removed none"):
+        poison_candidates("filtered", labels, 0, torch.zeros(0, dtype=torch.long))
