@@ -135,8 +135,8 @@ def _add_target_estimate(g) -> None:
     g.add_argument("--target_images", type=int, default=1000, help="training images attacked for the target estimate")
 
 
-def _add_balanced_selection(g) -> None:
-    g.add_argument("--balanced_selection", type=int, choices=(0, 1), default=0,
+def _add_balanced_selection(g, default: int) -> None:
+    g.add_argument("--balanced_selection", type=int, choices=(0, 1), default=default,
                    help="1: the next extra set keeps the top share of every label; 0: a global top share (paper code)")
 
 
@@ -165,7 +165,7 @@ def _add_pbe(p: argparse.ArgumentParser) -> None:
     g.add_argument("--poison_candidates", choices=("target", "all"), default="target",
                    help="the detector flags the lowest --detect_fraction (of all samples) among the samples labelled as "
                         "the target (all2one) or among all samples (paper code)")
-    _add_balanced_selection(g)
+    _add_balanced_selection(g, 0)  # PBE: 1 brings poisons back with the target class (measured, README)
     g.add_argument("--quarantine", type=int, choices=(0, 1), default=1,
                    help="1: every sample the detector flags after a round is kept out of all later extra sets; "
                         "0: the next extra set is the plain top share (paper code)")
@@ -200,7 +200,7 @@ def _add_pud(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init_ratio", type=fraction, default=0.05, help="random share of the pool used as extra set in step 0")
     g.add_argument("--top_rates", type=fraction, nargs="*", default=[0.2, 0.4, 0.7, 0.8],
                    help="share of the pool kept as the next extra set after each step but the last")
-    _add_balanced_selection(g)
+    _add_balanced_selection(g, 1)  # PUD: its filtered pool is clean; a global share costs clean accuracy (README)
     g.add_argument("--poison_candidates", choices=tuple(POISON_CANDIDATES), default="target",
                    help="draw the poison set from the samples labelled as the target (all2one), from those the initial "
                         "filtering removed (filtered), or from all (paper code)")

@@ -134,3 +134,21 @@ def test_torn_write_leaves_the_previous_file(tmp_path):
         atomic_write(str(path), dies_halfway)
     assert path.read_bytes() == b"the good checkpoint"
     assert os.listdir(tmp_path) == ["model.pt"]
+
+
+def test_atomic_write_syncs_the_data_before_the_rename(tmp_path, monkeypatch):
+    """The temp file is fsynced while it still holds the new bytes under its temp name, then the folder."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name an open file descriptor")
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((os.path.basename(target), os.path.isdir(target) or open(target, "rb").read()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    atomic_write(str(tmp_path / "model.pt"), lambda tmp: open(tmp, "wb").write(b"new"))
+    assert synced[0][0].startswith("model.pt.") and synced[0][1] == b"new"
+    assert synced[-1] == (tmp_path.name, True)

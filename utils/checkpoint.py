@@ -35,10 +35,25 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path: str) -> None:
+    """Flush a file's (or a folder's) data to disk; folders cannot be opened on some systems (Windows): skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str, write) -> None:
     """Call ``write(tmp_path)``, then rename the temp file over ``path`` (same folder, so the rename is atomic).
 
-    A crash or a signal during ``write`` leaves the old file (or none) and never a torn one. ``mkstemp``
+    A crash or a signal during ``write`` leaves the old file (or none) and never a torn one; the data and the
+    rename are fsynced, so a power cut does not either. ``mkstemp``
     creates the temp file 0600; it gets the usual umask-based mode, so run folders stay readable by the team.
     Under torchrun only rank 0 writes; on the other ranks this is a no-op.
     """
@@ -50,8 +65,10 @@ def atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)  # the data is on disk before the rename makes it the file (a power cut keeps old or new)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        _fsync(folder)  # and the rename itself
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

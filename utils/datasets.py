@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from utils.checkpoint import atomic_write
 from utils.errors import UserError
 
 
@@ -175,9 +176,7 @@ def _gtsrb(spec: DatasetSpec, root: str, train: bool, download: bool) -> ImageSe
             xs.append(np.asarray(im.convert("RGB").resize((spec.size, spec.size), Image.BILINEAR)))
         ys.append(label)
     out = _to_imageset(np.stack(xs), ys, spec.num_classes)
-    tmp = cache + ".tmp"
-    torch.save({"x": out.x, "y": out.y}, tmp)
-    os.replace(tmp, cache)
+    atomic_write(cache, lambda tmp: torch.save({"x": out.x, "y": out.y}, tmp))  # a unique temp name per writer
     return out
 
 
