@@ -103,6 +103,14 @@ def test_pud_under_torchrun_completes_with_one_writer_and_the_same_filtering(inf
     assert a["target"] == b["target"] and a["spectre_initial"] == b["spectre_initial"] and a["initial"] == b["initial"]
     assert [st["step"] for st in a["steps"]] == [0, 1] and a["unlearning"]["epochs"] == 1
     assert abs(a["final"]["clean_acc"] - b["final"]["clean_acc"]) <= 0.1, (a["final"], b["final"])
+    # unlearning and the mean teacher are sharded too: each rank trains on half of its run's set (one epoch each)
+    for summary, run_dir, ranks in ((a, ddp_dir, 2), (b, one_dir, 1)):
+        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        unlearn_set = summary["unlearning"]["extra_size"]
+        teacher_set = unlearn_set - summary["mt_refresh"]["dropped"]
+        for stage, size in (("unlearning", unlearn_set), ("mean_teacher", teacher_set)):
+            seen = [r["images"] for r in recs if r.get("stage") == stage]
+            assert len(seen) == 1 and abs(seen[0] - size / ranks) <= 1, (stage, ranks, seen, size)
 
 
 AFT = ["--aft_epochs", "2", "--adv_epochs", "1", "--extra_ratio", "0.2", "--bs", "64", "--ft_lr", "0.01",

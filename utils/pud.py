@@ -11,9 +11,9 @@
 4. Machine unlearning (CE on the extra set − λ·bounded CE on the poison set + μ·L1 to a frozen copy).
 5. Mean-teacher fine-tuning on the extra set (EMA teacher, softmax consistency).
 
-Under torchrun the progressive fine-tuning is data-parallel (each rank its share of the extra set);
-scores, SPECTRE flags and selections are rank 0's, broadcast; unlearning and the mean teacher run
-the same full passes on every rank (same data, same seed, so the same weights), not yet sharded.
+Under torchrun every training epoch is data-parallel (each rank its share of the extra set, and in
+unlearning of the poison set; DDP averages the gradients); scores, SPECTRE flags, the class split and
+selections are rank 0's, broadcast.
 """
 from __future__ import annotations
 
@@ -262,22 +262,21 @@ def unlearn(s: DefenseSession, c: dict, objects: dict) -> None:
         c["epoch_global"] += 1
         ep = c["epoch_global"]
         parts_sum = {"clean_ce": 0.0, "poison_ce": 0.0, "loss": 0.0}
-        nb = 0
+        nb = images = 0
         model.train()
         poison_iter = iter(())
-        for _, xc, yc in progress(inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=extra,
-                                                       augment=inf.augment), desc=f"unlearn {e + 1}"):
+        for _, xc, yc in progress(dist.epoch_batches(inf.poisoned, args.bs, s.gen, inf.augment, indices=extra),
+                                  desc=f"unlearn {e + 1}"):
             batch_start("pud unlearning", ep, nb)
             batch = next(poison_iter, None)
-            if batch is None:
-                poison_iter = iter(inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen, indices=poison_set,
-                                                        augment=inf.augment))
+            if batch is None:  # torchrun: every rank restarts its poison shard at the same batch (equal shards)
+                poison_iter = iter(dist.epoch_batches(inf.poisoned, args.bs, s.gen, inf.augment, indices=poison_set))
                 batch = next(poison_iter)
             _, xp, yp = batch
             x = torch.cat([xc, xp])
             if s.cl:
                 x = x.contiguous(memory_format=torch.channels_last)
-            logits = model(x)
+            logits = s.train_model(x)  # DDP under torchrun: each rank its shard, gradients averaged
             loss, parts = unlearning_loss(logits[:len(yc)], yc, logits[len(yc):], yp, model, reference,
                                           lam=args.unlearn_lambda, mu=args.unlearn_mu,
                                           poison_loss_bound=args.poison_loss_bound)
@@ -289,8 +288,11 @@ def unlearn(s: DefenseSession, c: dict, objects: dict) -> None:
                 parts_sum[k] += parts[k]
             unlearning["clipped_batches"] += int(parts["poison_clipped"])
             nb += 1
+            images += len(yc)
+        dist.sync_buffers(model)
         unlearning["batches"] += nb
-        rec = {"epoch": ep, "stage": "unlearning", **{k: v / max(nb, 1) for k, v in parts_sum.items()}, **s.evaluate()}
+        parts_mean = dist.mean_over_ranks({k: v / max(nb, 1) for k, v in parts_sum.items()})
+        rec = {"epoch": ep, "stage": "unlearning", **parts_mean, "images": images, **s.evaluate()}
         unlearning["history"].append({k: rec[k] for k in ("epoch", "clean_ce", "poison_ce", "loss", "clean_acc", "asr")
                                       if k in rec})
         s.log(rec, f"pud unlearning {e + 1}/{args.unlearn_epochs}")
@@ -333,15 +335,14 @@ def mean_teacher(s: DefenseSession, c: dict, objects: dict) -> None:
         ep = c["epoch_global"]
         model.train()
         loss_sum, n_seen = 0.0, 0
-        for i, (_, x, y) in enumerate(progress(inf.poisoned.batches(args.bs, shuffle=True, generator=s.gen,
-                                                                    indices=c["extra"], augment=inf.augment),
-                                               desc=f"mean teacher {e + 1}")):
+        for i, (_, x, y) in enumerate(progress(dist.epoch_batches(inf.poisoned, args.bs, s.gen, inf.augment,
+                                                                  indices=c["extra"]), desc=f"mean teacher {e + 1}")):
             batch_start("pud mean teacher", ep, i)
             if s.cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             if args.mt_adv:
                 x = attack(teacher, x, y, generator=s.gen)
-            logits = model(x)
+            logits = s.train_model(x)
             with torch.no_grad():
                 t_logits = teacher(x)
             loss = F.cross_entropy(logits, y) + args.mt_weight * softmax_consistency(logits, t_logits)
@@ -353,7 +354,10 @@ def mean_teacher(s: DefenseSession, c: dict, objects: dict) -> None:
             c["gstep"] += 1
             loss_sum += loss.item() * len(y)
             n_seen += len(y)
-        rec = {"epoch": ep, "stage": "mean_teacher", "loss": loss_sum / max(n_seen, 1), **s.evaluate()}
+        dist.sync_buffers(model)
+        dist.sync_buffers(teacher)  # its EMA of the student's per-rank BatchNorm statistics
+        rec = {"epoch": ep, "stage": "mean_teacher", **dist.mean_over_ranks({"loss": loss_sum / max(n_seen, 1)}),
+               "images": n_seen, **s.evaluate()}
         s.log(rec, f"pud mean teacher {e + 1}/{args.mt_epochs}")
         c["epoch"] = e + 1
         c["teacher"] = teacher.state_dict()
