@@ -49,30 +49,27 @@ def representations(s: DefenseSession, indices: torch.Tensor) -> torch.Tensor:
         raise UserError(f"--spectre_layer: {e}") from None
 
 
-def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float, reps: torch.Tensor | None = None) -> torch.Tensor:
+def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float,
+                   reps: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (subset of ``indices``) SPECTRE flags on the infected model's representations."""
     reps = representations(s, indices) if reps is None else reps
     res = spectre_filter(reps.double(), fraction)
     return dist.broadcast(indices[res.flagged_mask.cpu()].sort().values)  # torchrun: rank 0's (a fixed count)
 
 
-def split_remove(s: DefenseSession, indices: torch.Tensor, target: int, reps: torch.Tensor, truth: torch.Tensor) -> tuple:
+def split_remove(s: DefenseSession, indices: torch.Tensor, target: int, reps: torch.Tensor,
+                 truth: torch.Tensor) -> tuple:
     """The target class's suspicious cluster (``utils.class_split``): its indices and a record for the summary."""
-    with torch.no_grad():
-        logits = torch.cat([s.inf.reference(x).float().cpu()
-                            for _, x, _ in s.inf.poisoned.batches(s.args.eval_bs, shuffle=False, indices=indices)])
+    logits = all_logits(s.inf.reference, s.inf.poisoned, s.args.eval_bs, s.cl)[indices]  # rank 0's under torchrun
     # its own seeded generator: a split that is not applied leaves the run identical to --class_split 0
     res = split_target_class(reps, logits, target, min_spread=s.args.class_split_spread,
                              generator=torch.Generator().manual_seed(s.args.seed))
-    flagged = indices[res.flagged_mask]
-    # torchrun: rank 0's cluster (the count may differ between ranks, so its size goes first)
-    size = int(dist.broadcast(torch.tensor([len(flagged)]))[0])
-    flagged = dist.broadcast(flagged if dist.is_main() else torch.zeros(size, dtype=torch.long))
+    flagged = indices[dist.broadcast(res.flagged_mask.to(torch.uint8)).bool()]  # torchrun: rank 0's cluster
     rec = {**spectre_record(flagged, len(indices), truth), "recall": detection_stats(flagged, truth)["recall"],
            "applied": res.applied, "cluster_sizes": list(res.sizes),
            "cluster_confidence": [round(c, 4) for c in res.confidence], "cluster_spread": [round(c, 2) for c in res.spread],
            "suspicious_cluster": res.flagged_cluster, "separation": round(res.separation, 3)}
-    return flagged.sort().values, rec
+    return flagged, rec
 
 
 def spectre_record(removed: torch.Tensor, considered: int, truth: torch.Tensor) -> dict:
@@ -102,8 +99,8 @@ def frozen_copy(model: torch.nn.Module, state_dict: dict | None = None) -> torch
 def initial_carry() -> dict:
     """PUD's loop cursor and loop-carried values: everything a resumed run needs besides model/optimizer/scheduler."""
     return {"stage": "target", "epoch_global": 0, "target": None, "spectre_initial": None, "pool": None,
-            "filtered": None, "extra": None, "poison_set": torch.zeros(0, dtype=torch.long), "step": 0, "epoch": 0, "step_info": None,
-            "steps": [], "unlearning": None, "mt_refresh": None, "reference": None, "teacher": None, "gstep": 0}
+            "filtered": None, "extra": None, "poison_set": torch.zeros(0, dtype=torch.long), "step": 0, "epoch": 0,
+            "step_info": None, "steps": [], "unlearning": None, "mt_refresh": None, "reference": None, "teacher": None, "gstep": 0}
 
 
 def run_pud(args) -> dict:
@@ -139,7 +136,8 @@ def run_pud(args) -> dict:
             mean_teacher(s, c, objects)
         settings = {k: getattr(args, k) for k in (
             "target_label", "target_eps", "target_images", "spectre_layer", "spectre_remove", "spectre_step_remove",
-            "spectre_min", "class_split", "class_split_spread", "steps", "step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div",
+            "spectre_min", "class_split", "class_split_spread", "steps", "step_epochs", "step_adv_epochs", "step_partial",
+            "step_eps", "step_alpha_div",
             "step_pgd_steps", "partial_batches", "init_ratio", "top_rates", "poison_fraction", "poison_candidates",
             "balanced_selection", "mt_refresh", "pud_lr", "pud_milestones",
             "unlearn_epochs", "unlearn_lambda", "unlearn_mu", "poison_loss_bound", "mt_epochs", "mt_weight", "ema_decay",
@@ -155,17 +153,20 @@ def initial_spectre(s: DefenseSession, c: dict) -> None:
     n = len(inf.poisoned)
     truth = inf.poisoned.is_poison.cpu()
     tidx = torch.nonzero(inf.poisoned.train_labels.cpu() == c["target"]["used"]).flatten()
-    reps = representations(s, tidx) if len(tidx) > 1 else None
-    removed = spectre_remove(s, tidx, args.spectre_remove, reps) if len(tidx) > 1 else torch.zeros(0, dtype=torch.long)
+    removed, reps = torch.zeros(0, dtype=torch.long), None
+    if len(tidx) > 1:
+        reps = representations(s, tidx)  # read once: SPECTRE and the class split use the same representations
+        removed = spectre_remove(s, tidx, args.spectre_remove, reps)
     record = {**spectre_record(removed, len(tidx), truth), "recall": detection_stats(removed, truth)["recall"]}
     print(f"initial SPECTRE: removed {len(removed)} of {len(tidx)} target-labelled samples "
           f"({record['removed_poison']} truly poisoned)", flush=True)
-    if args.class_split and len(tidx) > 1:
+    if args.class_split and reps is not None:
         split, record["class_split"] = split_remove(s, tidx, c["target"]["used"], reps, truth)
         sp = record["class_split"]
         print(f"target-class split: clusters {sp['cluster_sizes']}, non-target confidence {sp['cluster_confidence']}, "
               f"spread over {sp['cluster_spread']} classes; " + (
-                  f"removed cluster {sp['suspicious_cluster']}: {sp['removed']} samples ({sp['removed_poison']} truly poisoned)"
+                  f"removed cluster {sp['suspicious_cluster']}: {sp['removed']} samples "
+                  f"({sp['removed_poison']} truly poisoned)"
                   if sp["applied"] else "not applied (the more confident cluster does not spread over more classes)"),
               flush=True)
         removed = torch.unique(torch.cat([removed, split]))
