@@ -113,8 +113,9 @@ def test_pud_under_torchrun_completes_with_one_writer_and_the_same_filtering(inf
             assert len(seen) == 1 and abs(seen[0] - size / ranks) <= 1, (stage, ranks, seen, size)
 
 
+# --eval_bs 64: 4 test batches, so each process attacks 2 in the robust evaluation (sharded, summed)
 AFT = ["--aft_epochs", "2", "--adv_epochs", "1", "--extra_ratio", "0.2", "--bs", "64", "--ft_lr", "0.01",
-       "--test_subset", "200", "--eval_steps", "2", "--device", "cpu"]
+       "--test_subset", "200", "--eval_steps", "2", "--eval_bs", "64", "--device", "cpu"]
 
 
 def test_aft_under_torchrun_matches_one_process(infected_run, tmp_path):
@@ -130,7 +131,8 @@ def test_aft_under_torchrun_matches_one_process(infected_run, tmp_path):
     assert r2.stdout.count("aft: ") == 1 and r2.stdout.count("aft epoch 2/2") == 1, r2.stdout
     a = json.loads((ddp_dir / "summary.json").read_text())
     b = json.loads((one_dir / "summary.json").read_text())
-    assert a["initial"] == b["initial"]  # same infected model, same evaluation (sharded and summed vs one pass)
+    # same infected model, same evaluation (sharded and summed vs one pass), robust accuracy included
+    assert a["initial"] == b["initial"] and "robust_acc" in a["initial"]
     assert a["settings"]["extra_size"] == b["settings"]["extra_size"] == 400
     for k in ("clean_acc", "asr"):
         assert abs(a["final"][k] - b["final"][k]) <= 0.05, (k, a["final"], b["final"])

@@ -443,3 +443,45 @@ def test_eps_outside_needs_a_linf_window_and_at_most_eps(trained, kw):
         PGD(**args)
     with pytest.raises(ValueError):
         pgd(model, x[:4], y[:4], **args)
+
+
+@pytest.mark.parametrize("kw", [dict(norm="linf"), dict(norm="l2"), dict(norm="linf", restarts=3),
+                                dict(norm="linf", window=3, eps=1.0, eps_outside=0.02), dict(norm="l2", window=3),
+                                dict(norm="linf", random_start=False, window=3, restarts=2)])
+def test_skip_leaves_the_generator_where_the_attack_does(trained, kw):
+    """``PGD.skip`` (a batch another rank attacks) makes exactly the attack's random draws."""
+    model, _, x, y = trained
+    attack = PGD(**{"eps": 0.05, "alpha": 0.01, "steps": 2, **kw})
+    g_attack, g_skip = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    start = g_skip.get_state()
+    attack(model, x[:20], y[:20], generator=g_attack)
+    attack.skip(x[:20], g_skip)
+    assert not torch.equal(g_skip.get_state(), start)  # the attack draws something: the check below can fail
+    assert torch.equal(g_skip.get_state(), g_attack.get_state())
+    # nothing to attack: neither draws
+    for atk, xs in ((PGD(eps=0.0, steps=2), x[:20]), (attack, x[:0])):
+        atk(model, xs, y[:len(xs)], generator=g_attack)
+        atk.skip(xs, g_skip)
+    assert torch.equal(g_skip.get_state(), g_attack.get_state())
+
+
+def test_sharded_robust_accuracy_sums_to_the_one_process_number(trained, monkeypatch):
+    """Under torchrun each rank attacks every world-th batch from the random start one process would draw."""
+    import utils.adversarial as adv
+
+    model, test, _, _ = trained
+    attack = PGD(eps=0.04, alpha=0.01, steps=3, restarts=2)  # random starts: skipped batches must advance the generator
+    kw = dict(batch_size=40, max_images=250)
+    one = robust_accuracy(model, test, attack, generator=torch.Generator().manual_seed(3), **kw)
+    correct = n = 0
+    for r in range(3):
+        monkeypatch.setattr(adv, "world_size", lambda: 3)
+        monkeypatch.setattr(adv, "rank", lambda r=r: r)  # all_reduce_sum is the identity in one process
+        part = robust_accuracy(model, test, attack, generator=torch.Generator().manual_seed(3), **kw)
+        n_r = part["robust_eval"]["images"]
+        assert n_r == (90, 80, 80)[r]  # batches 0, 3, 6 (the last 10 images) | 1, 4 | 2, 5
+        correct += round(part["robust_acc"] * n_r)
+        n += n_r
+    assert n == one["robust_eval"]["images"] == 250
+    assert correct == round(one["robust_acc"] * 250)
+    assert 0.1 < one["robust_acc"] < 0.95

@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.distributed import all_reduce_sum, rank, sync_buffers, world_size
+
 __all__ = ["NORMS", "PGD", "pgd", "robust_accuracy", "attack_view"]
 
 EVAL_BN_AFFINE = True
@@ -248,6 +250,30 @@ def attack_view(model: nn.Module) -> nn.Module:
     return view if view is not None else model
 
 
+def _run_draws(x: Tensor, eps: float, norm: str, random_start: bool, generator: torch.Generator | None,
+               window: int, eps_outside: float) -> tuple[Tensor | None, float | Tensor, Tensor | None]:
+    """One run's random draws, in the order every run makes them: the windows, then the start.
+
+    Returns (window mask or None, per-pixel or scalar bound, random start or None). ``PGD.skip`` makes the
+    same draws without attacking, so the generator ends where attacking the batch would leave it.
+    """
+    mask = _window_mask(x, window, generator)
+    bound = eps
+    if mask is not None and norm == "linf":
+        bound = eps * mask + eps_outside * (1 - mask)
+    delta = _random_start(x, bound, norm, generator) if random_start else None
+    return mask, bound, delta
+
+
+def _run_count(x: Tensor, eps: float, steps: int, random_start: bool, restarts: int, window: int) -> int:
+    """How many PGD runs attacking ``x`` makes (0: it returns ``x`` unchanged and draws nothing)."""
+    if eps == 0 or steps == 0 or x.shape[0] == 0:
+        return 0
+    if window > min(x.shape[-2:]):
+        raise ValueError(f"window {window} is larger than the {x.shape[-2]}x{x.shape[-1]} images")
+    return restarts if (random_start or window) else 1  # without random starts or windows every restart is the same
+
+
 def _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window=0,
          eps_outside=0.0) -> Tensor:
     """One PGD run from one (random or zero) start; returns the detached final iterate.
@@ -256,14 +282,11 @@ def _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, ge
     then works with a per-pixel budget (``eps`` inside the window, ``eps_outside`` elsewhere) and
     steps of ``alpha`` scaled by the same ratio, so both parts take their budget in the same steps.
     """
-    mask = _window_mask(x, window, generator)
-    bound = eps
-    if mask is not None and norm == "linf":
-        bound = eps * mask + eps_outside * (1 - mask)
+    mask, bound, delta = _run_draws(x, eps, norm, random_start, generator, window, eps_outside)
     step_size = alpha * (bound / eps) if torch.is_tensor(bound) else alpha
     x_adv = x.clone()
-    if random_start:
-        x_adv = _project(x_adv + _random_start(x, bound, norm, generator), x, bound, norm, clamp, mask)
+    if delta is not None:
+        x_adv = _project(x_adv + delta, x, bound, norm, clamp, mask)
     sign = -1.0 if targeted else 1.0  # targeted: descend CE toward the target labels
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -321,12 +344,9 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
         y = y.detach().clone()
         if clamp:
             x = x.clamp(0.0, 1.0)
-        if eps == 0 or steps == 0 or x.shape[0] == 0:
+        runs = _run_count(x, eps, steps, random_start, restarts, window)
+        if runs == 0:
             return x
-        if window > min(x.shape[-2:]):
-            raise ValueError(f"window {window} is larger than the {x.shape[-2]}x{x.shape[-1]} images")
-        # without a random start (and without random windows) every restart is the same run
-        runs = restarts if (random_start or window) else 1
         with eval_mode(model):
             net = attack_view(model)
             best = _run(net, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window, eps_outside)
@@ -363,6 +383,16 @@ class PGD:
                    generator=generator if generator is not None else self.generator, window=self.window,
                    eps_outside=self.eps_outside)
 
+    def skip(self, x: Tensor, generator: torch.Generator | None = None) -> None:
+        """Advance the generator exactly as attacking the batch ``x`` would, without attacking it.
+
+        Under torchrun each rank attacks every world-th test batch and skips the others, so every batch gets
+        the random start one process would draw and the summed robust accuracy equals the one-process number.
+        """
+        gen = generator if generator is not None else self.generator
+        for _ in range(_run_count(x, self.eps, self.steps, self.random_start, self.restarts, self.window)):
+            _run_draws(x, self.eps, self.norm, self.random_start, gen, self.window, self.eps_outside)
+
     def settings(self) -> dict:
         return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "norm": self.norm,
                 "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted,
@@ -378,6 +408,8 @@ def robust_accuracy(model: nn.Module, test, attack: PGD, batch_size: int = 256, 
 
     Uses the first ``max_images`` images (all if None). Returns ``{"robust_acc": fraction,
     "robust_eval": attack.settings() + {"images": n}}``; the model's train/eval flags are restored.
+    Under torchrun each rank attacks every world-th batch and skips the others (``PGD.skip``: same
+    random starts as one process) and the counts are summed, so the result equals one process's.
     """
     if attack.targeted:
         raise ValueError("robust_accuracy needs an untargeted attack (y are the true labels)")
@@ -385,17 +417,25 @@ def robust_accuracy(model: nn.Module, test, attack: PGD, batch_size: int = 256, 
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_images is not None and max_images < 0:
         raise ValueError(f"max_images must be >= 0 or None, got {max_images}")
-    n = correct = 0
+    world, me = world_size(), rank()
+    if world > 1:
+        sync_buffers(model)  # every rank attacks the same model
+    seen = n = correct = 0
     with eval_mode(model):
-        for _, x, y in test.batches(batch_size):
+        for b, (_, x, y) in enumerate(test.batches(batch_size)):
             if max_images is not None:
-                if n >= max_images:
+                if seen >= max_images:
                     break
-                x, y = x[:max_images - n], y[:max_images - n]
+                x, y = x[:max_images - seen], y[:max_images - seen]
+            seen += y.numel()
+            if b % world != me:  # torchrun: another rank attacks this batch
+                attack.skip(x, generator)
+                continue
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             x_adv = attack(model, x, y, generator=generator)
             with torch.no_grad():
                 correct += (model(x_adv).argmax(1) == y).sum().item()
             n += y.numel()
+    correct, n = all_reduce_sum(torch.tensor([correct, n])).tolist()
     return {"robust_acc": correct / max(n, 1), "robust_eval": {**attack.settings(), "images": n}}
