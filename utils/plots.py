@@ -5,6 +5,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
 from utils.checkpoint import atomic_write  # noqa: E402
@@ -16,21 +17,32 @@ def _save(fig, path: str) -> None:
     plt.close(fig)
 
 
-def plot_curves(records: list[dict], path: str, panels: dict[str, list[str]], x_key: str = "epoch") -> None:
-    """One panel per entry of ``panels`` (title -> metric keys), each key a line over ``x_key``."""
+def plot_curves(records: list[dict], path: str, panels: dict[str, list[str]], x_key: str = "epoch",
+                more_rows: list[tuple[list[dict], dict[str, list[str]], str]] = ()) -> None:
+    """One panel per entry of ``panels`` (title -> metric keys), each key a line over ``x_key``.
+
+    ``more_rows``: further rows of panels, each ``(records, panels, x_key)`` (e.g. PUD's per-step figures
+    under its per-epoch curves). Every value is a fraction: the axes run from 0 to 1.
+    """
     if not is_main():  # torchrun: rank 0 draws
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels.items()):
-        for k in keys:
-            pts = [(r[x_key], r[k]) for r in records if k in r and r.get(k) is not None and x_key in r]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=k)
-        ax.set_title(title)
-        ax.set_xlabel(x_key)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    rows = [(records, panels, x_key), *more_rows]
+    ncols = max(len(p) for _, p, _ in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(4.5 * ncols, 3.4 * len(rows)), squeeze=False)
+    for row, (recs, row_panels, xk) in zip(axes, rows):
+        for ax, (title, keys) in zip(row, row_panels.items()):
+            for k in keys:
+                pts = [(r[xk], r[k]) for r in recs if k in r and r.get(k) is not None and xk in r]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=k)
+            ax.set_title(title)
+            ax.set_xlabel(xk)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, steps and rounds are counts
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        for ax in row[len(row_panels):]:
+            ax.axis("off")
     fig.tight_layout()
     _save(fig, path)
 

@@ -144,7 +144,33 @@ def run_pud(args) -> dict:
             "mt_adv", "return_teacher", "model_repair")}
         return s.finish(settings, {"target": c["target"], "spectre_initial": c["spectre_initial"], "steps": c["steps"],
                                    "unlearning": c["unlearning"], "mt_refresh": c["mt_refresh"]},
-                        panels={"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]})
+                        panels={"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]},
+                        more_rows=[(step_records(c["steps"], c["spectre_initial"]), STEP_PANELS, "step")])
+
+
+STEP_PANELS = {"per step: accuracy and attack": ["clean_acc", "robust_acc", "asr"],
+               "per step: filtering": ["extra_poison_share", "poison_precision", "poison_recall"],
+               "per step: SPECTRE": ["spectre_precision", "spectre_removed_share"]}
+
+
+def step_records(steps: list[dict], spectre_initial: dict | None) -> list[dict]:
+    """One record per progressive step for curves.png's second row (all fractions).
+
+    ``extra_poison_share``: the share of poisoned images in the set the step trained on (after its SPECTRE);
+    ``poison_*``: the step's identified poison set; ``spectre_*``: the step's SPECTRE on the extra set's target
+    part (step 0: the initial filtering, class split included), its precision and the share it removed.
+    """
+    recs = []
+    for info in steps:
+        sp = info.get("spectre") if info["step"] > 0 else spectre_initial
+        removed = None if sp is None else sp.get("filtered", sp.get("removed"))
+        recs.append({"step": info["step"],
+                     "extra_poison_share": info.get("extra_poison_share_after_spectre", info["extra_poison_share"]),
+                     **{k: info.get(k) for k in ("poison_precision", "poison_recall", "clean_acc", "robust_acc", "asr")},
+                     "spectre_precision": None if sp is None else sp.get("filtered_precision", sp.get("precision")),
+                     "spectre_removed_share": removed / sp["considered"] if removed is not None and sp["considered"]
+                     else None})
+    return recs
 
 
 def initial_spectre(s: DefenseSession, c: dict) -> None:

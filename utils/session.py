@@ -67,7 +67,9 @@ class DefenseSession:
         self.run.log(rec)
         print(log_line(prefix, rec), flush=True)
 
-    def finish(self, settings: dict, extra_summary: dict | None = None, panels: dict | None = None) -> dict:
+    def finish(self, settings: dict, extra_summary: dict | None = None, panels: dict | None = None,
+               more_rows: list = ()) -> dict:
+        """Final evaluation, model.pt, curves.png (``panels`` per epoch, then ``more_rows``), summary.json."""
         final = self.evaluate(robust=True)
         keys = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "robust_acc", "noise_acc")
         summary = {"defense": self.name, "initial": {k: self.initial[k] for k in keys if k in self.initial},
@@ -79,7 +81,7 @@ class DefenseSession:
                                                                     "history": self.history, "source": self.args.model_path}})
         save_checkpoint(self.run.file("model.pt"), payload)
         plot_curves(self.run.records(), self.run.file("curves.png"),
-                    panels or {"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]})
+                    panels or {"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]}, more_rows=more_rows)
         self.run.write_json("summary.json", summary)
         self.ctl.finish()
         print(log_line(f"final ({summary['seconds']:.0f}s)", summary["final"]) + f" | {self.args.out_dir}", flush=True)
