@@ -91,15 +91,18 @@ def test_pud_under_torchrun_completes_with_one_writer_and_the_same_filtering(inf
 
     ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
     model = str(infected_run / "model.pt")
+    # --eval_bs 64: the target vote (200 images), the logits and the robust evaluation have several batches a rank
+    args = ["PUD.py", "--model_path", model, *TINY, *FAST, "--eval_bs", "64"]
     r2 = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               "PUD.py", "--model_path", model, *TINY, *FAST, "--out_dir", str(ddp_dir)])
+               *args, "--out_dir", str(ddp_dir)])
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stdout.count("step 1: poison set") == 1, r2.stdout
-    r1 = _run(["PUD.py", "--model_path", model, *TINY, *FAST, "--out_dir", str(one_dir)], {"OMP_NUM_THREADS": "1"})
+    r1 = _run([*args, "--out_dir", str(one_dir)], {"OMP_NUM_THREADS": "1"})
     assert r1.returncode == 0, r1.stderr[-3000:]
     a = json.loads((ddp_dir / "summary.json").read_text())
     b = json.loads((one_dir / "summary.json").read_text())
-    # before any training both see the same model: the same target vote and the same SPECTRE removal
+    # before any training both see the same model: the same target vote, the same SPECTRE removal and class split
+    # (its non-target confidences come from the sharded logits) and the same initial robust accuracy
     assert a["target"] == b["target"] and a["spectre_initial"] == b["spectre_initial"] and a["initial"] == b["initial"]
     assert [st["step"] for st in a["steps"]] == [0, 1] and a["unlearning"]["epochs"] == 1
     assert abs(a["final"]["clean_acc"] - b["final"]["clean_acc"]) <= 0.1, (a["final"], b["final"])
@@ -219,3 +222,29 @@ def test_ddp_helpers_match_one_process_exactly_without_batchnorm():
     for a, b in zip(one["stats"], two["stats"]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["acc"] == pytest.approx(b["acc"], abs=1e-9)
     assert one["eval"] == two["eval"]
+
+
+def test_sharded_training_set_logits_sum_to_the_one_process_logits(monkeypatch):
+    """``all_logits`` under torchrun: each rank fills every N-th batch, zeros elsewhere; the sum is the full set."""
+    from models import build_model
+    from utils import distributed as dist
+    from utils.datasets import make_synthetic
+    from utils.defense import all_logits
+    from utils.poison import BackdoorSpec, PoisonedTrainSet
+    from utils.triggers import build_trigger
+
+    torch.manual_seed(0)
+    data = make_synthetic(130, seed=4)
+    poisoned = PoisonedTrainSet(data, BackdoorSpec(build_trigger("patch", (3, 32, 32)), "all2one", 0, 10), "fixed", 0.1,
+                                torch.arange(0, 130, 10))
+    model = build_model("cnn", 10, 3).eval()
+    one = all_logits(model, poisoned, batch_size=32)
+    assert one.shape == (130, 10) and one.abs().sum(1).min() > 0
+    parts = []
+    for r in range(2):
+        monkeypatch.setattr(dist, "owns_batch", lambda b, r=r: b % 2 == r)  # rank r of 2; the sum is done here
+        parts.append(all_logits(model, poisoned, batch_size=32))
+    owned = torch.arange(130) // 32 % 2  # batches 0, 2, 4 (rows 0-31, 64-95, 128-129) are rank 0's
+    for r, part in enumerate(parts):
+        assert torch.equal(part[owned == r], one[owned == r]) and not part[owned != r].any()
+    assert torch.equal(parts[0] + parts[1], one)

@@ -467,7 +467,7 @@ def test_skip_leaves_the_generator_where_the_attack_does(trained, kw):
 
 def test_sharded_robust_accuracy_sums_to_the_one_process_number(trained, monkeypatch):
     """Under torchrun each rank attacks every world-th batch from the random start one process would draw."""
-    import utils.adversarial as adv
+    import utils.distributed as dist
 
     model, test, _, _ = trained
     attack = PGD(eps=0.04, alpha=0.01, steps=3, restarts=2)  # random starts: skipped batches must advance the generator
@@ -475,8 +475,7 @@ def test_sharded_robust_accuracy_sums_to_the_one_process_number(trained, monkeyp
     one = robust_accuracy(model, test, attack, generator=torch.Generator().manual_seed(3), **kw)
     correct = n = 0
     for r in range(3):
-        monkeypatch.setattr(adv, "world_size", lambda: 3)
-        monkeypatch.setattr(adv, "rank", lambda r=r: r)  # all_reduce_sum is the identity in one process
+        monkeypatch.setattr(dist, "owns_batch", lambda b, r=r: b % 3 == r)  # rank r of 3; the sum is done here
         part = robust_accuracy(model, test, attack, generator=torch.Generator().manual_seed(3), **kw)
         n_r = part["robust_eval"]["images"]
         assert n_r == (90, 80, 80)[r]  # batches 0, 3, 6 (the last 10 images) | 1, 4 | 2, 5
@@ -485,3 +484,19 @@ def test_sharded_robust_accuracy_sums_to_the_one_process_number(trained, monkeyp
     assert n == one["robust_eval"]["images"] == 250
     assert correct == round(one["robust_acc"] * 250)
     assert 0.1 < one["robust_acc"] < 0.95
+
+
+def test_a_signal_stops_the_robust_evaluation_at_the_next_batch(trained):
+    """A long PGD evaluation is a batch loop like training: SIGINT/SIGTERM stop it there, not at the next save."""
+    import os
+    import signal
+
+    from utils import interrupt
+    from utils.errors import Interrupted
+
+    model, test, _, _ = trained
+    with interrupt.handle_signals():
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag
+        with pytest.raises(Interrupted, match="robust evaluation, batch 0"):
+            robust_accuracy(model, test, PGD(eps=0.04, alpha=0.01, steps=2), batch_size=50)
+    assert robust_accuracy(model, test, PGD(eps=0.04, alpha=0.01, steps=2), batch_size=50)["robust_eval"]["images"] == 300

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.distributed import all_reduce_sum, rank, sync_buffers, world_size
+from utils import distributed as dist, interrupt
 
 __all__ = ["NORMS", "PGD", "pgd", "robust_accuracy", "attack_view"]
 
@@ -417,9 +417,7 @@ def robust_accuracy(model: nn.Module, test, attack: PGD, batch_size: int = 256, 
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_images is not None and max_images < 0:
         raise ValueError(f"max_images must be >= 0 or None, got {max_images}")
-    world, me = world_size(), rank()
-    if world > 1:
-        sync_buffers(model)  # every rank attacks the same model
+    dist.sync_buffers(model)  # torchrun: every rank attacks the same model
     seen = n = correct = 0
     with eval_mode(model):
         for b, (_, x, y) in enumerate(test.batches(batch_size)):
@@ -428,7 +426,8 @@ def robust_accuracy(model: nn.Module, test, attack: PGD, batch_size: int = 256, 
                     break
                 x, y = x[:max_images - seen], y[:max_images - seen]
             seen += y.numel()
-            if b % world != me:  # torchrun: another rank attacks this batch
+            interrupt.check(f"the robust evaluation, batch {b}")  # a long pass: a signal stops it here
+            if not dist.owns_batch(b):  # torchrun: another rank attacks this batch
                 attack.skip(x, generator)
                 continue
             if channels_last:
@@ -437,5 +436,5 @@ def robust_accuracy(model: nn.Module, test, attack: PGD, batch_size: int = 256, 
             with torch.no_grad():
                 correct += (model(x_adv).argmax(1) == y).sum().item()
             n += y.numel()
-    correct, n = all_reduce_sum(torch.tensor([correct, n])).tolist()
+    correct, n = dist.all_reduce_sum(torch.tensor([correct, n])).tolist()
     return {"robust_acc": correct / max(n, 1), "robust_eval": {**attack.settings(), "images": n}}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dataloader import backdoor_from_checkpoint, load_data, make_augment, poisoned_train_from_checkpoint
 from models import model_from_checkpoint
-from utils import distributed as dist
+from utils import distributed as dist, interrupt
 from utils.adversarial import PGD
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
@@ -93,18 +93,23 @@ def finetune_epoch(model, optimizer, batches, attack: PGD | None, adv_batches: i
 def all_logits(model, poisoned: PoisonedTrainSet, batch_size: int = 512, channels_last=False) -> torch.Tensor:
     """Logits (on CPU) of every training sample as the model was trained on it, in index order, no augmentation.
 
-    Under torchrun every rank gets rank 0's logits, so all ranks score and select the same samples."""
+    Under torchrun each rank computes every N-th batch (rank 0's BatchNorm statistics) and the zero-filled parts are
+    summed, so every rank holds the same logits, equal to one process's, and all ranks score and select alike."""
     was = model.training
     model.eval()
-    out = []
+    dist.sync_buffers(model)
+    out = torch.zeros(len(poisoned), poisoned.data.num_classes)
     try:
-        for _, x, _ in poisoned.batches(batch_size, shuffle=False):
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out.append(model(x).float().cpu())
+        with torch.no_grad():
+            for b, (idx, x, _) in enumerate(poisoned.batches(batch_size, shuffle=False)):
+                if not dist.owns_batch(b):
+                    continue
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out[idx.cpu()] = model(x).float().cpu()
     finally:
         model.train(was)
-    return dist.broadcast(torch.cat(out))
+    return dist.all_reduce_sum(out)
 
 
 def consistency_scores(ref_logits: torch.Tensor, cur_logits: torch.Tensor, argmax_penalty: bool = False) -> torch.Tensor:
@@ -171,15 +176,18 @@ def estimate_target(s) -> dict:
     data = inf.poisoned.data
     n = min(args.target_images, len(data.y))
     idx = torch.randperm(len(data.y), generator=s.gen)[:n].sort().values
-    attack = PGD(eps=args.target_eps, alpha=args.target_eps / 4, steps=10, random_start=False)
-    preds = []
-    for _, x, y in data.batches(args.eval_bs, shuffle=False, indices=idx):
+    attack = PGD(eps=args.target_eps, alpha=args.target_eps / 4, steps=10, random_start=False)  # draws nothing
+    counts = torch.zeros(inf.backdoor.num_classes, dtype=torch.long)
+    for b, (_, x, y) in enumerate(data.batches(args.eval_bs, shuffle=False, indices=idx)):
+        interrupt.check(f"the target estimate, batch {b}")
+        if not dist.owns_batch(b):  # torchrun: every N-th batch per rank, the votes summed
+            continue
         if s.cl:
             x = x.contiguous(memory_format=torch.channels_last)
         x_adv = attack(inf.reference, x, y, generator=s.gen)
         with torch.no_grad():
-            preds.append(inf.reference(x_adv).argmax(1).cpu())
-    counts = torch.bincount(torch.cat(preds), minlength=inf.backdoor.num_classes)
+            counts += torch.bincount(inf.reference(x_adv).argmax(1).cpu(), minlength=len(counts))
+    counts = dist.all_reduce_sum(counts)
     est = int(counts.argmax())
     return {"estimate": est, "vote_share": float(counts[est]) / max(n, 1), "images": n, "pgd": attack.settings()}
 

@@ -13,7 +13,9 @@ entry script's run function) sees ``WORLD_SIZE > 1`` and joins the process group
 - gradients are averaged by ``DistributedDataParallel``; BatchNorm statistics are per rank (there
   is no SyncBatchNorm on CPU), and ``sync_buffers`` copies rank 0's running statistics to every
   rank before an evaluation, so all ranks evaluate the same model;
-- evaluation counts and training loss/accuracy are summed over ranks (``all_reduce_sum``);
+- evaluation counts and training loss/accuracy are summed over ranks (``all_reduce_sum``); fixed-order
+  passes (robust accuracy, the target estimate, training-set logits) give each rank every N-th batch
+  (``owns_batch``) and sum the results;
 - only rank 0 writes files (``is_main``; ``RunDir`` and ``save_checkpoint`` check it) and prints.
 """
 from __future__ import annotations
@@ -118,6 +120,15 @@ def eval_shard(n: int) -> torch.Tensor | None:
         return None
     bounds = [n * r // world for r in range(world + 1)]
     return torch.arange(bounds[rank()], bounds[rank() + 1])
+
+
+def owns_batch(b: int) -> bool:
+    """Whether this rank computes batch ``b`` of a fixed-order pass (round robin; always True on one process).
+
+    Robust accuracy, the target estimate and the training-set logits split their batches this way: every
+    batch keeps the composition it has in one process, so the summed result equals the one-process one.
+    """
+    return b % world_size() == rank()
 
 
 def _comm_device() -> torch.device:
