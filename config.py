@@ -187,6 +187,9 @@ def _add_pud(p: argparse.ArgumentParser) -> None:
     g.add_argument("--class_split_spread", type=fraction, default=1.25,
                    help="the split is applied only if the removed cluster's non-target predictions spread over this many "
                         "times as many classes as the other cluster's (poisons are images of many classes)")
+    g.add_argument("--class_split_tie", type=fraction, default=0.05,
+                   help="clusters whose mean non-target confidences differ by at most this much are told apart by "
+                        "their spread alone (overconfident models)")
     g.add_argument("--spectre_min", type=int, default=100, help="per-step SPECTRE runs only on at least this many target samples")
     g.add_argument("--steps", type=int, default=5, help="progressive steps")
     g.add_argument("--step_epochs", type=int, nargs="+", default=[10, 10, 10, 10, 30], help="fine-tuning epochs per step")
@@ -408,6 +411,7 @@ def validate_pud(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         _require(0 < v < 1, f"--{name} must be in (0, 1), got {v}")
     _require(args.class_split_spread > 0, f"--class_split_spread must be positive, got {args.class_split_spread}")
+    _require(0 <= args.class_split_tie < 1, f"--class_split_tie must be in [0, 1), got {args.class_split_tie}")
     _require(args.spectre_min > 0, f"--spectre_min must be positive, got {args.spectre_min}")
     _require(args.steps > 0, f"--steps must be positive, got {args.steps}")
     for name in ("step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div"):

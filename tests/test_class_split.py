@@ -99,3 +99,17 @@ def test_filtered_poison_candidates_are_the_removed_samples():
     assert torch.equal(poison_candidates("filtered", labels, 0, removed), removed)
     with pytest.raises(UserError, match="removed none"):
         poison_candidates("filtered", labels, 0, torch.zeros(0, dtype=torch.long))
+
+
+def test_tied_confidences_leave_the_choice_to_the_spread():
+    """An overconfident model: genuine images get a runner-up class as confident as the poisons' own classes."""
+    reps, logits, truth = planted()
+    logits[~truth, 1] += 3.0  # genuine: class 1 at +6, as strong as a poison's source class (slightly more confident)
+    tied = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1))
+    assert abs(tied.confidence[0] - tied.confidence[1]) <= 0.05  # the case under test
+    assert tied.applied and (tied.flagged_mask == truth).float().mean() >= 0.95
+    # without the tie rule the (marginally) more confident genuine cluster is the candidate, and the spread check
+    # refuses it: nothing is removed
+    strict = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1), confidence_tie=0.0)
+    assert not strict.applied and not strict.flagged_mask.any()
+    assert strict.confidence[strict.flagged_cluster] > strict.confidence[1 - strict.flagged_cluster]

@@ -63,6 +63,7 @@ def split_remove(s: DefenseSession, indices: torch.Tensor, target: int, reps: to
     logits = all_logits(s.inf.reference, s.inf.poisoned, s.args.eval_bs, s.cl)[indices]  # rank 0's under torchrun
     # its own seeded generator: a split that is not applied leaves the run identical to --class_split 0
     res = split_target_class(reps, logits, target, min_spread=s.args.class_split_spread,
+                             confidence_tie=s.args.class_split_tie,
                              generator=torch.Generator().manual_seed(s.args.seed))
     flagged = indices[dist.broadcast(res.flagged_mask.to(torch.uint8)).bool()]  # torchrun: rank 0's cluster
     rec = {**spectre_record(flagged, len(indices), truth), "recall": detection_stats(flagged, truth)["recall"],
@@ -136,9 +137,8 @@ def run_pud(args) -> dict:
             mean_teacher(s, c, objects)
         settings = {k: getattr(args, k) for k in (
             "target_label", "target_eps", "target_images", "spectre_layer", "spectre_remove", "spectre_step_remove",
-            "spectre_min", "class_split", "class_split_spread", "steps", "step_epochs", "step_adv_epochs", "step_partial",
-            "step_eps", "step_alpha_div",
-            "step_pgd_steps", "partial_batches", "init_ratio", "top_rates", "poison_fraction", "poison_candidates",
+            "spectre_min", "class_split", "class_split_spread", "class_split_tie", "steps", "step_epochs",
+            "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div", "step_pgd_steps", "partial_batches", "init_ratio", "top_rates", "poison_fraction", "poison_candidates",
             "balanced_selection", "mt_refresh", "pud_lr", "pud_milestones",
             "unlearn_epochs", "unlearn_lambda", "unlearn_mu", "poison_loss_bound", "mt_epochs", "mt_weight", "ema_decay",
             "mt_adv", "return_teacher", "model_repair")}
