@@ -187,9 +187,23 @@ def estimate_target(s) -> dict:
         x_adv = attack(inf.reference, x, y, generator=s.gen)
         with torch.no_grad():
             counts += torch.bincount(inf.reference(x_adv).argmax(1).cpu(), minlength=len(counts))
-    counts = dist.all_reduce_sum(counts)
+    return {**vote_result(dist.all_reduce_sum(counts)), "images": n, "pgd": attack.settings()}
+
+
+def weak_vote_share(num_classes: int) -> float:
+    """The winning share under which a vote is weak: twice the uniform 1/K, at most half-way from 1/K to 1 (K = 2)."""
+    return min(2.0 / num_classes, (1.0 + 1.0 / num_classes) / 2)
+
+
+def vote_result(counts: torch.Tensor) -> dict:
+    """The estimate from per-class vote counts, its share, all counts, and ``weak`` (``weak_vote_share``).
+
+    Measured: the target took 34-67 % of the votes on the synthetic cnn models (K = 10); on a PreActResNet18 with a
+    3x3 patch the PGD examples spread (class 9 won with 17.6 %, the target had 10.4 %), which the flag reports.
+    """
     est = int(counts.argmax())
-    return {"estimate": est, "vote_share": float(counts[est]) / max(n, 1), "images": n, "pgd": attack.settings()}
+    share = float(counts[est]) / max(int(counts.sum()), 1)
+    return {"estimate": est, "vote_share": share, "votes": counts.tolist(), "weak": share < weak_vote_share(len(counts))}
 
 
 def choose_target(s) -> dict:
@@ -204,6 +218,11 @@ def choose_target(s) -> dict:
     target["true"] = inf.backdoor.target_label if inf.ck["attack_mode"] == "all2one" else None
     print(f"target class {t}" + (f" (estimated, vote share {target['vote_share']:.1%})" if args.target_label == "auto" else ""),
           flush=True)
+    if target.get("weak"):
+        bar = weak_vote_share(len(target["votes"]))
+        print(f"warning: the target estimate is weak: PGD examples spread over the classes (votes {target['votes']}, "
+              f"the winner's {target['vote_share']:.1%} is under {bar:.1%}); the backdoor may not be all2one or PGD "
+              "may not reach it (a small patch); pass --target_label if the target is known", flush=True)
     return target
 
 
