@@ -106,6 +106,7 @@ CASES = [
     (U, ("--model_path", "{ck}", "--spectre_layer", "net.nope"), "--spectre_layer 'net.nope' is not a module of cnn"),
     (U, ("--model_path", "{ck}", "--ema_decay", "2"), "--ema_decay must be in [0, 1]"),
     (U, ("--model_path", "{ck}", "--pud_lr", "0"), "--pud_lr must be positive"),
+    (U, ("--model_path", "{ck}", "--class_split_tie", "1"), "--class_split_tie must be in [0, 1)"),
 ]
 
 
