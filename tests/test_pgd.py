@@ -5,6 +5,8 @@ RGB images: class c brightens quadrant c by a per-image amount s ~ U(0.02, 0.2).
 size ε can flip roughly the images with s < 2ε, so accuracy drops gradually with ε.
 """
 import copy
+import os
+import signal
 import time
 from types import SimpleNamespace
 
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 from models import build_model
 from utils.adversarial import PGD, pgd, robust_accuracy
 from utils.datasets import ImageSet
-from utils.errors import UserError
+from utils import interrupt
+from utils.errors import Interrupted, UserError
 from utils.robust import DEFAULT_EVAL, robust_acc_from_args
 
 NUM_CLASSES = 4
@@ -488,12 +491,6 @@ def test_sharded_robust_accuracy_sums_to_the_one_process_number(trained, monkeyp
 
 def test_a_signal_stops_the_robust_evaluation_at_the_next_batch(trained):
     """A long PGD evaluation is a batch loop like training: SIGINT/SIGTERM stop it there, not at the next save."""
-    import os
-    import signal
-
-    from utils import interrupt
-    from utils.errors import Interrupted
-
     model, test, _, _ = trained
     with interrupt.handle_signals():
         os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag

@@ -60,7 +60,7 @@ def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float,
 def split_remove(s: DefenseSession, indices: torch.Tensor, target: int, reps: torch.Tensor,
                  truth: torch.Tensor) -> tuple:
     """The target class's suspicious cluster (``utils.class_split``): its indices and a record for the summary."""
-    logits = all_logits(s.inf.reference, s.inf.poisoned, s.args.eval_bs, s.cl)[indices]  # rank 0's under torchrun
+    logits = all_logits(s.inf.reference, s.inf.poisoned, s.args.eval_bs, s.cl)[indices]  # the same on every rank
     # its own seeded generator: a split that is not applied leaves the run identical to --class_split 0
     res = split_target_class(reps, logits, target, min_spread=s.args.class_split_spread,
                              confidence_tie=s.args.class_split_tie,
@@ -138,8 +138,8 @@ def run_pud(args) -> dict:
         settings = {k: getattr(args, k) for k in (
             "target_label", "target_eps", "target_images", "spectre_layer", "spectre_remove", "spectre_step_remove",
             "spectre_min", "class_split", "class_split_spread", "class_split_tie", "steps", "step_epochs",
-            "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div", "step_pgd_steps", "partial_batches", "init_ratio", "top_rates", "poison_fraction", "poison_candidates",
-            "balanced_selection", "mt_refresh", "pud_lr", "pud_milestones",
+            "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div", "step_pgd_steps", "partial_batches",
+            "init_ratio", "top_rates", "poison_fraction", "poison_candidates", "balanced_selection", "mt_refresh", "pud_lr", "pud_milestones",
             "unlearn_epochs", "unlearn_lambda", "unlearn_mu", "poison_loss_bound", "mt_epochs", "mt_weight", "ema_decay",
             "mt_adv", "return_teacher", "model_repair")}
         return s.finish(settings, {"target": c["target"], "spectre_initial": c["spectre_initial"], "steps": c["steps"],
@@ -162,12 +162,16 @@ def step_records(steps: list[dict], spectre_initial: dict | None) -> list[dict]:
     """
     recs = []
     for info in steps:
-        sp = info.get("spectre") if info["step"] > 0 else spectre_initial
-        removed = None if sp is None else sp.get("filtered", sp.get("removed"))
+        if info["step"] == 0:  # the initial filtering: SPECTRE and the class split together
+            sp = spectre_initial or {}
+            removed, precision = sp.get("filtered"), sp.get("filtered_precision")
+        else:
+            sp = info.get("spectre") or {}
+            removed, precision = sp.get("removed"), sp.get("precision")
         recs.append({"step": info["step"],
                      "extra_poison_share": info.get("extra_poison_share_after_spectre", info["extra_poison_share"]),
                      **{k: info.get(k) for k in ("poison_precision", "poison_recall", "clean_acc", "robust_acc", "asr")},
-                     "spectre_precision": None if sp is None else sp.get("filtered_precision", sp.get("precision")),
+                     "spectre_precision": precision,
                      "spectre_removed_share": removed / sp["considered"] if removed is not None and sp["considered"]
                      else None})
     return recs
