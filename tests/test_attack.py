@@ -10,6 +10,7 @@ from utils.datasets import make_synthetic, seeded_subset
 from utils.evaluation import evaluate
 
 
+@pytest.mark.slow
 def test_tiny_attack_learns_the_backdoor_and_writes_every_output(infected_run):
     summary = json.loads((infected_run / "summary.json").read_text())
     final = summary["final"]
@@ -23,6 +24,7 @@ def test_tiny_attack_learns_the_backdoor_and_writes_every_output(infected_run):
     assert json.loads((infected_run / "args.json").read_text())["trigger_type"] == "patch"
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trips_and_re_evaluates_to_the_same_accuracy(infected_run):
     ck = load_checkpoint(str(infected_run / "model.pt"))
     assert ck["arch"] == "cnn" and ck["dataset"] == "synthetic" and ck["num_classes"] == 10

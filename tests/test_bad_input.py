@@ -187,6 +187,7 @@ def test_the_table_is_long_enough_and_covers_every_script():
     assert len(CASES) >= 30 and {s for s, _, _ in CASES} == set(MAINS)
 
 
+@pytest.mark.slow
 def test_bad_input_on_the_command_line(tmp_path):
     out = tmp_path / "out"
     r = run_script("train_blend.py", "--dataset", "svhn", "--out_dir", str(out))

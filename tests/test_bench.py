@@ -1,4 +1,5 @@
 """benchmarks/bench.py runs end to end (tiny sizes), as a module and as a file."""
+import pytest
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from conftest import ROOT, run_script
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path):
     out = tmp_path / "b.json"
     r = run_script("-m", "benchmarks.bench", "--arch", "cnn", "--bs", "16", "--batches", "2", "--repeats", "1",
@@ -20,6 +22,7 @@ def test_bench_smoke(tmp_path):
     assert "pipeline_over_model" in r.stdout
 
 
+@pytest.mark.slow
 def test_script_form_runs_from_any_folder_and_writes_json_where_asked(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--arch", "cnn", "--bs", "16",
                         "--batches", "1", "--repeats", "1", "--matmul_n", "128", "--threads", "1", "--json", "rel.json"],

@@ -9,6 +9,7 @@ from utils.defense import bottom_fraction, consistency_scores, detection_stats, 
 FAST = ("--test_subset", "200", "--eval_steps", "2", "--device", "cpu")
 
 
+@pytest.mark.slow
 def test_aft_runs_from_the_checkpoint_alone_and_writes_its_outputs(infected_run, tmp_path):
     out = tmp_path / "aft"
     r = run_script("pbe_main.py", "--model_path", str(infected_run / "model.pt"), "--aft_epochs", "2", "--adv_epochs", "1",
@@ -24,6 +25,7 @@ def test_aft_runs_from_the_checkpoint_alone_and_writes_its_outputs(infected_run,
     assert (out / "model.pt").exists() and (out / "curves.png").exists()
 
 
+@pytest.mark.slow
 def test_aft_patch_shaped_examples_are_used_and_recorded(infected_run, tmp_path):
     """--adv_window / --adv_eps_outside reach the fine-tuning PGD and are stored with the run's settings."""
     out = tmp_path / "aft-window"
@@ -48,6 +50,7 @@ def run_pbe(infected_run, out, *extra):
     return json.loads((out / "summary.json").read_text()), [rec for rec in recs if "round" in rec and "lr" in rec]
 
 
+@pytest.mark.slow
 def test_progressive_pbe_keeps_target_labelled_samples_out_of_round_0_and_quarantines_flagged(infected_run, tmp_path):
     s, recs = run_pbe(infected_run, tmp_path / "pbe")
     assert s["target"]["estimate"] == 0 and s["target"]["used"] == 0
@@ -63,6 +66,7 @@ def test_progressive_pbe_keeps_target_labelled_samples_out_of_round_0_and_quaran
     assert s["settings"]["init_pool"] == "non_target" and s["settings"]["later_lr"] == 0.002
 
 
+@pytest.mark.slow
 def test_progressive_pbe_paper_settings_start_from_a_random_share_with_poisons(infected_run, tmp_path):
     s, _ = run_pbe(infected_run, tmp_path / "pbe", *PAPER)
     r0, r1 = s["rounds"]

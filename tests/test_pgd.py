@@ -337,9 +337,7 @@ def test_bad_arguments_raise(trained, kw):
 def test_robust_acc_from_args(trained):
     model, test, _, _ = trained
     args = SimpleNamespace(eval_eps=0.04, eval_alpha=0.01, eval_steps=4, eval_bs=128, channels_last="on", seed=3)
-    t = time.perf_counter()
     res = robust_acc_from_args(model, test, args)
-    assert time.perf_counter() - t < 10
     ev = res["robust_eval"]
     assert (ev["eps"], ev["alpha"], ev["steps"], ev["images"], ev["norm"]) == (0.04, 0.01, 4, len(test), "linf")
     assert res == robust_acc_from_args(model, test, args)  # seeded random start: reproducible

@@ -1,3 +1,4 @@
+import pytest
 import json
 import torch
 
@@ -9,6 +10,7 @@ TINY = ("--steps", "2", "--step_epochs", "1", "1", "--step_adv_epochs", "1", "0"
         "--mt_epochs", "1", "--target_images", "200")
 
 
+@pytest.mark.slow
 def test_pud_runs_end_to_end_and_writes_its_outputs(infected_run, tmp_path):
     out = tmp_path / "pud"
     r = run_script("PUD.py", "--model_path", str(infected_run / "model.pt"), "--out_dir", str(out), *TINY, *FAST)
@@ -89,6 +91,7 @@ def test_refresh_drops_target_labelled_samples_no_longer_predicted_as_target(mon
     assert abs(info["extra_poison_share_before"] - 0.4) < 1e-6 and abs(info["extra_poison_share_after"] - 0.25) < 1e-6
 
 
+@pytest.mark.slow
 def test_a_single_step_needs_no_top_rate(infected_run):
     """--steps 1 has no next extra set to choose, so --top_rates is given empty (it used to need >= 1 value)."""
     from config import parse_args

@@ -50,6 +50,7 @@ def attack_reference(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(attack_reference, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PUD_INJECT_BATCH_SLEEP="0.3")  # a slow epoch 2, so the signal lands inside it
@@ -96,6 +97,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_model_and_state(tmp_path, mon
     # resuming after a divergence is covered bit-exactly by the PUD test below
 
 
+@pytest.mark.slow
 def test_pud_interrupted_diverged_and_resumed_through_every_stage_is_bit_exact(attack_reference, tmp_path, monkeypatch,
                                                                                 capsys):
     model = attack_reference / "model.pt"

@@ -52,6 +52,7 @@ def test_split_yields_device_batches_with_selected_labels(tree):
     assert len(sub) == 2 and [i for i, _, _ in sub.batches(8)][0].tolist() == [0, 1]
 
 
+@pytest.mark.slow
 def test_attack_runs_on_a_class_subset_and_records_the_classes(tree, tmp_path):
     out = tmp_path / "run"
     r = run_script("train_blend.py", "--dataset", "imagenet", "--data_root", str(tree), "--imagenet_classes", "3",

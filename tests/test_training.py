@@ -34,7 +34,7 @@ def test_stats_are_the_per_sample_mean_whatever_the_check_interval(check_every):
         n += len(y)
     stats = train_epoch(model, opt, data.batches(64), check_every=check_every)
     assert stats["loss"] == pytest.approx(loss_sum / n, rel=1e-6)
-    assert stats["acc"] == correct / n
+    assert stats["acc"] == correct / n and stats["images"] == n
 
 
 @pytest.mark.parametrize("check_every", [1, 2, 16])
@@ -50,4 +50,4 @@ def test_non_finite_loss_raises_naming_the_first_bad_batch(check_every):
 
 def test_empty_epoch():
     model, opt, data = _setup()
-    assert train_epoch(model, opt, iter(())) == {"loss": 0.0, "acc": 0.0}
+    assert train_epoch(model, opt, iter(())) == {"loss": 0.0, "acc": 0.0, "images": 0}

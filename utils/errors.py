@@ -65,6 +65,8 @@ class DivergenceError(RunStopped, RuntimeError):
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run ``main(argv)``; a ``UserError`` becomes ``error: <message>`` and exit 2, a ``RunStopped`` its report."""
+    from utils.runlock import release_all
+
     try:
         main(argv)
     except UserError as e:
@@ -73,3 +75,5 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     except RunStopped as e:
         print(e.report(), file=sys.stderr)
         sys.exit(e.exit_code)
+    finally:
+        release_all()  # a run that failed before its RunControl took over still frees its folder

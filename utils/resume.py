@@ -29,7 +29,8 @@ from utils import interrupt
 from utils.checkpoint import atomic_write
 from utils.distributed import is_main
 from utils.errors import DivergenceError, Interrupted, UserError
-from utils.runlog import FAILURE_FILE, STATE_FILE, RunDir, check_out_dir
+from utils.runlock import lock_run_folder, release_all
+from utils.runlog import FAILURE_FILE, STATE_FILE, RunDir, check_out_dir, check_writable
 
 FORMAT = "pud-toolkit-run-state"
 VERSION = 1
@@ -101,8 +102,13 @@ def _differences(saved: dict, now: dict) -> list[str]:
 def prepare_out_dir(script: str, args) -> dict | None:
     """Before any work: check --out_dir for a fresh run, or load the state ``--resume`` continues (returned)."""
     if not getattr(args, "resume", False):
+        check_writable(args.out_dir)
+        if is_main():  # torchrun: rank 0 owns the run folder
+            lock_run_folder(args.out_dir)
         check_out_dir(args.out_dir, args.overwrite)
         return None
+    if os.path.isdir(args.out_dir) and is_main():
+        lock_run_folder(args.out_dir)
     if os.path.exists(os.path.join(args.out_dir, "summary.json")):
         raise UserError(f"--resume: the run in '{args.out_dir}' is finished (summary.json); nothing to resume "
                         "(pass --overwrite instead of --resume to run it again)")
@@ -168,6 +174,14 @@ class RunControl:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._signals.__exit__(exc_type, exc, tb)
+        try:
+            self._note(exc)
+        finally:
+            release_all()  # the run folder's lock (utils.runlock): this run is over
+        return False
+
+    def _note(self, exc) -> None:
+        """What was kept and how to go on, for an interrupted or diverged run (and its failure.json)."""
         kept = (f"the state saved after {self.saved_position} is kept in {self.path}" if self.saved_position
                 else "no state was saved yet")
         if isinstance(exc, Interrupted):
@@ -185,4 +199,3 @@ class RunControl:
             exc.note = (f"{kept}" + (f", the last model in {model}" if record["model_file"] else "")
                         + f"; details in {self.run.file(FAILURE_FILE)}. Lower the learning rate and start over with "
                         "--overwrite")
-        return False

@@ -78,9 +78,7 @@ class RunDir:
 
 
 def check_out_dir(path: str, overwrite: bool = False) -> None:
-    """A fresh run: refuse a folder holding a finished or an interrupted run unless --overwrite; check it is writable."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out_dir '{path}' is a file, not a folder; choose another --out_dir")
+    """A fresh run: refuse a folder holding a finished or an interrupted run unless --overwrite."""
     if not overwrite:
         if os.path.exists(os.path.join(path, "summary.json")):
             raise UserError(f"'{path}' already holds a finished run (summary.json); pick another --out_dir or pass --overwrite")
@@ -89,6 +87,12 @@ def check_out_dir(path: str, overwrite: bool = False) -> None:
                    else "was interrupted")
             raise UserError(f"'{path}' holds a run that {how} ({STATE_FILE}); continue it with --resume "
                             "or start over with --overwrite")
+
+
+def check_writable(path: str) -> None:
+    """``path`` is (or can become) a folder this process can write to."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out_dir '{path}' is a file, not a folder; choose another --out_dir")
     parent = os.path.dirname(os.path.abspath(path)) or "."
     probe = path if os.path.isdir(path) else parent
     while not os.path.exists(probe):

@@ -71,8 +71,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     bad batch; up to ``check_every - 1`` further steps may have run on the diverged weights by then,
     which does not matter because the run stops without saving them.
 
-    Under torchrun (``model`` the DDP wrapper, ``batches`` this rank's share) the returned statistics are
-    averaged over ranks and rank 0's BatchNorm statistics are copied to every rank, so all ranks go on
+    Under torchrun (``model`` the DDP wrapper, ``batches`` this rank's share) loss and accuracy are
+    averaged over ranks (``images`` is this rank's count) and rank 0's BatchNorm statistics are copied to every rank, so all ranks go on
     with the same model.
     """
     model.train()
@@ -117,5 +117,6 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     check()
     dist.sync_buffers(dist.unwrap(model))
     if n == 0:
-        return {"loss": 0.0, "acc": 0.0}
-    return dist.mean_over_ranks({"loss": float(loss_sum) / n, "acc": int(correct) / n})
+        return {"loss": 0.0, "acc": 0.0, "images": 0}
+    # ``images``: what this process trained on (under torchrun its share: about 1/N of the epoch)
+    return {**dist.mean_over_ranks({"loss": float(loss_sum) / n, "acc": int(correct) / n}), "images": n}
