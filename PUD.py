@@ -5,8 +5,8 @@ machine unlearning and a mean-teacher stage).
     python PUD.py --model_path runs/attack/model.pt --target_label 0   # target class given
 """
 from config import parse_args
-from utils.errors import run_cli
-from utils.pud import run_pud
+from utils.run.errors import run_cli
+from utils.defenses.pud import run_pud
 
 
 def main(argv=None):

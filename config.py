@@ -13,12 +13,12 @@ import sys
 import time
 from fractions import Fraction
 
-from utils.datasets import DATASETS, get_spec
-from utils.defense import INIT_POOLS, POISON_CANDIDATES
-from utils.errors import OneLineParser, UserError
-from utils.poison import POISON_MODES
-from utils.resume import SCRIPT_FILES
-from utils.triggers import LABEL_MAPS, TRIGGERS
+from utils.data.datasets import DATASETS, get_spec
+from utils.defenses.common import INIT_POOLS, POISON_CANDIDATES
+from utils.run.errors import OneLineParser, UserError
+from utils.data.poison import POISON_MODES
+from utils.run.resume import SCRIPT_FILES
+from utils.data.triggers import LABEL_MAPS, TRIGGERS
 
 
 def fraction(text: str) -> float:
@@ -128,7 +128,7 @@ def target_label_arg(text: str):
 
 
 def _add_target_estimate(g) -> None:
-    """The backdoor target: given, or estimated by PGD (PUD and PBE share this and ``utils.defense.choose_target``)."""
+    """The backdoor target: given, or estimated by PGD (PUD and PBE share this and ``utils.defenses.common.choose_target``)."""
     g.add_argument("--target_label", type=target_label_arg, default="auto",
                    help="backdoor target class, or auto: the most frequent class of untargeted PGD examples")
     g.add_argument("--target_eps", type=fraction, default=8 / 255, help="PGD radius for the target estimate")
@@ -268,7 +268,7 @@ def fill_dataset_defaults(args: argparse.Namespace) -> None:
 
 def validate_common(args: argparse.Namespace) -> None:
     from models import ARCHS
-    from utils.runtime import pick_device
+    from utils.run.runtime import pick_device
 
     pick_device(args.device)  # an unknown or absent device is a UserError
     _require(not (args.resume and args.overwrite),
@@ -329,7 +329,7 @@ def default_out_dir(script: str, args: argparse.Namespace) -> str:
 
 def fill_from_checkpoint(args: argparse.Namespace) -> None:
     """Defenses take dataset, arch and input shape from the checkpoint; a mismatching flag is an error later."""
-    from utils.checkpoint import load_checkpoint
+    from utils.run.checkpoint import load_checkpoint
 
     ck = load_checkpoint(args.model_path)
     args.dataset = args.dataset or ck["dataset"]

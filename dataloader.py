@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from utils.augment import Augment
-from utils.datasets import DATASETS, ImageSet, get_spec, load_split, make_synthetic, seeded_subset
-from utils.poison import BackdoorSpec, PoisonedTrainSet, draw_poison_indices
-from utils.streaming import StreamingSplit, resolve_classes
-from utils.triggers import TRIGGERS, Trigger, backdoor_labels, build_trigger, trigger_from_state
+from utils.data.augment import Augment
+from utils.data.datasets import DATASETS, ImageSet, get_spec, load_split, make_synthetic, seeded_subset
+from utils.data.poison import BackdoorSpec, PoisonedTrainSet, draw_poison_indices
+from utils.data.streaming import StreamingSplit, resolve_classes
+from utils.data.triggers import TRIGGERS, Trigger, backdoor_labels, build_trigger, trigger_from_state
 
 __all__ = ["DATASETS", "TRIGGERS", "ImageSet", "Trigger", "BackdoorSpec", "PoisonedTrainSet", "make_synthetic",
            "backdoor_labels", "build_trigger", "load_data", "build_backdoor", "build_poisoned_train", "make_augment",

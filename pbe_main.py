@@ -4,8 +4,8 @@
     python pbe_main.py --model_path runs/attack/model.pt --progressive # PBE, no clean data
 """
 from config import parse_args
-from utils.errors import run_cli
-from utils.pbe import run_aft, run_pbe
+from utils.run.errors import run_cli
+from utils.defenses.pbe import run_aft, run_pbe
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@
 """
 from config import parse_args
 from utils.attack import run_attack
-from utils.errors import run_cli
+from utils.run.errors import run_cli
 
 
 def main(argv=None):

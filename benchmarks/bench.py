@@ -24,7 +24,7 @@ CIFAR-10's augmentation (crop pad 5, rotation 10, flip), a blend trigger and 10%
   the matmul (MKL's sgemm on AMD CPUs does not reach the vector peak), ``mfu`` can exceed 1, and
   ``mfu_vs_best_kernel`` divides by the faster of the two instead.
 
-The speed switches are the toolkit's own (``utils.runtime.prepare_model``): ``--channels_last``,
+The speed switches are the toolkit's own (``utils.run.runtime.prepare_model``): ``--channels_last``,
 ``--amp`` (bf16 autocast; auto = CUDA only) and ``--compile`` (torch.compile), as in config.py.
 
 Each repeat measures every figure once, in alternating order, so a slow spell of a shared machine
@@ -65,13 +65,13 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks import reference  # noqa: E402
 from models import ARCHS, build_model  # noqa: E402
 from utils.adversarial import PGD  # noqa: E402
-from utils.augment import Augment  # noqa: E402
-from utils.datasets import make_synthetic  # noqa: E402
+from utils.data.augment import Augment  # noqa: E402
+from utils.data.datasets import make_synthetic  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
-from utils.poison import BackdoorSpec, PoisonedTrainSet, draw_poison_indices  # noqa: E402
-from utils.runtime import amp_dtype, pick_device, prepare_model, use_channels_last  # noqa: E402
+from utils.data.poison import BackdoorSpec, PoisonedTrainSet, draw_poison_indices  # noqa: E402
+from utils.run.runtime import amp_dtype, pick_device, prepare_model, use_channels_last  # noqa: E402
 from utils.training import make_optimizer, train_epoch  # noqa: E402
-from utils.triggers import build_trigger  # noqa: E402
+from utils.data.triggers import build_trigger  # noqa: E402
 
 SHAPE = (3, 32, 32)
 CLASSES = 10

@@ -12,7 +12,7 @@ from models.normalize import Normalize, NormalizedModel
 from models.preact_resnet import PreActResNet18
 from models.resnet import resnet18
 from models.small_cnn import SmallCNN
-from utils.errors import UserError
+from utils.run.errors import UserError
 
 ARCHS = {
     "preactresnet18": PreActResNet18,

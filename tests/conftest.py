@@ -40,7 +40,7 @@ def cli(main, *argv) -> int:
 
     No interpreter start-up, so a test can afford many runs; stdout/stderr are captured by ``capsys``.
     """
-    from utils.errors import run_cli
+    from utils.run.errors import run_cli
 
     try:
         run_cli(main, [str(a) for a in argv])

@@ -5,8 +5,8 @@ import torch
 
 from dataloader import backdoor_from_checkpoint
 from models import model_from_checkpoint
-from utils.checkpoint import load_checkpoint
-from utils.datasets import make_synthetic, seeded_subset
+from utils.run.checkpoint import load_checkpoint
+from utils.data.datasets import make_synthetic, seeded_subset
 from utils.evaluation import evaluate
 
 
@@ -42,8 +42,8 @@ def test_checkpoint_round_trips_and_re_evaluates_to_the_same_accuracy(infected_r
 def test_gtsrb_missing_offline_names_download_script(tmp_path, monkeypatch):
     import torchvision
 
-    from utils.datasets import load_split
-    from utils.errors import UserError
+    from utils.data.datasets import load_split
+    from utils.run.errors import UserError
 
     def offline(*a, **k):
         raise OSError("network is unreachable")
@@ -67,8 +67,8 @@ class _FixedClassifier(torch.nn.Module):
 
 def test_target_class_accuracy_exposes_a_model_that_never_predicts_the_target():
     """ASR 0 alone cannot tell a removed backdoor from a suppressed target class: evaluate reports both."""
-    from utils.poison import BackdoorSpec
-    from utils.triggers import build_trigger
+    from utils.data.poison import BackdoorSpec
+    from utils.data.triggers import build_trigger
 
     test = make_synthetic(200, seed=5)
     labels = torch.cat([y for _, _, y in test.batches(200)])

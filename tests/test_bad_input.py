@@ -13,7 +13,7 @@ import PUD
 import pbe_main
 import train_blend
 from conftest import TINY_ATTACK, cli, run_script
-from utils.checkpoint import load_checkpoint
+from utils.run.checkpoint import load_checkpoint
 
 MAINS = {"train_blend.py": train_blend.main, "pbe_main.py": pbe_main.main, "PUD.py": PUD.main}
 # A case's arguments are added to the script's base arguments (later flags win); {name} is a prepared input.

@@ -1,10 +1,10 @@
-"""The target-class split (utils.class_split) and PUD's 'filtered' poison candidates."""
+"""The target-class split (utils.defenses.class_split) and PUD's 'filtered' poison candidates."""
 import pytest
 import torch
 
-from utils.class_split import effective_classes, non_target_confidence, split_target_class, two_means
-from utils.defense import poison_candidates
-from utils.errors import UserError
+from utils.defenses.class_split import effective_classes, non_target_confidence, split_target_class, two_means
+from utils.defenses.common import poison_candidates
+from utils.run.errors import UserError
 
 TARGET = 0
 CLASSES = 10

@@ -1,9 +1,9 @@
 import torch
 
-from utils.augment import Augment
-from utils.datasets import make_synthetic, seeded_subset
-from utils.poison import BackdoorSpec, PoisonedTrainSet, draw_poison_indices
-from utils.triggers import build_trigger
+from utils.data.augment import Augment
+from utils.data.datasets import make_synthetic, seeded_subset
+from utils.data.poison import BackdoorSpec, PoisonedTrainSet, draw_poison_indices
+from utils.data.triggers import build_trigger
 
 
 def test_synthetic_is_seeded_balanced_and_not_separable_by_mean_colour():

@@ -202,8 +202,8 @@ def _train(world: int, rank: int, port: int, out):
     """Two epochs of SGD on a BatchNorm-free model through the attack's helpers; returns weights and metrics."""
     import torch.nn as nn
 
-    from utils import distributed as dist
-    from utils.datasets import make_synthetic
+    from utils.run import distributed as dist
+    from utils.data.datasets import make_synthetic
     from utils.evaluation import evaluate
     from utils.training import train_epoch
 
@@ -254,11 +254,11 @@ def test_ddp_helpers_match_one_process_exactly_without_batchnorm():
 def test_sharded_training_set_logits_sum_to_the_one_process_logits(monkeypatch):
     """``all_logits`` under torchrun: each rank fills every N-th batch, zeros elsewhere; the sum is the full set."""
     from models import build_model
-    from utils import distributed as dist
-    from utils.datasets import make_synthetic
-    from utils.defense import all_logits
-    from utils.poison import BackdoorSpec, PoisonedTrainSet
-    from utils.triggers import build_trigger
+    from utils.run import distributed as dist
+    from utils.data.datasets import make_synthetic
+    from utils.defenses.common import all_logits
+    from utils.data.poison import BackdoorSpec, PoisonedTrainSet
+    from utils.data.triggers import build_trigger
 
     torch.manual_seed(0)
     data = make_synthetic(130, seed=4)
@@ -282,7 +282,7 @@ def test_a_rank_other_than_0_writes_nothing(tmp_path, monkeypatch):
     run as rank 1 of a one-process "group" completes and leaves no trace on disk."""
     import train_blend
     from conftest import TINY_ATTACK
-    from utils import distributed as dist
+    from utils.run import distributed as dist
 
     monkeypatch.setattr(dist, "rank", lambda: 1)
     out = tmp_path / "rank1"

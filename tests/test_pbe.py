@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from utils.defense import bottom_fraction, consistency_scores, detection_stats, top_fraction
+from utils.defenses.common import bottom_fraction, consistency_scores, detection_stats, top_fraction
 
 FAST = ("--test_subset", "200", "--eval_steps", "2", "--device", "cpu")
 
@@ -79,7 +79,7 @@ def test_progressive_pbe_paper_settings_start_from_a_random_share_with_poisons(i
 def test_initial_extra_is_drawn_from_the_init_pool():
     from types import SimpleNamespace
 
-    from utils.pbe import initial_extra
+    from utils.defenses.pbe import initial_extra
 
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     for pool, allowed in (("non_target", {1, 2, 4, 5, 7, 8}), ("all", set(range(10)))):
@@ -88,14 +88,14 @@ def test_initial_extra_is_drawn_from_the_init_pool():
         assert len(got) == 4 and set(got.tolist()) <= allowed and torch.equal(got, got.sort().values)
     s = SimpleNamespace(args=SimpleNamespace(init_pool="non_target", init_ratio=0.9), gen=torch.Generator().manual_seed(0))
     assert len(initial_extra(s, labels, target=0)) == 6  # capped by the pool
-    from utils.errors import UserError
+    from utils.run.errors import UserError
 
     with pytest.raises(UserError, match="leaves no training sample"):
         initial_extra(s, torch.zeros(5, dtype=torch.long), target=0)
 
 
 def test_top_share_outside_never_picks_an_excluded_sample_and_stays_a_share_of_all():
-    from utils.pbe import top_share_outside
+    from utils.defenses.pbe import top_share_outside
 
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
     assert torch.equal(top_share_outside(scores, 0.3, torch.zeros(0, dtype=torch.long)), torch.tensor([0, 1, 2]))
@@ -109,7 +109,7 @@ def test_top_share_outside_never_picks_an_excluded_sample_and_stays_a_share_of_a
 def test_round_lr():
     from types import SimpleNamespace
 
-    from utils.pbe import round_lr
+    from utils.defenses.pbe import round_lr
 
     assert [round_lr(SimpleNamespace(ft_lr=0.01, later_lr=0.001), r) for r in range(3)] == [0.01, 0.001, 0.001]
     assert [round_lr(SimpleNamespace(ft_lr=0.01, later_lr=None), r) for r in range(2)] == [0.01, 0.01]
@@ -130,7 +130,7 @@ def test_consistency_scores_and_selection():
 def test_round_eps_sets_each_rounds_pgd_radius_and_scales_the_step():
     from types import SimpleNamespace
 
-    from utils.pbe import finetune_attack
+    from utils.defenses.pbe import finetune_attack
 
     args = SimpleNamespace(adv_eps=6 / 255, adv_alpha=1.2 / 255, adv_steps=7, adv_norm="linf", adv_random_start=False,
                            adv_window=0, adv_eps_outside=0.0)

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from models import build_model
 from utils.adversarial import PGD, pgd, robust_accuracy
-from utils.datasets import ImageSet
-from utils import interrupt
-from utils.errors import Interrupted, UserError
+from utils.data.datasets import ImageSet
+from utils.run import interrupt
+from utils.run.errors import Interrupted, UserError
 from utils.robust import DEFAULT_EVAL, robust_acc_from_args
 
 NUM_CLASSES = 4
@@ -468,7 +468,7 @@ def test_skip_leaves_the_generator_where_the_attack_does(trained, kw):
 
 def test_sharded_robust_accuracy_sums_to_the_one_process_number(trained, monkeypatch):
     """Under torchrun each rank attacks every world-th batch from the random start one process would draw."""
-    import utils.distributed as dist
+    import utils.run.distributed as dist
 
     model, test, _, _ = trained
     attack = PGD(eps=0.04, alpha=0.01, steps=3, restarts=2)  # random starts: skipped batches must advance the generator

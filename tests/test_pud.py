@@ -39,7 +39,7 @@ def test_pud_runs_end_to_end_and_writes_its_outputs(infected_run, tmp_path):
     assert h > 0.4 * w, (h, w)  # two rows of panels: per epoch, then per step (one row is about 0.25 w high)
 
     from models import model_from_checkpoint
-    from utils.checkpoint import load_checkpoint
+    from utils.run.checkpoint import load_checkpoint
 
     ck = load_checkpoint(str(out / "model.pt"))
     model = model_from_checkpoint(ck, "cpu")
@@ -50,7 +50,7 @@ def test_poison_set_is_drawn_from_target_labelled_samples_by_default():
     """The bottom fraction counts over all samples but picks from the target-labelled ones (``all``: paper code)."""
     import torch
 
-    from utils.defense import bottom_fraction, poison_candidates
+    from utils.defenses.common import bottom_fraction, poison_candidates
 
     labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
     scores = torch.tensor([0.9, 0.1, 0.2, 0.0, 0.8, 0.3, 0.5, 0.4, 0.6, 0.7])
@@ -63,7 +63,7 @@ def test_poison_set_is_drawn_from_target_labelled_samples_by_default():
 def test_balanced_selection_keeps_each_labels_top_share():
     import torch
 
-    from utils.defense import top_fraction
+    from utils.defenses.common import top_fraction
 
     scores = torch.tensor([0.9, 0.1, 0.2, 0.0, 0.8, 0.3, 0.5, 0.4, 0.6, 0.7])
     labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
@@ -76,7 +76,7 @@ def test_refresh_drops_target_labelled_samples_no_longer_predicted_as_target(mon
 
     import torch
 
-    import utils.pud as pud
+    import utils.defenses.pud as pud
 
     labels = torch.tensor([0, 0, 0, 1, 1, 0])          # target 0; samples 1 and 5 are poisoned (labelled 0)
     truth = torch.tensor([False, True, False, False, False, True])
@@ -95,7 +95,7 @@ def test_refresh_drops_target_labelled_samples_no_longer_predicted_as_target(mon
 def test_a_single_step_needs_no_top_rate(infected_run):
     """--steps 1 has no next extra set to choose, so --top_rates is given empty (it used to need >= 1 value)."""
     from config import parse_args
-    from utils.errors import UserError
+    from utils.run.errors import UserError
 
     one = ["--model_path", str(infected_run / "model.pt"), "--steps", "1", "--step_epochs", "1", "--step_adv_epochs", "1",
            "--step_partial", "0", "--step_eps", "6/255", "--step_alpha_div", "5"]
@@ -109,7 +109,7 @@ def test_a_single_step_needs_no_top_rate(infected_run):
 
 
 def test_step_records_give_each_step_its_purity_detection_and_spectre_figures():
-    from utils.pud import STEP_PANELS, step_records
+    from utils.defenses.pud import STEP_PANELS, step_records
 
     initial = {"considered": 200, "removed": 50, "precision": 0.6, "filtered": 100, "filtered_precision": 0.9}
     steps = [{"step": 0, "extra_size": 40, "extra_poison_share": 0.05, "spectre": None, "poison_precision": 0.5,
@@ -134,7 +134,7 @@ def test_step_records_give_each_step_its_purity_detection_and_spectre_figures():
 
 
 def test_vote_result_reports_the_winner_and_flags_a_spread_vote():
-    from utils.defense import vote_result
+    from utils.defenses.common import vote_result
 
     # measured votes of 500 PGD examples (K = 10): a PreActResNet18 with a patch backdoor (target 0), then with blend
     spread = vote_result(torch.tensor([52, 25, 60, 52, 54, 17, 43, 49, 57, 91]))

@@ -13,7 +13,7 @@ import torch
 import PUD
 import train_blend
 from conftest import ROOT, TINY_ATTACK, cli, run_script
-from utils.checkpoint import atomic_write, load_checkpoint
+from utils.run.checkpoint import atomic_write, load_checkpoint
 
 ATTACK = ("train_blend.py", *TINY_ATTACK, "--n_iters", "2", "--schedulerC_milestones", "1")
 PUD_TINY = ("--test_subset", "100", "--eval_steps", "1", "--device", "cpu", "--target_label", "0", "--steps", "2",

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from conftest import ROOT, TINY_ATTACK, run_script
-from utils.errors import UserError
-from utils.runlock import LOCK_FILE, RunFolderLock, lock_run_folder, release_all
+from utils.run.errors import UserError
+from utils.run.runlock import LOCK_FILE, RunFolderLock, lock_run_folder, release_all
 
 ATTACK = ("train_blend.py", *TINY_ATTACK, "--n_iters", "2")
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.spectre import (
+from utils.defenses.spectre import (
     SpectreResult,
     layer_representations,
     que_scores,

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from conftest import run_script
-from utils.errors import UserError
-from utils.streaming import StreamingSplit, resolve_classes
+from utils.run.errors import UserError
+from utils.data.streaming import StreamingSplit, resolve_classes
 
 CLASSES = ["n003", "n001", "n004", "n002"]  # sorted: n001 n002 n003 n004
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.datasets import make_synthetic
+from utils.data.datasets import make_synthetic
 from utils.training import DivergenceError, train_epoch
 
 

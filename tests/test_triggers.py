@@ -3,8 +3,8 @@ import io
 import pytest
 import torch
 
-from utils.errors import UserError
-from utils.triggers import TRIGGERS, backdoor_labels, build_trigger, trigger_from_state
+from utils.run.errors import UserError
+from utils.data.triggers import TRIGGERS, backdoor_labels, build_trigger, trigger_from_state
 
 SHAPES = [(3, 32, 32), (1, 28, 28), (3, 40, 48), (3, 64, 64)]
 

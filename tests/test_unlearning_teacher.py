@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.mean_teacher import ema_update, make_teacher, softmax_consistency
-from utils.unlearning import l1_distance, unlearning_loss
+from utils.defenses.mean_teacher import ema_update, make_teacher, softmax_consistency
+from utils.defenses.unlearning import l1_distance, unlearning_loss
 
 
 def _linear(seed=0):

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils import distributed as dist, interrupt
+from utils.run import distributed as dist, interrupt
 
 __all__ = ["NORMS", "PGD", "pgd", "robust_accuracy", "attack_view"]
 

@@ -5,14 +5,14 @@ import torch
 
 from dataloader import build_backdoor, build_poisoned_train, load_data, make_augment
 from models import build_model
-from utils import distributed as dist
-from utils.checkpoint import save_checkpoint
-from utils.datasets import get_spec
+from utils.run import distributed as dist
+from utils.run.checkpoint import save_checkpoint
+from utils.data.datasets import get_spec
 from utils.evaluation import evaluate
-from utils.plots import plot_curves, plot_samples
-from utils.resume import RunControl, prepare_out_dir
-from utils.runlog import RunDir
-from utils.runtime import pick_device, prepare_model, seed_everything
+from utils.run.plots import plot_curves, plot_samples
+from utils.run.resume import RunControl, prepare_out_dir
+from utils.run.runlog import RunDir
+from utils.run.runtime import pick_device, prepare_model, seed_everything
 from utils.training import make_optimizer, train_epoch
 
 

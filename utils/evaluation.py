@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from utils.distributed import all_reduce_sum, eval_shard, sync_buffers, world_size
-from utils.poison import BackdoorSpec
-from utils.triggers import WarpTrigger
+from utils.run.distributed import all_reduce_sum, eval_shard, sync_buffers, world_size
+from utils.data.poison import BackdoorSpec
+from utils.data.triggers import WarpTrigger
 
 
 def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch_size: int = 512,

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from utils.errors import OneLineParser, UserError, run_cli
+from utils.run.errors import OneLineParser, UserError, run_cli
 
 COLUMNS = ("run", "dataset", "attack", "defense", "acc", "asr", "ra", "det_precision", "det_recall", "seconds")
 HEADERS = {"run": "run", "dataset": "dataset", "attack": "attack", "defense": "defense", "acc": "ACC %", "asr": "ASR %",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from utils.adversarial import PGD, robust_accuracy
-from utils.errors import UserError
+from utils.run.errors import UserError
 
 DEFAULT_EVAL = dict(eps=8 / 255, alpha=2 / 255, steps=20, random_start=True)
 

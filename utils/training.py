@@ -10,7 +10,7 @@ the device until the end of the epoch and the losses are checked every ``CHECK_E
 Every training loop (this one and PUD's unlearning and mean-teacher loops) calls ``batch_start``
 before a batch (a pending SIGINT/SIGTERM stops the run there) and ``checked_loss``/``checked_losses``
 on its losses (the divergence check), so all of them share one interrupt path and one divergence
-path, with the test hooks of ``utils.testhooks`` in both.
+path, with the test hooks of ``utils.run.testhooks`` in both.
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import distributed as dist
-from utils import interrupt, testhooks
-from utils.errors import DivergenceError
-from utils.progress import progress
+from utils.run import distributed as dist
+from utils.run import interrupt, testhooks
+from utils.run.errors import DivergenceError
+from utils.run.progress import progress
 
 __all__ = ["DivergenceError", "batch_start", "checked_loss", "make_optimizer", "train_epoch"]
 

@@ -65,7 +65,7 @@ class DivergenceError(RunStopped, RuntimeError):
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run ``main(argv)``; a ``UserError`` becomes ``error: <message>`` and exit 2, a ``RunStopped`` its report."""
-    from utils.runlock import release_all
+    from utils.run.runlock import release_all
 
     try:
         main(argv)

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from utils.errors import UserError
+from utils.run.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 
-from utils.checkpoint import atomic_write
-from utils.distributed import is_main
-from utils.errors import UserError
+from utils.run.checkpoint import atomic_write
+from utils.run.distributed import is_main
+from utils.run.errors import UserError
 
-STATE_FILE = "state.pt"  # written by utils.resume; here because check_out_dir must know it
+STATE_FILE = "state.pt"  # written by utils.run.resume; here because check_out_dir must know it
 FAILURE_FILE = "failure.json"
 # What a fresh run (or --overwrite) clears, so a new run never mixes with an old one's results.
 RUN_FILES = ("summary.json", STATE_FILE, FAILURE_FILE, "model.pt", "curves.png", "samples.png", "rounds.png")

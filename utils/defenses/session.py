@@ -7,16 +7,16 @@ its epoch and stage boundaries. The work runs inside ``with s.ctl:`` (signals, f
 """
 from __future__ import annotations
 
-from utils import distributed as dist
+from utils.run import distributed as dist
 from utils.attack import checkpoint_payload, log_line
-from utils.checkpoint import save_checkpoint
-from utils.defense import InfectedRun, load_infected
+from utils.run.checkpoint import save_checkpoint
+from utils.defenses.common import InfectedRun, load_infected
 from utils.evaluation import evaluate
-from utils.plots import plot_curves
-from utils.resume import RunControl, prepare_out_dir
+from utils.run.plots import plot_curves
+from utils.run.resume import RunControl, prepare_out_dir
 from utils.robust import robust_acc_from_args
-from utils.runlog import RunDir
-from utils.runtime import pick_device, seed_everything
+from utils.run.runlog import RunDir
+from utils.run.runtime import pick_device, seed_everything
 
 SCRIPT_OF = {"aft": "pbe", "pbe": "pbe", "pud": "pud"}
 

@@ -14,8 +14,8 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from utils.distributed import max_over_ranks
-from utils.errors import Interrupted
+from utils.run.distributed import max_over_ranks
+from utils.run.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _pending: int | None = None

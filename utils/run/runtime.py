@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from utils.run.errors import UserError
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -11,7 +11,7 @@ kernels are deterministic). The state file is removed when the run finishes (sum
 the mark of a finished run).
 
 ``RunControl`` is used as a context manager around a run's work: it installs the SIGINT/SIGTERM
-flag (``utils.interrupt``), and on the way out turns an ``Interrupted`` into a message with the
+flag (``utils.run.interrupt``), and on the way out turns an ``Interrupted`` into a message with the
 resume command and a ``DivergenceError`` into ``failure.json`` plus a note on what was kept.
 """
 from __future__ import annotations
@@ -25,12 +25,12 @@ import time
 import numpy as np
 import torch
 
-from utils import interrupt
-from utils.checkpoint import atomic_write
-from utils.distributed import is_main
-from utils.errors import DivergenceError, Interrupted, UserError
-from utils.runlock import lock_run_folder, release_all
-from utils.runlog import FAILURE_FILE, STATE_FILE, RunDir, check_out_dir, check_writable
+from utils.run import interrupt
+from utils.run.checkpoint import atomic_write
+from utils.run.distributed import is_main
+from utils.run.errors import DivergenceError, Interrupted, UserError
+from utils.run.runlock import lock_run_folder, release_all
+from utils.run.runlog import FAILURE_FILE, STATE_FILE, RunDir, check_out_dir, check_writable
 
 FORMAT = "pud-toolkit-run-state"
 VERSION = 1
@@ -177,7 +177,7 @@ class RunControl:
         try:
             self._note(exc)
         finally:
-            release_all()  # the run folder's lock (utils.runlock): this run is over
+            release_all()  # the run folder's lock (utils.run.runlock): this run is over
         return False
 
     def _note(self, exc) -> None:

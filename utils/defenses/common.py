@@ -16,12 +16,12 @@ import torch.nn.functional as F
 
 from dataloader import backdoor_from_checkpoint, load_data, make_augment, poisoned_train_from_checkpoint
 from models import model_from_checkpoint
-from utils import distributed as dist, interrupt
+from utils.run import distributed as dist, interrupt
 from utils.adversarial import PGD
-from utils.checkpoint import load_checkpoint
-from utils.errors import UserError
-from utils.poison import BackdoorSpec, PoisonedTrainSet
-from utils.runtime import prepare_model
+from utils.run.checkpoint import load_checkpoint
+from utils.run.errors import UserError
+from utils.data.poison import BackdoorSpec, PoisonedTrainSet
+from utils.run.runtime import prepare_model
 from utils.training import train_epoch
 
 

@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
-from utils.checkpoint import atomic_write  # noqa: E402
-from utils.distributed import is_main  # noqa: E402
+from utils.run.checkpoint import atomic_write  # noqa: E402
+from utils.run.distributed import is_main  # noqa: E402
 
 
 def _save(fig, path: str) -> None:

@@ -3,7 +3,7 @@
 Small datasets (synthetic, MNIST-likes, CIFAR-10, GTSRB) are returned as one ``ImageSet`` -- a
 uint8 NCHW tensor plus int64 labels -- so the caller can keep the split on the device and do
 augmentation and poisoning as batched tensor ops. ImageNet subsets are too big for that and are
-streamed from disk (see ``utils.streaming``). ``DATASETS`` is the registry (name -> spec).
+streamed from disk (see ``utils.data.streaming``). ``DATASETS`` is the registry (name -> spec).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from utils.checkpoint import atomic_write
-from utils.errors import UserError
+from utils.run.checkpoint import atomic_write
+from utils.run.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from utils.errors import UserError
+from utils.run.errors import UserError
 
 
 def world_size() -> int:

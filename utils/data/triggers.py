@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from utils.errors import UserError
+from utils.run.errors import UserError
 
 Tensor = torch.Tensor
 

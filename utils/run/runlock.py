@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 
-from utils.errors import UserError
+from utils.run.errors import UserError
 
 LOCK_FILE = ".run.lock"
 _held: dict[str, "RunFolderLock"] = {}

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.datasets import ImageSet
-from utils.errors import UserError
-from utils.triggers import Trigger, WarpTrigger, backdoor_labels
+from utils.data.datasets import ImageSet
+from utils.run.errors import UserError
+from utils.data.triggers import Trigger, WarpTrigger, backdoor_labels
 
 POISON_MODES = ("fixed", "batch")
 

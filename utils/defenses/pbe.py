@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from utils import distributed as dist
+from utils.run import distributed as dist
 from utils.adversarial import PGD
-from utils.defense import (INIT_POOLS, all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores,
+from utils.defenses.common import (INIT_POOLS, all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores,
                            detection_stats, finetune_epoch, poison_candidates, poison_share, top_fraction)
-from utils.errors import UserError
-from utils.plots import plot_curves
-from utils.session import DefenseSession
+from utils.run.errors import UserError
+from utils.run.plots import plot_curves
+from utils.defenses.session import DefenseSession
 from utils.training import make_optimizer
 
 

@@ -14,8 +14,8 @@ import tempfile
 
 import torch
 
-from utils.distributed import is_main
-from utils.errors import UserError
+from utils.run.distributed import is_main
+from utils.run.errors import UserError
 
 FORMAT = "pud-toolkit-checkpoint"
 VERSION = 1

@@ -2,7 +2,7 @@
 
 1. Estimate the backdoor target (most frequent class of untargeted PGD examples) unless given.
 2. SPECTRE on the training samples labelled as the target removes the most suspicious share and (``--class_split``,
-   this toolkit's addition, ``utils.class_split``) a two-way split of that class removes the cluster that looks
+   this toolkit's addition, ``utils.defenses.class_split``) a two-way split of that class removes the cluster that looks
    like images of the other classes; the rest is the pool.
 3. Progressive steps: (adversarial) fine-tuning on an extra set, then every training sample is scored by the
    consistency of the infected and current logits (arg-max disagreement penalised). The most consistent share of
@@ -22,19 +22,19 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from utils import distributed as dist
+from utils.run import distributed as dist
 from utils.adversarial import PGD
-from utils.checkpoint import load_checkpoint
-from utils.class_split import split_target_class
-from utils.defense import (all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores, detection_stats,
+from utils.run.checkpoint import load_checkpoint
+from utils.defenses.class_split import split_target_class
+from utils.defenses.common import (all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores, detection_stats,
                            finetune_epoch, poison_candidates, poison_share, top_fraction)
-from utils.errors import UserError
-from utils.mean_teacher import ema_update, make_teacher, softmax_consistency
-from utils.session import DefenseSession
-from utils.progress import progress
-from utils.spectre import layer_representations, spectre_filter
+from utils.run.errors import UserError
+from utils.defenses.mean_teacher import ema_update, make_teacher, softmax_consistency
+from utils.defenses.session import DefenseSession
+from utils.run.progress import progress
+from utils.defenses.spectre import layer_representations, spectre_filter
 from utils.training import batch_start, checked_loss, make_optimizer
-from utils.unlearning import unlearning_loss
+from utils.defenses.unlearning import unlearning_loss
 
 NO_POISON_INDICES = ("PUD needs the training set's poisoned indices; re-train the infected model with train_blend.py "
                      "--poison_mode fixed (the default)")
@@ -59,7 +59,7 @@ def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float,
 
 def split_remove(s: DefenseSession, indices: torch.Tensor, target: int, reps: torch.Tensor,
                  truth: torch.Tensor) -> tuple:
-    """The target class's suspicious cluster (``utils.class_split``): its indices and a record for the summary."""
+    """The target class's suspicious cluster (``utils.defenses.class_split``): its indices and a record for the summary."""
     logits = all_logits(s.inf.reference, s.inf.poisoned, s.args.eval_bs, s.cl)[indices]  # the same on every rank
     # its own seeded generator: a split that is not applied leaves the run identical to --class_split 0
     res = split_target_class(reps, logits, target, min_spread=s.args.class_split_spread,
