@@ -5,13 +5,12 @@ machine unlearning and a mean-teacher stage).
     python PUD.py --model_path runs/attack/model.pt --target_label 0   # target class given
 """
 from config import parse_args
-from utils.run.errors import run_cli
 from utils.defenses.pud import run_pud
+from utils.run.errors import run_cli
 
 
 def main(argv=None):
-    args = parse_args("pud", argv)
-    return run_pud(args)
+    return run_pud(parse_args("pud", argv))
 
 
 if __name__ == "__main__":

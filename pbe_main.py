@@ -4,13 +4,12 @@
     python pbe_main.py --model_path runs/attack/model.pt --progressive # PBE, no clean data
 """
 from config import parse_args
+from utils.defenses.pbe import run_pbe_main
 from utils.run.errors import run_cli
-from utils.defenses.pbe import run_aft, run_pbe
 
 
 def main(argv=None):
-    args = parse_args("pbe", argv)
-    return run_pbe(args) if args.progressive else run_aft(args)
+    return run_pbe_main(parse_args("pbe", argv))
 
 
 if __name__ == "__main__":

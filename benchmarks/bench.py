@@ -24,7 +24,7 @@ CIFAR-10's augmentation (crop pad 5, rotation 10, flip), a blend trigger and 10%
   the matmul (MKL's sgemm on AMD CPUs does not reach the vector peak), ``mfu`` can exceed 1, and
   ``mfu_vs_best_kernel`` divides by the faster of the two instead.
 
-The speed switches are the toolkit's own (``utils.run.runtime.prepare_model``): ``--channels_last``,
+The speed switches are the toolkit's own (``models.speed.prepare_model``): ``--channels_last``,
 ``--amp`` (bf16 autocast; auto = CUDA only) and ``--compile`` (torch.compile), as in config.py.
 
 Each repeat measures every figure once, in alternating order, so a slow spell of a shared machine
@@ -63,13 +63,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import reference  # noqa: E402
-from models import ARCHS, build_model  # noqa: E402
+from models import ARCHS, build_model, eval_mode  # noqa: E402
 from utils.adversarial import PGD  # noqa: E402
 from utils.data.augment import Augment  # noqa: E402
 from utils.data.datasets import make_synthetic  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
 from utils.data.poison import BackdoorSpec, PoisonedTrainSet, draw_poison_indices  # noqa: E402
-from utils.run.runtime import amp_dtype, pick_device, prepare_model, use_channels_last  # noqa: E402
+from models.speed import SpeedSettings, amp_dtype, prepare_model  # noqa: E402
+from utils.run.runtime import pick_device  # noqa: E402
 from utils.training import make_optimizer, train_epoch  # noqa: E402
 from utils.data.triggers import build_trigger  # noqa: E402
 
@@ -119,11 +120,8 @@ def forward_flops(model, device, cl: bool) -> float:
     x = torch.rand(2, *SHAPE, device=device)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
-    was = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(x)
-    model.train(was)
     return fc.get_total_flops() / 2
 
 
@@ -160,7 +158,8 @@ def run(a: argparse.Namespace) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = pick_device(a.device)
-    cl = use_channels_last(a.channels_last)
+    speed = SpeedSettings(channels_last=a.channels_last, amp=a.amp, compile=a.compile)
+    cl = speed.use_channels_last
     torch.manual_seed(a.seed)
     n_img = a.bs * a.batches
 
@@ -170,8 +169,7 @@ def run(a: argparse.Namespace) -> dict:
         return m.to(memory_format=torch.channels_last) if channels_last else m
 
     # our pipeline: the objects train_blend.py builds, with its speed switches
-    model = prepare_model(model_copy(False), argparse.Namespace(channels_last=a.channels_last, amp=a.amp,
-                                                                compile=a.compile), device)
+    model = prepare_model(model_copy(False), speed, device)
     opt = make_optimizer(model, 0.01)
     train = make_synthetic(n_img, seed=1).to(device)
     test = make_synthetic(n_img, seed=2).to(device)

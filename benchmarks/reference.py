@@ -1,8 +1,8 @@
 """REFERENCE-STYLE BASELINE -- the attack-training step written the way the paper's code does it.
 
 This file exists only so ``benchmarks/bench.py`` can compare our pipeline against the original
-design; nothing in the toolkit uses it. It mirrors the PBE/PUD attack scripts (see
-docs/reference_algorithms.md, sections 2.2 and 3):
+design; nothing in the toolkit uses it. It mirrors the data path of the PBE/PUD authors' attack
+scripts (docs/pud.md describes their code):
 
 - a torchvision-style ``Dataset`` over HWC uint8 arrays that builds a PIL image per sample and
   converts it with ``transforms.ToTensor()``, read by a shuffling ``DataLoader`` with workers;

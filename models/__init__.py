@@ -2,9 +2,13 @@
 
 ``ARCHS`` is the registry (name -> constructor ``f(num_classes, in_channels)``). ``build_model``
 prepends a ``Normalize`` layer with the dataset's mean/std, so attacks, triggers and ε all live in
-pixel space while the network still sees normalised inputs.
+pixel space while the network still sees normalised inputs. ``eval_mode`` and ``frozen_copy`` are the
+one way code here switches a model to eval mode for a while and the one way it takes a frozen copy.
 """
 from __future__ import annotations
+
+import contextlib
+import copy
 
 import torch.nn as nn
 
@@ -31,7 +35,33 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, mean=None, st
     return NormalizedModel(Normalize(mean, std), net)
 
 
-__all__ = ["ARCHS", "build_model", "model_from_checkpoint", "Normalize", "NormalizedModel"]
+__all__ = ["ARCHS", "build_model", "eval_mode", "frozen_copy", "model_from_checkpoint", "Normalize", "NormalizedModel"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode; restore every submodule's own train/eval flag on exit (also on errors)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was_training in flags:
+            m.training = was_training
+
+
+def frozen_copy(model: nn.Module, state_dict: dict | None = None) -> nn.Module:
+    """A frozen eval-mode copy of ``model`` (optionally with other weights): a reference, a teacher.
+
+    A copy of a ``--compile``'d model runs eagerly (the compiled forward belongs to the original instance),
+    so forward hooks on it (SPECTRE's representations) always fire.
+    """
+    ref = copy.deepcopy(model).eval()
+    if state_dict is not None:
+        ref.load_state_dict(state_dict)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
 
 
 def model_from_checkpoint(ck: dict, device="cpu") -> NormalizedModel:

@@ -1,8 +1,9 @@
-"""PGD's attack view (utils/adversarial.py): conv->BN folded, eval-mode equivalent, always in step with the model."""
+"""PGD's attack view (models/folding.py): conv->BN folded, eval-mode equivalent, always in step with the model."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+import models.folding as folding
 import utils.adversarial as adv
 from models import build_model
 
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("arch", ["cnn", "preactresnet18"])
 def test_view_equals_the_eval_mode_model_and_follows_training(arch):
     model, opt = _model(arch)
-    view = adv.attack_view(model)
-    assert view is not model and any(isinstance(m, adv._FoldedConvBN) for m in view.modules())
+    view = folding.attack_view(model)
+    assert view is not model and any(isinstance(m, folding._FoldedConvBN) for m in view.modules())
     x = torch.rand(4, 3, 32, 32)
     model.eval()
     with torch.no_grad():
@@ -39,7 +40,7 @@ def test_view_equals_the_eval_mode_model_and_follows_training(arch):
     opt.step()
     model.eval()
     with torch.no_grad():
-        assert adv.attack_view(model) is view  # cached, yet live
+        assert folding.attack_view(model) is view  # cached, yet live
         assert torch.allclose(view(x), model(x), atol=1e-4, rtol=1e-4)
 
 
@@ -49,11 +50,11 @@ def test_pgd_through_the_view_matches_pgd_on_the_model():
     model.train()
     fast = adv.pgd(model, x, y, 8 / 255, 2 / 255, 5, random_start=False)
     assert model.training and all(m.training for m in model.modules())
-    adv.FOLD_BN = False
+    folding.FOLD_BN = False
     try:
         plain = adv.pgd(model, x, y, 8 / 255, 2 / 255, 5, random_start=False)
     finally:
-        adv.FOLD_BN = True
+        folding.FOLD_BN = True
     # float rounding can flip the sign of a near-zero gradient component; nearly every pixel agrees
     assert (fast == plain).float().mean() > 0.97
     assert (fast - x).abs().max() <= 8 / 255 + 1e-6
@@ -72,9 +73,9 @@ def test_param_grads_untouched_and_bf16_view_returns_float32():
     assert out.dtype == torch.float32 and all(p.grad is None for p in model.parameters())
     model.eval()
     with torch.no_grad():
-        assert adv.attack_view(model)(x).dtype == torch.float32
+        assert folding.attack_view(model)(x).dtype == torch.float32
 
 
 def test_models_that_are_not_ours_are_attacked_directly():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
-    assert adv.attack_view(net) is net
+    assert folding.attack_view(net) is net

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from utils.defenses.class_split import effective_classes, non_target_confidence, split_target_class, two_means
-from utils.defenses.common import poison_candidates
+from utils.defenses.selection import poison_candidates
 from utils.run.errors import UserError
 
 TARGET = 0

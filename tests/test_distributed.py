@@ -25,7 +25,7 @@ COMMON = ["--dataset", "synthetic", "--arch", "cnn", "--train_subset", "400", "-
           "--bs", "64", "--lr_C", "0.05", "--device", "cpu", "--seed", "3"]
 
 
-def _run(argv, env_extra=None, timeout=120):
+def _run(argv, env_extra=None, timeout=600):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -256,7 +256,7 @@ def test_sharded_training_set_logits_sum_to_the_one_process_logits(monkeypatch):
     from models import build_model
     from utils.run import distributed as dist
     from utils.data.datasets import make_synthetic
-    from utils.defenses.common import all_logits
+    from utils.evaluation import all_logits
     from utils.data.poison import BackdoorSpec, PoisonedTrainSet
     from utils.data.triggers import build_trigger
 

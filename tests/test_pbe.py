@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from utils.defenses.common import bottom_fraction, consistency_scores, detection_stats, top_fraction
+from utils.defenses.selection import bottom_fraction, consistency_scores, detection_stats, top_fraction
 
 FAST = ("--test_subset", "200", "--eval_steps", "2", "--device", "cpu")
 
@@ -77,21 +77,17 @@ def test_progressive_pbe_paper_settings_start_from_a_random_share_with_poisons(i
 
 
 def test_initial_extra_is_drawn_from_the_init_pool():
-    from types import SimpleNamespace
-
     from utils.defenses.pbe import initial_extra
 
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     for pool, allowed in (("non_target", {1, 2, 4, 5, 7, 8}), ("all", set(range(10)))):
-        s = SimpleNamespace(args=SimpleNamespace(init_pool=pool, init_ratio=0.4), gen=torch.Generator().manual_seed(0))
-        got = initial_extra(s, labels, target=0)
+        got = initial_extra(labels, 0, pool, 0.4, torch.Generator().manual_seed(0))
         assert len(got) == 4 and set(got.tolist()) <= allowed and torch.equal(got, got.sort().values)
-    s = SimpleNamespace(args=SimpleNamespace(init_pool="non_target", init_ratio=0.9), gen=torch.Generator().manual_seed(0))
-    assert len(initial_extra(s, labels, target=0)) == 6  # capped by the pool
+    assert len(initial_extra(labels, 0, "non_target", 0.9, torch.Generator().manual_seed(0))) == 6  # capped by the pool
     from utils.run.errors import UserError
 
     with pytest.raises(UserError, match="leaves no training sample"):
-        initial_extra(s, torch.zeros(5, dtype=torch.long), target=0)
+        initial_extra(torch.zeros(5, dtype=torch.long), 0, "non_target", 0.9, torch.Generator().manual_seed(0))
 
 
 def test_top_share_outside_never_picks_an_excluded_sample_and_stays_a_share_of_all():
@@ -107,12 +103,10 @@ def test_top_share_outside_never_picks_an_excluded_sample_and_stays_a_share_of_a
 
 
 def test_round_lr():
-    from types import SimpleNamespace
-
     from utils.defenses.pbe import round_lr
 
-    assert [round_lr(SimpleNamespace(ft_lr=0.01, later_lr=0.001), r) for r in range(3)] == [0.01, 0.001, 0.001]
-    assert [round_lr(SimpleNamespace(ft_lr=0.01, later_lr=None), r) for r in range(2)] == [0.01, 0.01]
+    assert [round_lr(0.01, 0.001, r) for r in range(3)] == [0.01, 0.001, 0.001]
+    assert [round_lr(0.01, None, r) for r in range(2)] == [0.01, 0.01]
 
 
 def test_consistency_scores_and_selection():
@@ -128,16 +122,14 @@ def test_consistency_scores_and_selection():
 
 
 def test_round_eps_sets_each_rounds_pgd_radius_and_scales_the_step():
-    from types import SimpleNamespace
+    from utils.defenses.aft import FinetuneSettings
 
-    from utils.defenses.pbe import finetune_attack
-
-    args = SimpleNamespace(adv_eps=6 / 255, adv_alpha=1.2 / 255, adv_steps=7, adv_norm="linf", adv_random_start=False,
-                           adv_window=0, adv_eps_outside=0.0)
-    default, small = finetune_attack(args), finetune_attack(args, 2 / 255)
+    ft = FinetuneSettings(adv_eps=6 / 255, adv_alpha=1.2 / 255, adv_steps=7, adv_norm="linf", adv_random_start=False,
+                          adv_window=0, adv_eps_outside=0.0)
+    default, small = ft.pgd(), ft.pgd(2 / 255)
     assert default.settings()["eps"] == pytest.approx(6 / 255) and default.settings()["alpha"] == pytest.approx(1.2 / 255)
     assert small.settings()["eps"] == pytest.approx(2 / 255) and small.settings()["alpha"] == pytest.approx(0.4 / 255)
     # patch-shaped examples: the window's budget follows the round's radius, the outside budget in proportion
-    args.adv_window, args.adv_eps, args.adv_alpha, args.adv_eps_outside = 5, 1.0, 0.25, 6 / 255
-    half = finetune_attack(args, 0.5).settings()
+    ft = ft.replace(adv_window=5, adv_eps=1.0, adv_alpha=0.25, adv_eps_outside=6 / 255)
+    half = ft.pgd(0.5).settings()
     assert (half["window"], half["eps"], half["alpha"]) == (5, 0.5, 0.125) and half["eps_outside"] == pytest.approx(3 / 255)

@@ -1,4 +1,4 @@
-"""Tests for utils/adversarial.py (PGD, robust accuracy) and utils/robust.py.
+"""Tests for utils/adversarial.py (PGD, robust accuracy, the robust-accuracy evaluation settings).
 
 A small MLP is trained once per module (a couple of seconds) on a separable 4-class task of 8x8
 RGB images: class c brightens quadrant c by a per-image amount s ~ U(0.02, 0.2). An L∞ attack of
@@ -20,7 +20,7 @@ from utils.adversarial import PGD, pgd, robust_accuracy
 from utils.data.datasets import ImageSet
 from utils.run import interrupt
 from utils.run.errors import Interrupted, UserError
-from utils.robust import DEFAULT_EVAL, robust_acc_from_args
+from utils.adversarial import RobustEvalSettings, robust_eval
 
 NUM_CLASSES = 4
 
@@ -334,21 +334,20 @@ def test_bad_arguments_raise(trained, kw):
         PGD(**args)
 
 
-def test_robust_acc_from_args(trained):
+def test_robust_eval_uses_its_settings_and_a_seeded_start(trained):
     model, test, _, _ = trained
-    args = SimpleNamespace(eval_eps=0.04, eval_alpha=0.01, eval_steps=4, eval_bs=128, channels_last="on", seed=3)
-    res = robust_acc_from_args(model, test, args)
+    settings = RobustEvalSettings(eval_eps=0.04, eval_alpha=0.01, eval_steps=4)
+    res = robust_eval(model, test, settings, seed=3, batch_size=128, channels_last=True)
     ev = res["robust_eval"]
     assert (ev["eps"], ev["alpha"], ev["steps"], ev["images"], ev["norm"]) == (0.04, 0.01, 4, len(test), "linf")
-    assert res == robust_acc_from_args(model, test, args)  # seeded random start: reproducible
+    assert res == robust_eval(model, test, settings, seed=3, batch_size=128, channels_last=True)  # reproducible
     assert _acc(model, *next(test.batches(len(test)))[1:]) > res["robust_acc"]
-    # missing or None fields fall back to DEFAULT_EVAL
-    res = robust_acc_from_args(model, test, SimpleNamespace(eval_bs=512, eval_eps=None, eval_steps=2))
-    ev = res["robust_eval"]
-    assert (ev["eps"], ev["alpha"], ev["steps"], ev["random_start"]) == (
-        DEFAULT_EVAL["eps"], DEFAULT_EVAL["alpha"], 2, DEFAULT_EVAL["random_start"])
+    # the defaults are the standard evaluation: L-inf 8/255, step 2/255, 20 steps, random start
+    ev = robust_eval(model, test, RobustEvalSettings(eval_steps=2), seed=0, batch_size=512)["robust_eval"]
+    assert (ev["eps"], ev["alpha"], ev["steps"], ev["random_start"]) == (8 / 255, 2 / 255, 2, True)
+    assert RobustEvalSettings().eval_steps == 20
     with pytest.raises(UserError):
-        robust_acc_from_args(model, test, SimpleNamespace(eval_eps=-1.0))
+        RobustEvalSettings(eval_eps=-1.0).check()
 
 
 # ----- window: patch-shaped perturbations ------------------------------------------------------

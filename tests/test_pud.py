@@ -50,7 +50,7 @@ def test_poison_set_is_drawn_from_target_labelled_samples_by_default():
     """The bottom fraction counts over all samples but picks from the target-labelled ones (``all``: paper code)."""
     import torch
 
-    from utils.defenses.common import bottom_fraction, poison_candidates
+    from utils.defenses.selection import bottom_fraction, poison_candidates
 
     labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
     scores = torch.tensor([0.9, 0.1, 0.2, 0.0, 0.8, 0.3, 0.5, 0.4, 0.6, 0.7])
@@ -63,7 +63,7 @@ def test_poison_set_is_drawn_from_target_labelled_samples_by_default():
 def test_balanced_selection_keeps_each_labels_top_share():
     import torch
 
-    from utils.defenses.common import top_fraction
+    from utils.defenses.selection import top_fraction
 
     scores = torch.tensor([0.9, 0.1, 0.2, 0.0, 0.8, 0.3, 0.5, 0.4, 0.6, 0.7])
     labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
@@ -71,22 +71,16 @@ def test_balanced_selection_keeps_each_labels_top_share():
     assert torch.equal(top_fraction(scores, 0.4, among=torch.tensor([1, 2, 3, 4, 5]), labels=labels), torch.tensor([4, 5]))
 
 
-def test_refresh_drops_target_labelled_samples_no_longer_predicted_as_target(monkeypatch):
-    from types import SimpleNamespace
-
+def test_refresh_drops_target_labelled_samples_no_longer_predicted_as_target():
     import torch
 
-    import utils.defenses.pud as pud
+    from utils.defenses.pud import refresh_extra
 
     labels = torch.tensor([0, 0, 0, 1, 1, 0])          # target 0; samples 1 and 5 are poisoned (labelled 0)
     truth = torch.tensor([False, True, False, False, False, True])
     preds = torch.tensor([0, 2, 0, 1, 0, 0])            # after unlearning: sample 1 flips away from 0, 5 does not
-    monkeypatch.setattr(pud, "all_logits", lambda *a, **k: torch.nn.functional.one_hot(preds, 3).float())
-    s = SimpleNamespace(inf=SimpleNamespace(poisoned=SimpleNamespace(train_labels=labels, is_poison=truth)),
-                        args=SimpleNamespace(eval_bs=4), cl=False)
-    c = {"target": {"used": 0}, "extra": torch.tensor([0, 1, 3, 4, 5])}
-    info = pud.refresh_extra(s, c, model=None)
-    assert torch.equal(c["extra"], torch.tensor([0, 3, 4, 5]))  # 4 is labelled 1: kept although predicted 0
+    extra, info = refresh_extra(torch.tensor([0, 1, 3, 4, 5]), labels, truth, 0, preds)
+    assert torch.equal(extra, torch.tensor([0, 3, 4, 5]))  # 4 is labelled 1: kept although predicted 0
     assert info["dropped"] == 1 and info["dropped_poison"] == 1
     assert abs(info["extra_poison_share_before"] - 0.4) < 1e-6 and abs(info["extra_poison_share_after"] - 0.25) < 1e-6
 
@@ -99,7 +93,7 @@ def test_a_single_step_needs_no_top_rate(infected_run):
 
     one = ["--model_path", str(infected_run / "model.pt"), "--steps", "1", "--step_epochs", "1", "--step_adv_epochs", "1",
            "--step_partial", "0", "--step_eps", "6/255", "--step_alpha_div", "5"]
-    assert parse_args("pud", [*one, "--top_rates"]).top_rates == []
+    assert parse_args("pud", [*one, "--top_rates"]).pud.top_rates == ()
     try:
         parse_args("pud", [*one, "--top_rates", "0.5"])
     except UserError as e:
@@ -134,7 +128,7 @@ def test_step_records_give_each_step_its_purity_detection_and_spectre_figures():
 
 
 def test_vote_result_reports_the_winner_and_flags_a_spread_vote():
-    from utils.defenses.common import vote_result
+    from utils.defenses.target import vote_result
 
     # measured votes of 500 PGD examples (K = 10): a PreActResNet18 with a patch backdoor (target 0), then with blend
     spread = vote_result(torch.tensor([52, 25, 60, 52, 54, 17, 43, 49, 57, 91]))

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.defenses.mean_teacher import ema_update, make_teacher, softmax_consistency
+from models import frozen_copy
+from utils.defenses.mean_teacher import ema_update, softmax_consistency
 from utils.defenses.unlearning import l1_distance, unlearning_loss
 
 
@@ -113,7 +114,7 @@ class _BNNet(nn.Module):
 def _perturbed_pair():
     torch.manual_seed(0)
     student = _BNNet()
-    teacher = make_teacher(student)
+    teacher = frozen_copy(student)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p))
@@ -122,9 +123,9 @@ def _perturbed_pair():
     return teacher, student
 
 
-def test_make_teacher():
+def test_the_teacher_is_a_frozen_eval_mode_copy():
     student = _BNNet().train()
-    teacher = make_teacher(student)
+    teacher = frozen_copy(student)
     assert not teacher.training and student.training
     assert all(not p.requires_grad for p in teacher.parameters())
     assert all(p.requires_grad for p in student.parameters())

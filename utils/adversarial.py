@@ -9,14 +9,11 @@ The attack runs the model in eval mode and restores every submodule's previous t
 afterwards, also when the model raises. Gradients are taken with ``torch.autograd.grad`` with
 respect to the input only, so parameter ``.grad`` fields are never touched (and no weight gradient
 is computed), and the result is detached. ``clamp=False`` skips the [0,1] clamp, reproducing the
-paper code's unclamped PGD.
+paper code's unclamped PGD. For the toolkit's own models the attack differentiates their folded
+*attack view* (``models.folding``: conv->BN pairs as single convolutions), which is faster.
 
-Speed: in eval mode a BatchNorm that directly follows a convolution is an affine map, so for the
-toolkit's own models (``NormalizedModel``) the attack runs on an *attack view* whose conv->BN pairs
-are folded into single convolutions (weights read live from the model on every call, so the view
-never goes stale as the model trains). Logits agree with the eval-mode model to float rounding;
-on CPU this removes the BatchNorm forward/backward passes, which dominated eval-mode backward
-(measured in benchmarks/bench.py). ``FOLD_BN = False`` turns it off.
+``RobustEvalSettings`` is the robust-accuracy evaluation every script reports (L∞ PGD, ε 8/255,
+α 2/255, 20 steps, random start), and ``robust_eval`` runs it with a seeded random start.
 
 ``window=k`` (an option of this toolkit, not of the papers) restricts the perturbation of each image
 to one k x k window of pixels (all channels), drawn uniformly at random per image and per run. With
@@ -26,22 +23,21 @@ whole image cannot imitate. ``window=0`` (default) perturbs the whole image.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
-import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import eval_mode
+from models.folding import attack_view
 from utils.run import distributed as dist, interrupt
+from utils.settings import Settings, fraction, opt, require
 
-__all__ = ["NORMS", "PGD", "pgd", "robust_accuracy", "attack_view"]
-
-EVAL_BN_AFFINE = True
-FOLD_BN = True  # attack the toolkit's models through a view with conv->BN pairs folded (see the module docstring)
+__all__ = ["NORMS", "PGD", "RobustEvalSettings", "pgd", "robust_accuracy", "robust_eval"]
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12  # guards the L2 normalisations against zero gradients / zero perturbations
@@ -74,18 +70,6 @@ def _check(eps, alpha, steps, norm, restarts, window=0, eps_outside=0.0) -> tupl
     if eps_outside > eps:
         raise ValueError(f"eps_outside {eps_outside} must not exceed eps {eps} (the budget inside the window)")
     return eps, alpha, steps, restarts, window, eps_outside
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put ``model`` in eval mode; restore every submodule's own train/eval flag on exit (also on errors)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, was_training in flags:
-            m.training = was_training
 
 
 def _per_sample_norm(t: Tensor) -> Tensor:
@@ -138,116 +122,6 @@ def _project(x_adv: Tensor, x: Tensor, eps, norm: str, clamp: bool, mask: Tensor
         delta = delta * (eps / n.clamp_min(_TINY)).clamp(max=1.0)
     out = x + delta
     return out.clamp(0.0, 1.0) if clamp else out
-
-
-class _FoldedConvBN(nn.Module):
-    """``bn(conv(x))`` for an eval-mode BatchNorm as one convolution; weights are folded on every call."""
-
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-        super().__init__()
-        self.conv, self.bn = conv, bn
-
-    def forward(self, x: Tensor) -> Tensor:
-        conv, bn = self.conv, self.bn
-        with torch.no_grad():  # the attack differentiates w.r.t. the input only
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            shift = -bn.running_mean * scale
-            if bn.affine:
-                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-            w = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
-            b = shift if conv.bias is None else conv.bias * scale + shift
-        return conv._conv_forward(x, w, b.to(w.dtype))
-
-
-class _EvalBN(nn.Module):
-    """An eval-mode BatchNorm2d that no conv precedes, as ``x * scale + shift`` (cheaper to differentiate on CPU)."""
-
-    def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        self.bn = bn
-
-    def forward(self, x: Tensor) -> Tensor:
-        bn = self.bn
-        with torch.no_grad():
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            shift = -bn.running_mean * scale
-            if bn.affine:
-                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-        return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
-
-
-class _AttackView(nn.Module):
-    """The eval-mode function of a ``NormalizedModel`` with conv->BN folded; shares every module with it."""
-
-    def __init__(self, model: nn.Module, net: nn.Module):
-        super().__init__()
-        self._model = weakref.ref(model)  # weak: the cache below must not keep the model alive
-        self.normalize, self.net = model.normalize, net
-
-    def forward(self, x: Tensor) -> Tensor:
-        model = self._model()
-        dtype = getattr(model, "amp_dtype", None) if model is not None else None
-        if dtype is None:
-            return self.net(self.normalize(x))
-        with torch.autocast(x.device.type, dtype=dtype):
-            out = self.net(self.normalize(x))
-        return out.float()
-
-
-_VIEWS: "weakref.WeakKeyDictionary[nn.Module, nn.Module | None]" = weakref.WeakKeyDictionary()
-
-
-def _fold(model: nn.Module) -> nn.Module | None:
-    """Trace ``model.net`` with torch.fx and fold each conv whose only user is an eval-usable BatchNorm2d."""
-    import torch.fx as fx
-
-    try:
-        gm = fx.symbolic_trace(model.net)
-    except Exception:  # not traceable: attack the model itself
-        return None
-    mods = dict(gm.named_modules())
-    folded = 0
-    for node in list(gm.graph.nodes):
-        bn = mods.get(node.target) if node.op == "call_module" else None
-        if not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None or len(node.args) != 1:
-            continue
-        prev = node.args[0]
-        conv = mods.get(prev.target) if isinstance(prev, fx.Node) and prev.op == "call_module" else None
-        if not isinstance(conv, nn.Conv2d) or len(prev.users) != 1 or conv.padding_mode != "zeros":
-            if EVAL_BN_AFFINE:
-                name = f"affine_{folded}"
-                gm.add_submodule(name, _EvalBN(bn))
-                node.target = name
-                folded += 1
-            continue
-        name = f"folded_{folded}"
-        gm.add_submodule(name, _FoldedConvBN(conv, bn))
-        with gm.graph.inserting_after(prev):
-            new = gm.graph.call_module(name, prev.args, prev.kwargs)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        gm.graph.erase_node(prev)
-        folded += 1
-    if not folded:
-        return None
-    gm.graph.lint()
-    gm.recompile()
-    return _AttackView(model, gm)
-
-
-def attack_view(model: nn.Module) -> nn.Module:
-    """The module PGD differentiates: for a ``NormalizedModel`` with conv->BN pairs, a cached folded view
-    (valid in eval mode only, which is how the attack runs it); otherwise ``model`` itself."""
-    from models.normalize import NormalizedModel
-
-    # also for a --compile'd model: the view runs eagerly, and measured faster on CPU than the compiled forward
-    # under input gradients (cnn, 1 thread: PGD/step 4.5 eager view vs 7.7 compiled model, 9.5 compiled view)
-    if not FOLD_BN or not isinstance(model, NormalizedModel):
-        return model
-    if model not in _VIEWS:
-        _VIEWS[model] = _fold(model)
-    view = _VIEWS[model]
-    return view if view is not None else model
 
 
 def _run_draws(x: Tensor, eps: float, norm: str, random_start: bool, generator: torch.Generator | None,
@@ -438,3 +312,28 @@ def robust_accuracy(model: nn.Module, test, attack: PGD, batch_size: int = 256, 
             n += y.numel()
     correct, n = dist.all_reduce_sum(torch.tensor([correct, n])).tolist()
     return {"robust_acc": correct / max(n, 1), "robust_eval": {**attack.settings(), "images": n}}
+
+
+@dataclass(frozen=True)
+class RobustEvalSettings(Settings):
+    GROUP = "robust-accuracy evaluation (L-inf PGD with a random start, pixel units)"
+    eval_eps: float = opt(8 / 255, "PGD radius", type=fraction)
+    eval_alpha: float = opt(2 / 255, "PGD step", type=fraction)
+    eval_steps: int = opt(20, "PGD iterations", type=int)
+
+    def check(self) -> None:
+        require(0 <= self.eval_eps <= 1, f"--eval_eps must be in [0, 1], got {self.eval_eps}")
+        require(self.eval_alpha >= 0, f"--eval_alpha must be >= 0, got {self.eval_alpha}")
+        require(self.eval_steps >= 0, f"--eval_steps must be >= 0, got {self.eval_steps}")
+
+    def pgd(self) -> PGD:
+        return PGD(eps=self.eval_eps, alpha=self.eval_alpha, steps=self.eval_steps, random_start=True)
+
+
+def robust_eval(model: nn.Module, test, settings: RobustEvalSettings, seed: int, batch_size: int,
+                channels_last: bool = False) -> dict:
+    """``robust_accuracy`` under ``settings``; the random start is drawn from a CPU generator seeded from
+    ``seed``, so the figure is reproducible run to run."""
+    gen = torch.Generator().manual_seed(int(seed) + 104729)
+    return robust_accuracy(model, test, settings.pgd(), batch_size=batch_size, generator=gen,
+                           channels_last=channels_last)

@@ -1,107 +1,158 @@
 """Attack training: train a classifier on a poisoned training set and save the one-file checkpoint."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from dataloader import build_backdoor, build_poisoned_train, load_data, make_augment
 from models import build_model
-from utils.run import distributed as dist
-from utils.run.checkpoint import save_checkpoint
+from models.speed import ModelSettings, prepare_model
+from utils.adversarial import RobustEvalSettings, robust_eval
+from utils.data.build import DataSettings, build_backdoor, build_poisoned_train, load_data
 from utils.data.datasets import get_spec
-from utils.evaluation import evaluate
+from utils.data.poison import POISON_MODES
+from utils.data.triggers import LABEL_MAPS, TriggerSettings
+from utils.evaluation import evaluate, log_line
+from utils.run import distributed as dist
+from utils.run.checkpoint import checkpoint_payload, save_checkpoint
 from utils.run.plots import plot_curves, plot_samples
 from utils.run.resume import RunControl, prepare_out_dir
 from utils.run.runlog import RunDir
-from utils.run.runtime import pick_device, prepare_model, seed_everything
+from utils.run.runtime import RunSettings, pick_device, seed_everything
+from utils.settings import Job, Settings, fraction, opt, require
 from utils.training import make_optimizer, train_epoch
 
-
-def use_channels_last(args) -> bool:
-    return args.channels_last != "off"
+FINAL_KEYS = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "noise_acc", "robust_acc", "loss")
 
 
-def model_for(args, device) -> torch.nn.Module:
-    spec = get_spec(args.dataset)
-    model = build_model(args.arch, args.num_classes, args.input_shape[0], spec.mean, spec.std).to(device)
-    return prepare_model(model, args, device)  # channels_last, bf16 autocast, torch.compile
+@dataclass(frozen=True)
+class AttackSettings(Settings):
+    GROUP = "attack"
+    attack_mode: str = opt("all2one", "all2one (every triggered image -> the target) or all2all (y -> y+1 mod C)")
+    target_label: int = opt(0, "the all2one target class", type=int)
+    pc: float = opt(0.1, "poisoning rate, in (0, 1)", type=fraction)
+    poison_mode: str = opt("fixed", "fixed: seeded poisoned indices saved with the model; batch: the first pc*bs "
+                                    "images of every batch, as in the paper code")
+    lr_C: float = opt(0.01, "SGD learning rate", type=fraction)
+    schedulerC_milestones: tuple = opt([30, 60], "MultiStepLR milestones (epochs)", type=int, nargs="+")
+    schedulerC_lambda: float = opt(0.1, "MultiStepLR decay factor", type=float)
+    n_iters: int = opt(60, "training epochs", type=int)
+    eval_every: int = opt(1, "evaluate every N epochs (the last epoch always)", type=int)
+    eval_robust: bool = opt(False, "also report PGD robust accuracy of the final model", action="store_true")
+
+    def check_for(self, data: DataSettings, trigger: TriggerSettings) -> None:
+        require(self.attack_mode in LABEL_MAPS,
+                f"unknown attack mode '{self.attack_mode}'; choose one of {', '.join(LABEL_MAPS)}")
+        require(self.poison_mode in POISON_MODES,
+                f"unknown --poison_mode '{self.poison_mode}'; choose one of {', '.join(POISON_MODES)}")
+        require(0 < self.pc < 1, f"--pc must be in (0, 1), got {self.pc}")
+        require(0 <= self.target_label < data.num_classes,
+                f"--target_label {self.target_label} is not a class of {data.dataset} "
+                f"(classes 0..{data.num_classes - 1})")
+        require(self.n_iters > 0, f"--n_iters must be a positive number of epochs, got {self.n_iters}")
+        require(self.lr_C > 0, f"--lr_C must be positive, got {self.lr_C}")
+        require(all(m > 0 for m in self.schedulerC_milestones),
+                f"--schedulerC_milestones must be positive epochs, got {list(self.schedulerC_milestones)}")
+        require(0 < self.schedulerC_lambda <= 1,
+                f"--schedulerC_lambda (the LR decay factor) must be in (0, 1], got {self.schedulerC_lambda}")
+        require(self.eval_every > 0, f"--eval_every must be positive, got {self.eval_every}")
+        if trigger.trigger_type == "warp":
+            require(self.pc * (1 + trigger.cross_ratio) <= 1, f"--pc {self.pc} with --cross_ratio {trigger.cross_ratio} "
+                                                               "would poison or warp more than the whole training set")
 
 
-def checkpoint_payload(args, model, backdoor, poisoned, train_indices, metrics: dict, extra: dict | None = None) -> dict:
-    """The fields every checkpoint carries (design.md): enough to rebuild and re-evaluate without flags."""
-    payload = {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "arch": args.arch, "arch_kwargs": {"num_classes": args.num_classes, "in_channels": args.input_shape[0]},
-        "dataset": args.dataset, "num_classes": args.num_classes, "input_size": list(args.input_shape),
-        "trigger": backdoor.trigger.state(), "attack_mode": backdoor.attack_mode, "target_label": backdoor.target_label,
-        "poison_mode": poisoned.mode if poisoned is not None else None,
-        "poisoned_indices": poisoned.poison_idx.clone() if poisoned is not None and poisoned.mode == "fixed" else None,
-        "noise_indices": poisoned.noise_idx.clone() if poisoned is not None and poisoned.mode == "fixed" else None,
-        "train_indices": train_indices, "seed": args.seed, "args": dict(vars(args)), "metrics": metrics,
-    }
-    payload.update(extra or {})
-    return payload
+@dataclass(frozen=True, kw_only=True)
+class AttackJob(Job):
+    """Train a backdoor-infected classifier (any trigger, despite the name: --trigger_type). The run folder
+    holds the one-file checkpoint (model.pt) that pbe_main.py and PUD.py defend."""
+
+    KEY = "attack"
+    run: RunSettings
+    data: DataSettings
+    model: ModelSettings
+    trigger: TriggerSettings
+    attack: AttackSettings
+    robust: RobustEvalSettings
+
+    def resolve(self) -> "AttackJob":
+        data = self.data.resolve()
+        model = self.model if self.model.arch is not None else self.model.replace(arch=get_spec(data.dataset).arch)
+        return self.replace(data=data, model=model)
+
+    def check(self) -> None:
+        super().check()
+        self.attack.check_for(self.data, self.trigger)
 
 
-def log_line(prefix: str, rec: dict) -> str:
-    keys = [k for k in ("loss", "clean_acc", "target_class_acc", "asr", "asr_incl_target", "noise_acc", "robust_acc")
-            if k in rec]
-    return prefix + " | " + " ".join(f"{k} {rec[k]:.4f}" for k in keys)
+def checkpoint_meta(job: AttackJob) -> dict:
+    """The fields a checkpoint carries besides weights, trigger and poisoning: enough to rebuild the model and data."""
+    return {"arch": job.model.arch, "arch_kwargs": {"num_classes": job.data.num_classes,
+                                                    "in_channels": job.data.input_shape[0]},
+            "dataset": job.data.dataset, "num_classes": job.data.num_classes, "input_size": list(job.data.input_shape),
+            "seed": job.run.seed, "args": job.flat()}
 
 
-def run_attack(args) -> dict:
-    """Train the infected model; with ``args.resume`` continue the run in ``args.out_dir`` from its saved state."""
-    device = dist.init(pick_device(args.device))  # torchrun: join the process group, this rank's device
-    loaded = prepare_out_dir("attack", args)
-    gen = seed_everything(args.seed)
-    train, test, train_indices = load_data(args, device)
-    backdoor = build_backdoor(args)
-    poisoned = build_poisoned_train(args, train, backdoor)
-    model = model_for(args, device)
+def run_attack(job: AttackJob) -> dict:
+    """Train the infected model; with ``--resume`` continue the run in ``--out_dir`` from its saved state."""
+    run_s, data_s = job.run, job.data
+    device = dist.init(pick_device(run_s.device))  # torchrun: join the process group, this rank's device
+    loaded = prepare_out_dir("attack", job)
+    gen = seed_everything(run_s.seed)
+    backdoor = build_backdoor(job.trigger, job.attack.attack_mode, job.attack.target_label, data_s, run_s.seed)
+    train, test, train_indices = load_data(data_s, run_s.seed, device)
+    poisoned = build_poisoned_train(train, backdoor, job.attack.poison_mode, job.attack.pc, job.trigger.cross_ratio,
+                                    run_s.seed)
+    spec = get_spec(data_s.dataset)
+    model = build_model(job.model.arch, data_s.num_classes, data_s.input_shape[0], spec.mean, spec.std).to(device)
+    model = prepare_model(model, job.model, device)  # channels_last, bf16 autocast, torch.compile
     train_model = dist.wrap(model, device)  # DistributedDataParallel under torchrun, else model
-    opt = make_optimizer(model, args.lr_C)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.schedulerC_milestones, args.schedulerC_lambda)
-    augment = make_augment(args)
-    cl = use_channels_last(args)
+    opt = make_optimizer(model, job.attack.lr_C)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(job.attack.schedulerC_milestones),
+                                                 job.attack.schedulerC_lambda)
+    augment = data_s.augment()
+    cl = job.model.use_channels_last
     objects = {"model": model, "opt": opt, "sched": sched}
+    meta = checkpoint_meta(job)
 
-    run = RunDir(args.out_dir)
-    with RunControl("attack", args, run, gen, loaded) as ctl:
+    run = RunDir(run_s.out_dir)
+    with RunControl("attack", job, run, gen, loaded) as ctl:
         if ctl.resuming:
             carry = ctl.restore(**objects)
         else:
-            run.start(dict(vars(args), device_used=str(device)))
+            run.start(dict(job.flat(), device_used=str(device)))
             carry = {"epoch": 0, "rec": {}}
             ctl.save("set-up (no epoch done)", carry, **objects)
-        print(f"attack: {args.trigger_type} {args.attack_mode} on {args.dataset} ({len(poisoned)} train, {len(test)} test, "
-              f"{len(poisoned.poison_idx)} poisoned) with {args.arch} on {device}; writing to {args.out_dir}", flush=True)
-        n_batches = -(-len(poisoned) // args.bs)
-        for epoch in range(carry["epoch"] + 1, args.n_iters + 1):
-            stats = train_epoch(train_model, opt, dist.epoch_batches(poisoned, args.bs, gen, augment),
+        print(f"attack: {job.trigger.trigger_type} {job.attack.attack_mode} on {data_s.dataset} ({len(poisoned)} "
+              f"train, {len(test)} test, {len(poisoned.poison_idx)} poisoned) with {job.model.arch} on {device}; "
+              f"writing to {run_s.out_dir}", flush=True)
+        n_batches = -(-len(poisoned) // run_s.bs)
+        n_iters = job.attack.n_iters
+        for epoch in range(carry["epoch"] + 1, n_iters + 1):
+            stats = train_epoch(train_model, opt, dist.epoch_batches(poisoned, run_s.bs, gen, augment),
                                 generator=gen, channels_last=cl, desc=f"epoch {epoch}", total=n_batches,
                                 stage="attack", epoch=epoch)
             sched.step()
             rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}
-            if epoch % args.eval_every == 0 or epoch == args.n_iters:
-                rec.update(evaluate(model, test, backdoor, args.eval_bs, generator=gen, channels_last=cl))
+            if epoch % job.attack.eval_every == 0 or epoch == n_iters:
+                rec.update(evaluate(model, test, backdoor, run_s.eval_bs, generator=gen, channels_last=cl))
             run.log(rec)
-            print(log_line(f"epoch {epoch}/{args.n_iters}", rec), flush=True)
-            save_checkpoint(run.file("model.pt"), checkpoint_payload(args, model, backdoor, poisoned, train_indices, rec))
+            print(log_line(f"epoch {epoch}/{n_iters}", rec), flush=True)
+            save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned, train_indices, rec))
             carry = {"epoch": epoch, "rec": rec}
             ctl.save(f"epoch {epoch}", carry, **objects)
-        rec = carry["rec"]
-        final = {k: v for k, v in rec.items() if k in ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "noise_acc",
-                                                         "robust_acc", "loss")}
-        if getattr(args, "eval_robust", False):
-            from utils.robust import robust_acc_from_args
-            final.update(robust_acc_from_args(model, test, args))
-            save_checkpoint(run.file("model.pt"), checkpoint_payload(args, model, backdoor, poisoned, train_indices, final))
-        summary = {"final": final, "epochs": args.n_iters, "seconds": ctl.elapsed(),
+        final = {k: v for k, v in carry["rec"].items() if k in FINAL_KEYS}
+        if job.attack.eval_robust:
+            final.update(robust_eval(model, test, job.robust, run_s.seed, run_s.eval_bs, cl))
+            save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned, train_indices,
+                                                                     final))
+        summary = {"final": final, "epochs": n_iters, "seconds": ctl.elapsed(),
                    "poisoned": len(poisoned.poison_idx), "train_size": len(poisoned), "test_size": len(test)}
-        plot_curves(run.records(), run.file("curves.png"), {"accuracy": ["clean_acc", "noise_acc"], "attack success": ["asr", "asr_incl_target"]})
+        plot_curves(run.records(), run.file("curves.png"),
+                    {"accuracy": ["clean_acc", "noise_acc"], "attack success": ["asr", "asr_incl_target"]})
         _, x, _ = next(test.batches(8))
         plot_samples(x, backdoor.trigger(x), run.file("samples.png"))
         run.write_json("summary.json", summary)
         ctl.finish()
-    print(log_line(f"done in {summary['seconds']:.0f}s", final) + f" | {args.out_dir}", flush=True)
+    print(log_line(f"done in {summary['seconds']:.0f}s", final) + f" | {run_s.out_dir}", flush=True)
     dist.finish()
     return summary

@@ -1,17 +1,26 @@
-"""The one evaluation loop: clean accuracy, attack success rate (both variants) and WaNet noise accuracy.
+"""The one evaluation loop (clean accuracy, attack success rate, WaNet noise accuracy) and training-set logits.
 
 ASR counts triggered test images predicted as their backdoor label, excluding images whose true
 label already is that label (the standard definition); ``asr_incl_target`` includes them, as the
-original PBE code did. All accuracies are fractions in [0,1].
+original PBE code did. All accuracies are fractions in [0,1]. ``all_logits`` is the model's view of
+every training sample, in index order (the defenses score and select samples by it).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from utils.run.distributed import all_reduce_sum, eval_shard, sync_buffers, world_size
-from utils.data.poison import BackdoorSpec
+from models import eval_mode
+from utils.data.poison import BackdoorSpec, PoisonedTrainSet
 from utils.data.triggers import WarpTrigger
+from utils.run import distributed as dist
+
+LOGGED = ("loss", "clean_acc", "target_class_acc", "asr", "asr_incl_target", "noise_acc", "robust_acc")
+
+
+def log_line(prefix: str, rec: dict) -> str:
+    """One progress line: ``prefix | loss 0.1234 clean_acc 0.9800 ...`` (the metrics a record has)."""
+    return prefix + " | " + " ".join(f"{k} {rec[k]:.4f}" for k in LOGGED if k in rec)
 
 
 def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch_size: int = 512,
@@ -22,43 +31,38 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
     Counts are summed on the device (one host sync at the end). ``indices`` restricts the pass to
     those test images (a rank's shard); under ``torchrun`` the counts of all ranks are summed.
     """
-    if indices is None and world_size() > 1:  # torchrun: same weights and BN statistics everywhere, own shard
-        sync_buffers(model)
-        indices = eval_shard(len(test))
-    was_training = model.training
-    model.eval()
+    if indices is None and dist.world_size() > 1:  # torchrun: same weights and BN statistics everywhere, own shard
+        dist.sync_buffers(model)
+        indices = dist.eval_shard(len(test))
     warp = backdoor is not None and isinstance(backdoor.trigger, WarpTrigger)
     counts = None  # n, correct, bd_hits, bd_n, bd_hits_all, noise_correct, target_n, target_correct
     target = backdoor.target_label if backdoor is not None and backdoor.attack_mode == "all2one" else None
-    try:
-        with torch.inference_mode():
-            for _, x, y in test.batches(batch_size, indices=indices):
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if counts is None:
-                    counts = torch.zeros(8, dtype=torch.long, device=y.device)
-                counts[0] += y.numel()
-                right = model(x).argmax(1) == y
-                counts[1] += right.sum()
-                if target is not None:
-                    is_target = y == target
-                    counts[6] += is_target.sum()
-                    counts[7] += (right & is_target).sum()
-                if backdoor is None:
-                    continue
-                yb = backdoor.labels(y)
-                hit = model(backdoor.trigger(x)).argmax(1) == yb
-                keep = y != yb
-                counts[2] += (hit & keep).sum()
-                counts[3] += keep.sum()
-                counts[4] += hit.sum()
-                if warp:
-                    counts[5] += (model(backdoor.trigger.apply_noise(x, generator)).argmax(1) == y).sum()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for _, x, y in test.batches(batch_size, indices=indices):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if counts is None:
+                counts = torch.zeros(8, dtype=torch.long, device=y.device)
+            counts[0] += y.numel()
+            right = model(x).argmax(1) == y
+            counts[1] += right.sum()
+            if target is not None:
+                is_target = y == target
+                counts[6] += is_target.sum()
+                counts[7] += (right & is_target).sum()
+            if backdoor is None:
+                continue
+            yb = backdoor.labels(y)
+            hit = model(backdoor.trigger(x)).argmax(1) == yb
+            keep = y != yb
+            counts[2] += (hit & keep).sum()
+            counts[3] += keep.sum()
+            counts[4] += hit.sum()
+            if warp:
+                counts[5] += (model(backdoor.trigger.apply_noise(x, generator)).argmax(1) == y).sum()
     if counts is None:
         counts = torch.zeros(8, dtype=torch.long)
-    n, correct, bd_hits, bd_n, bd_hits_all, noise_correct, target_n, target_correct = all_reduce_sum(counts).tolist()
+    n, correct, bd_hits, bd_n, bd_hits_all, noise_correct, target_n, target_correct = dist.all_reduce_sum(counts).tolist()
     out = {"clean_acc": correct / max(n, 1)}
     if backdoor is not None:
         out["asr"] = bd_hits / max(bd_n, 1)
@@ -69,3 +73,21 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
             # clean accuracy on the target class: a "defense" that stops predicting the target at all has ASR 0 too
             out["target_class_acc"] = target_correct / target_n
     return out
+
+
+@torch.no_grad()
+def all_logits(model, poisoned: PoisonedTrainSet, batch_size: int = 512, channels_last=False) -> torch.Tensor:
+    """Logits (on CPU) of every training sample as the model was trained on it, in index order, no augmentation.
+
+    Under torchrun each rank computes every N-th batch (rank 0's BatchNorm statistics) and the zero-filled parts are
+    summed, so every rank holds the same logits, equal to one process's, and all ranks score and select alike."""
+    dist.sync_buffers(model)
+    out = torch.zeros(len(poisoned), poisoned.data.num_classes)
+    with eval_mode(model):
+        for b, (idx, x, _) in enumerate(poisoned.batches(batch_size, shuffle=False)):
+            if not dist.owns_batch(b):
+                continue
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out[idx.cpu()] = model(x).float().cpu()
+    return dist.all_reduce_sum(out)

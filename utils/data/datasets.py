@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,7 +33,6 @@ class DatasetSpec:
     in_memory: bool = True
     train_size: int | None = None
     test_size: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
@@ -93,7 +92,7 @@ class ImageSet:
 SYNTH_ORIENTATIONS = (18.0, 54.0, 90.0, 126.0, 162.0)  # degrees; none at 0 so SIG's vertical stripes match no class
 SYNTH_FREQUENCIES = (2.5, 5.0)  # cycles per image width
 # Pixel noise: fine texture as in natural images. WaNet's warp is only visible through how resampling moves and
-# smooths fine detail; at 0.02 a small CNN did not learn it in 20 epochs, at 0.06-0.1 it does in 8-15.
+# smooths fine detail, and a small CNN learns it only with enough of that detail (docs/data.md).
 SYNTH_NOISE = 0.08
 
 

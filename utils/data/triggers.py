@@ -9,12 +9,15 @@ use the very same trigger. ``TRIGGERS`` is the registry (name -> class).
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from utils.run.errors import UserError
+from utils.settings import Settings, fraction, opt, require
 
 Tensor = torch.Tensor
 
@@ -77,9 +80,9 @@ def default_blend_pattern(c: int, h: int, w: int) -> Tensor:
 
     8x8 cells of saturated colours (each channel 0 or 1, like the cartoon's flat high-contrast areas)
     spread over the image (nearest upsampling), from its own seed, so the pattern is the same for
-    every run. A mosaic has edges at a scale a CNN sees, unlike per-pixel noise (measured on the
-    synthetic set: blocky cells were learned at alpha 0.1 in 5 epochs, a smooth pattern and per-pixel
-    noise much more slowly); saturated cells keep the alpha-0.1 signal above the images' pixel noise.
+    every run. A mosaic has edges at a scale a CNN sees, unlike per-pixel noise, so it is learned much
+    faster at alpha 0.1 (docs/data.md); saturated cells keep the alpha-0.1 signal above the images' pixel
+    noise.
     """
     cells = (torch.rand((1, c, 8, 8), generator=torch.Generator().manual_seed(20230401)) > 0.5).float()
     return F.interpolate(cells, size=(h, w), mode="nearest")[0].contiguous()
@@ -198,6 +201,41 @@ def load_image_tensor(path: str, channels: int, height: int, width: int) -> Tens
         raise UserError(f"cannot read --blend_image '{path}' ({e.__class__.__name__}: {e}); give a readable PNG/JPEG file") from None
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class TriggerSettings(Settings):
+    GROUP = "trigger"
+    trigger_type: str = opt("blend", f"one of {', '.join(TRIGGERS)}")
+    blend_alpha: float = opt(0.1, "blend: weight of the blended image", type=fraction)
+    blend_image: str | None = opt(None, "blend: image file to blend in", shown="a fixed colour mosaic", metavar="PATH")
+    patch_size: int | None = opt(None, "patch: BadNets cell size in pixels (the patch is 3x3 cells)", type=int,
+                                 shown="image size / 32")
+    sig_delta: float = opt(10 / 255, "SIG: amplitude in pixel units", type=fraction)
+    sig_freq: float = opt(6.0, "SIG: cycles of the sine across the image width", type=float)
+    k: int = opt(4, "WaNet: control-grid size", type=int)
+    s: float = opt(0.5, "WaNet: warp strength", type=fraction)
+    grid_rescale: float = opt(1.0, "WaNet: grid rescale", type=fraction, aliases=("--grid-rescale",))
+    cross_ratio: float = opt(2.0, "WaNet: noise-mode images per poisoned image (labels kept)", type=fraction)
+
+    def check(self) -> None:
+        require(self.trigger_type in TRIGGERS,
+                f"unknown trigger '{self.trigger_type}'; choose one of {', '.join(TRIGGERS)}")
+        require(0 < self.blend_alpha <= 1, f"--blend_alpha must be in (0, 1], got {self.blend_alpha}")
+        require(0 < self.sig_delta <= 1,
+                f"--sig_delta is in pixel units and must be in (0, 1], e.g. 10/255; got {self.sig_delta}")
+        require(self.patch_size is None or self.patch_size > 0, f"--patch_size must be positive, got {self.patch_size}")
+        require(self.sig_freq > 0, f"--sig_freq must be positive, got {self.sig_freq}")
+        require(self.cross_ratio >= 0, f"--cross_ratio must be >= 0, got {self.cross_ratio}")
+        if self.blend_image is not None:
+            require(os.path.isfile(self.blend_image),
+                    f"--blend_image '{self.blend_image}' does not exist; give a PNG/JPEG file")
+
+    def params(self) -> dict:
+        """The keyword arguments of ``build_trigger`` (each trigger class takes the ones it needs)."""
+        return {"blend_alpha": self.blend_alpha, "blend_image": self.blend_image, "patch_size": self.patch_size,
+                "sig_delta": self.sig_delta, "sig_freq": self.sig_freq, "k": self.k, "s": self.s,
+                "grid_rescale": self.grid_rescale}
 
 
 # ----- label maps -------------------------------------------------------------------------------

@@ -1,25 +1,19 @@
 """Two-way split of the target class: the filter for when the poisons are the class's majority.
 
-With all2one poisoning at 10 % the target label holds about as many poisoned images as genuine
-ones (53 % poisoned on the synthetic set), where SPECTRE's robust statistics, built to treat the
-poison as a minority, break down. But in the infected model's representations the target-labelled
-samples still form two clusters, the genuine images and the triggered images of the other classes
-(measured on the synthetic set: 2-means on the top principal components puts 998-1000 of the 500
-poisons in one cluster for blend, patch and sig). Which cluster is the poison is told apart by the
-images' content: the poisons are images of the other classes, so with the target logit masked out
-the infected model still recognises their own class confidently (mean 0.86-0.93 on the synthetic set),
-while genuine target images match no other class well (0.63-0.76). The cluster with the higher mean
-*non-target confidence* is flagged.
+With all2one poisoning at 10 % the target label holds about as many poisoned images as genuine ones,
+where SPECTRE's robust statistics, built to treat the poison as a minority, break down. But in the
+infected model's representations the target-labelled samples still form two clusters, the genuine
+images and the triggered images of the other classes. Which cluster is the poison is told apart by the
+images' content: the poisons are images of the other classes, so with the target logit masked out the
+infected model still recognises their own class confidently, while genuine target images match no other
+class well. The cluster with the higher mean *non-target confidence* is flagged.
 
-The same reasoning gives a check. Images of the other classes are recognised as *many* other
-classes, a sub-mode of a genuine class as a few neighbours: the flagged cluster's arg-max over the
-non-target classes must spread over more classes (exp of its entropy, the effective number of
-classes) than the other cluster's, by ``min_spread`` times. Measured on the synthetic set: poison
-clusters 4.7-8.5 classes against 1.9-3.2 for the genuine ones (ratio 1.5-4.2); where 2-means cuts a
-clean class in two (a clean model, or a blend poison that is 17 % of the class) the more confident
-half spreads over *fewer* classes (ratio 0.5-0.8), and the split is not applied.
-
-This is an addition of this toolkit (PUD has only SPECTRE).
+The same reasoning gives a check. Images of the other classes are recognised as *many* other classes, a
+sub-mode of a genuine class as a few neighbours: the flagged cluster's arg-max over the non-target
+classes must spread over more classes (exp of its entropy, the effective number of classes) than the
+other cluster's, by ``min_spread`` times; where 2-means cuts a clean class in two, the more confident
+half spreads over *fewer* classes and the split is not applied. The figures measured on the synthetic
+set are in docs/pud.md. This is an addition of this toolkit (PUD has only SPECTRE).
 """
 from __future__ import annotations
 
@@ -36,7 +30,7 @@ class SplitResult:
     """``flagged_mask``: [N] bool, True = in the suspicious cluster (all False when not ``applied``). ``assign``: [N]
     cluster of each sample (0/1). ``confidence``: mean non-target confidence of clusters 0 and 1; ``spread``: their
     effective numbers of non-target classes. ``separation``: centroid distance over the within-cluster RMS distance
-    (reported only: about 0.5 for one Gaussian blob cut in two, 1.0-3.2 for the measured poison splits)."""
+    (reported only; docs/pud.md gives the values measured for clean classes and poison splits)."""
 
     flagged_mask: Tensor
     assign: Tensor

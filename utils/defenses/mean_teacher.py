@@ -1,24 +1,14 @@
-"""Mean-teacher stage of PUD (reference §8.3): EMA teacher + softmax-consistency regularizer for the student.
+"""Mean-teacher stage of PUD: EMA teacher + softmax-consistency regularizer for the student.
 
-The reference's global step counter was undefined (§11.2 #4). Here the caller passes the step explicitly.
+The teacher is a frozen copy of the student (``models.frozen_copy``) that changes only through ``ema_update``.
+The authors' code counted EMA steps with a global that was never defined; here the caller passes the step.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ema_update", "softmax_consistency", "make_teacher"]
-
-
-def make_teacher(student: nn.Module) -> nn.Module:
-    """Deep copy of the student, frozen (requires_grad False) and in eval mode. It only changes via `ema_update`."""
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    teacher.eval()
-    return teacher
+__all__ = ["ema_update", "softmax_consistency"]
 
 
 @torch.no_grad()
@@ -26,7 +16,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) 
     """In-place EMA with warm-up: decay_t = min(1 − 1/(step+1), decay); θ_T ← decay_t·θ_T + (1−decay_t)·θ_S.
 
     Step 0 therefore copies the student. Buffers (BN running stats, num_batches_tracked) are copied from the
-    student, as in the reference. Parameters and buffers are matched by name. Returns decay_t.
+    student, as in the authors' code. Parameters and buffers are matched by name. Returns decay_t.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -50,7 +40,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) 
 
 
 def softmax_consistency(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Σ over batch AND classes of (softmax(s) − softmax(t))². This is a SUM, not a mean, as in the reference's
+    """Σ over batch AND classes of (softmax(s) − softmax(t))². This is a SUM, not a mean, as in the authors'
     mean-teacher loss (it is weighted by 0.05 there). The teacher side is detached: no gradient reaches it."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"shape mismatch: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")

@@ -1,171 +1,138 @@
-"""Model-repair defenses: AFT (clean extra set) and progressive PBE (no clean data).
+"""Progressive PBE (no clean data), and pbe_main.py's job: AFT by default, PBE with ``--progressive``.
 
-AFT fine-tunes the infected model on a small clean extra set, the first epochs on untargeted PGD
-examples of the current model. PBE starts from a random share of the poisoned training set and,
-round by round, fine-tunes, scores every training sample by the cosine similarity of the infected
-and current models' logits and keeps the most consistent ones as the next extra set.
+PBE starts from a random share of the poisoned training set and, round by round, fine-tunes (the first
+round on PGD examples), scores every training sample by the consistency of the infected and current
+models' logits and keeps the most consistent share as the next extra set; the least consistent samples
+are reported as detected poison.
 
-Departures from the paper code, each an option whose other value is the paper's (see config.py):
-round 0's random share is drawn from the samples not labelled as the PGD-estimated target
-(``--init_pool non_target``: with a random 5 % the ~10 % all2one poisons among it keep their
-target label in PGD copies and re-teach the backdoor); the score subtracts 0.5 on arg-max
-disagreement (``--argmax_penalty``, PUD's score); the detector ranks among target-labelled
+Departures from the paper code, each an option whose other value is the paper's: round 0's share is drawn
+from the samples not labelled as the (estimated) target (``--init_pool non_target``: a random share keeps
+the all2one poisons among it, which re-teach the backdoor in their PGD copies); the score subtracts 0.5
+where the arg-max changed (``--argmax_penalty``, PUD's score); the detector ranks among target-labelled
 samples (``--poison_candidates target``) and what it flags stays out of every later extra set
-(``--quarantine``). ``--later_lr`` sets the learning rate of rounds >= 1 (default ``--ft_lr``) and
-``--round_eps`` the PGD radius of each round (default ``--adv_eps`` throughout; the paper code's dead
-line meant 2/255 from round 2 on).
+(``--quarantine``). ``--later_lr`` sets the learning rate of rounds >= 1 and ``--round_eps`` each round's
+PGD radius (the paper code keeps ``--adv_eps``; a dead line in it meant 2/255 from round 2 on).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from utils.defenses.aft import AFTSettings, FinetuneSettings, run_aft
+from utils.defenses.selection import (INIT_POOLS, bottom_fraction, consistency_scores, detection_stats,
+                                      poison_candidates, poison_share, top_fraction)
+from utils.defenses.session import DefenseJob, DefenseSession
+from utils.defenses.target import TargetSettings, choose_target, estimate_target
+from utils.evaluation import all_logits
 from utils.run import distributed as dist
-from utils.adversarial import PGD
-from utils.defenses.common import (INIT_POOLS, all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores,
-                           detection_stats, finetune_epoch, poison_candidates, poison_share, top_fraction)
 from utils.run.errors import UserError
 from utils.run.plots import plot_curves
-from utils.defenses.session import DefenseSession
-from utils.training import make_optimizer
+from utils.settings import Settings, fraction, opt, require
+from utils.training import finetune_epoch, make_optimizer
 
 
-def finetune_attack(args, eps: float | None = None) -> PGD:
-    """The fine-tuning PGD; ``eps`` replaces ``--adv_eps`` and scales the step (and ``--adv_eps_outside``) with it
-    (PBE's per-round radius)."""
-    scale = 1.0 if eps is None or args.adv_eps == 0 else eps / args.adv_eps
-    return PGD(eps=args.adv_eps if eps is None else eps, alpha=args.adv_alpha * scale, steps=args.adv_steps,
-               norm=args.adv_norm, random_start=args.adv_random_start, window=args.adv_window,
-               eps_outside=args.adv_eps_outside * scale)
+@dataclass(frozen=True)
+class PBESettings(Settings):
+    GROUP = "progressive PBE (--progressive: no clean data)"
+    progressive: bool = opt(False, "run progressive PBE instead of AFT", action="store_true")
+    init_ratio: float = opt(0.05, "round 0's extra set: this share of the training set, drawn at random from "
+                                  "--init_pool", type=fraction)
+    rounds: int = opt(4, "rounds", type=int)
+    round_epochs: int = opt(10, "fine-tuning epochs per round", type=int)
+    top_rates: tuple = opt([0.2, 0.5, 0.7, 0.9], "share of the training set kept as the next extra set after each "
+                                                 "round but the last", type=fraction, nargs="*")
+    partial_batches: int = opt(31, "adversarial batches in the first epoch of rounds >= 1", type=int)
+    round_eps: tuple | None = opt(None, "PGD radius per round (the step scales with it)", type=fraction, nargs="+",
+                                  shown="--adv_eps in every round")
+    later_lr: float | None = opt(None, "learning rate of rounds >= 1", type=fraction, shown="--ft_lr")
+    detect_fraction: float = opt(0.1, "lowest-scored share of all samples reported as detected poison", type=fraction)
+    init_pool: str = opt("non_target", "where round 0's extra set is drawn from: non_target = samples not labelled as "
+                                       "the (estimated) target; all = every sample (paper code)",
+                         choices=tuple(INIT_POOLS))
+    argmax_penalty: int = opt(1, "1: consistency score minus 0.5 where the arg-max changed (PUD's score); 0: logit "
+                                 "cosine only (paper)", type=int, choices=(0, 1))
+    poison_candidates: str = opt("target", "the detector ranks the samples labelled as the target (target) or all "
+                                           "samples (all, paper code)", choices=("target", "all"))
+    balanced_selection: int = opt(0, "1: the next extra set keeps the top share of every label; 0: one global top "
+                                     "share (paper code)", type=int, choices=(0, 1))
+    quarantine: int = opt(1, "1: samples the detector flags stay out of every later extra set; 0: the plain top "
+                             "share (paper code)", type=int, choices=(0, 1))
+
+    def check_for(self, ft: FinetuneSettings) -> None:
+        require(0 < self.init_ratio <= 1, f"--init_ratio must be in (0, 1], got {self.init_ratio}")
+        require(self.rounds > 0 and self.round_epochs > 0, "--rounds and --round_epochs must be positive")
+        require(len(self.top_rates) >= self.rounds - 1, f"--top_rates needs a keep-fraction for each of the first "
+                                                        f"{self.rounds - 1} rounds, got {len(self.top_rates)}")
+        require(all(0 < r <= 1 for r in self.top_rates), f"--top_rates must be in (0, 1], got {list(self.top_rates)}")
+        require(0 < self.detect_fraction < 1, f"--detect_fraction must be in (0, 1), got {self.detect_fraction}")
+        require(self.partial_batches >= 0, f"--partial_batches must be >= 0, got {self.partial_batches}")
+        require(self.later_lr is None or self.later_lr > 0, f"--later_lr must be positive, got {self.later_lr}")
+        if self.round_eps is not None:
+            require(len(self.round_eps) == self.rounds,
+                    f"--round_eps needs one radius per round (--rounds {self.rounds}), got {len(self.round_eps)}")
+            top = 1 if ft.adv_norm == "linf" else float("inf")
+            require(all(0 <= e <= top for e in self.round_eps),
+                    f"--round_eps must be >= 0 (and <= 1 for linf, pixel units), got {list(self.round_eps)}")
 
 
-def run_aft(args) -> dict:
-    """AFT: fine-tune on a clean extra set, the first ``adv_epochs`` epochs on PGD examples."""
-    s = DefenseSession(args, "aft")
-    inf = s.inf
-    clean = clean_indices(inf.poisoned)
-    n_extra = max(1, int(round(args.extra_ratio * len(inf.poisoned))))
-    if n_extra > len(clean):
-        raise UserError(f"--extra_ratio asks for {n_extra} clean images but only {len(clean)} training images are "
-                        "unpoisoned; lower --extra_ratio")
-    extra = clean[torch.randperm(len(clean), generator=s.gen)[:n_extra]].sort().values
-    opt = make_optimizer(inf.model, args.ft_lr)
-    objects = {"model": inf.model, "opt": opt}
-    attack = finetune_attack(args)
-    data = inf.poisoned.data  # the clean images themselves: extra indices were never poisoned
-    with s.ctl:
-        c = s.start({"epoch": 0, "extra": extra}, **objects)
-        for epoch in range(c["epoch"] + 1, args.aft_epochs + 1):
-            adv = epoch <= args.adv_epochs
-            stats = finetune_epoch(s.train_model, opt, dist.epoch_batches(data, args.bs, s.gen, indices=c["extra"]),
-                                   attack if adv else None, None, inf.augment, s.gen, s.cl, args.clean_weight,
-                                   desc=f"aft {epoch}", stage="aft", epoch=epoch)
-            rec = {"epoch": epoch, "adversarial": adv, **stats, **s.evaluate()}
-            s.log(rec, f"aft epoch {epoch}/{args.aft_epochs}{' (adv)' if adv else ''}")
-            c["epoch"] = epoch
-            s.save(f"aft epoch {epoch}", c, **objects)
-        settings = {"extra_size": n_extra, "extra_ratio": args.extra_ratio, "aft_epochs": args.aft_epochs,
-                    "adv_epochs": args.adv_epochs, "lr": args.ft_lr, "pgd": attack.settings(), "clean_weight": args.clean_weight}
-        return s.finish(settings)
+@dataclass(frozen=True, kw_only=True)
+class PBEJob(DefenseJob):
+    """Repair a backdoor-infected model written by train_blend.py: AFT fine-tunes it on a small clean extra set,
+    the first epochs on PGD examples (the default); --progressive runs PBE, which needs no clean data and
+    re-selects its extra set by consistency round by round."""
+
+    KEY = "pbe"
+    finetune: FinetuneSettings
+    aft: AFTSettings
+    target: TargetSettings
+    pbe: PBESettings
+
+    def check(self) -> None:
+        super().check()
+        self.pbe.check_for(self.finetune)
+
+    def check_for_checkpoint(self, ck: dict) -> None:
+        inp = self.infected
+        self.finetune.check_for(inp.input_shape)
+        self.target.check_for(inp.num_classes, inp.dataset)
 
 
-def run_pbe(args) -> dict:
-    """Progressive PBE: rounds of (adversarial) fine-tuning and consistency-based re-selection of the extra set.
-
-    The loop runs from the saved cursor (round, epoch within the round); the carry also holds the extra
-    set and the per-round records, so a resumed run continues exactly where the state was saved.
-    """
-    s = DefenseSession(args, "pbe")
-    inf = s.inf
-    truth = inf.poisoned.is_poison.cpu()
-    labels = inf.poisoned.train_labels.cpu()
-    opt = make_optimizer(inf.model, args.ft_lr)  # one optimizer across rounds, as in the paper code
-    objects = {"model": inf.model, "opt": opt}
-    attacks = [finetune_attack(args, args.round_eps[r] if args.round_eps else None) for r in range(args.rounds)]
-    with s.ctl:
-        c = s.start({"round": 0, "epoch": 0, "epoch_global": 0, "target": None, "extra": None,
-                     "quarantine": torch.zeros(0, dtype=torch.long), "rounds": []}, **objects)
-        if c["target"] is None:
-            c["target"] = choose_target(s)
-            c["extra"] = initial_extra(s, labels, c["target"]["used"])
-            s.save("the target estimate", c, **objects)
-        candidates = poison_candidates(args.poison_candidates, labels, c["target"]["used"])
-        ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
-        for r in range(c["round"], args.rounds):
-            purity = poison_share(c["extra"], truth)
-            if c["epoch"] == 0:
-                print(f"round {r}: extra set {len(c['extra'])} samples, {purity:.3%} truly poisoned", flush=True)
-            for e in range(c["epoch"], args.round_epochs):
-                c["epoch_global"] += 1
-                if r == 0:
-                    adv_batches = None  # every batch adversarial
-                elif e == 0:
-                    adv_batches = args.partial_batches
-                else:
-                    adv_batches = 0
-                use = attacks[r] if adv_batches != 0 else None
-                for group in opt.param_groups:  # one optimizer across rounds; rounds >= 1 may use --later_lr
-                    group["lr"] = round_lr(args, r)
-                batches = dist.epoch_batches(inf.poisoned, args.bs, s.gen, inf.augment, indices=c["extra"])
-                stats = finetune_epoch(s.train_model, opt, batches, use, adv_batches, None, s.gen, s.cl, args.clean_weight,
-                                       desc=f"pbe r{r} e{e + 1}", stage=f"pbe round {r}", epoch=c["epoch_global"])
-                rec = {"epoch": c["epoch_global"], "round": r, "adversarial": use is not None, "lr": round_lr(args, r),
-                       **stats, **s.evaluate()}
-                s.log(rec, f"pbe round {r} epoch {e + 1}/{args.round_epochs}")
-                c["epoch"] = e + 1
-                s.save(f"pbe round {r} epoch {e + 1}", c, **objects)
-            cur_logits = all_logits(inf.model, inf.poisoned, args.eval_bs, s.cl)
-            scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=bool(args.argmax_penalty))
-            flagged = bottom_fraction(scores, args.detect_fraction, candidates)
-            det = detection_stats(flagged, truth)
-            if args.quarantine:
-                c["quarantine"] = torch.cat([c["quarantine"], flagged]).unique()
-            info = {"round": r, "extra_size": len(c["extra"]), "extra_poison_share": purity,
-                    "detect_precision": det["precision"], "detect_recall": det["recall"], "detect_fpr": det["fpr"],
-                    "poison_still_backdoor": backdoor_hit_rate(cur_logits, labels, truth),
-                    **({f"quarantine_{k}": v for k, v in detection_stats(c["quarantine"], truth).items()}
-                       if args.quarantine else {}),
-                    **{k: s.history[-1][k] for k in ("clean_acc", "asr") if k in s.history[-1]}}
-            if r < args.rounds - 1:
-                c["extra"] = top_share_outside(scores, args.top_rates[r], c["quarantine"],
-                                               labels if args.balanced_selection else None)
-                info["next_extra_size"] = len(c["extra"])
-                info["next_extra_poison_share"] = poison_share(c["extra"], truth)
-            c["rounds"].append(info)
-            s.run.log({"round_summary": info, "epoch": c["epoch_global"]})
-            if args.quarantine:
-                print(f"round {r}: quarantine {info['quarantine_flagged']} samples, precision {info['quarantine_precision']:.3f} "
-                      f"recall {info['quarantine_recall']:.3f}", flush=True)
-            hit = info["poison_still_backdoor"]
-            print(f"round {r}: lowest {args.detect_fraction:.0%} as poison -> precision {det['precision']:.3f} "
-                  f"recall {det['recall']:.3f}; poisoned samples still given the backdoor label "
-                  f"{'-' if hit is None else f'{hit:.3f}'}" + (f"; next extra set {len(c['extra'])} ({info['next_extra_poison_share']:.3%} "
-                                                   "poisoned)" if "next_extra_size" in info else ""), flush=True)
-            c.update(round=r + 1, epoch=0)
-            s.save(f"pbe round {r}", c, **objects)
-        settings = {"init_ratio": args.init_ratio, "rounds": args.rounds, "round_epochs": args.round_epochs,
-                    "top_rates": args.top_rates[:args.rounds - 1], "partial_batches": args.partial_batches, "lr": args.ft_lr,
-                    "later_lr": args.later_lr if args.later_lr is not None else args.ft_lr,
-                    "pgd": [a.settings() for a in attacks], "detect_fraction": args.detect_fraction, "target_label": args.target_label,
-                    "init_pool": args.init_pool, "argmax_penalty": args.argmax_penalty, "quarantine": args.quarantine,
-                    "poison_candidates": args.poison_candidates}
-        plot_rounds(c["rounds"], s.run.file("rounds.png"))
-        return s.finish(settings, {"target": c["target"], "rounds": c["rounds"]},
-                        panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
+def run_pbe_main(job: PBEJob) -> dict:
+    """pbe_main.py: PBE with --progressive, else AFT."""
+    if job.pbe.progressive:
+        return run_pbe(job)
+    s = DefenseSession(job, "aft")
+    return run_aft(s, s.job.aft, s.job.finetune)
 
 
-def round_lr(args, r: int) -> float:
+@dataclass
+class PBEState:
+    """PBE's loop cursor (round, epoch within it) and loop-carried values."""
+
+    round: int = 0
+    epoch: int = 0
+    epoch_global: int = 0
+    target: dict | None = None
+    extra: torch.Tensor | None = None
+    quarantine: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    rounds: list = field(default_factory=list)
+
+
+def round_lr(ft_lr: float, later_lr: float | None, r: int) -> float:
     """Round 0 fine-tunes at ``--ft_lr``; later rounds at ``--later_lr`` if given, else also at ``--ft_lr``."""
-    return args.ft_lr if r == 0 or args.later_lr is None else args.later_lr
+    return ft_lr if r == 0 or later_lr is None else later_lr
 
 
-def initial_extra(s: DefenseSession, labels: torch.Tensor, target: int) -> torch.Tensor:
-    """Round 0's extra set: a random ``init_ratio`` of the training set's size, drawn from the ``--init_pool`` samples."""
-    pool = INIT_POOLS[s.args.init_pool](labels, target)
+def initial_extra(labels: torch.Tensor, target: int, init_pool: str, init_ratio: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Round 0's extra set: a random ``init_ratio`` of the training set's size, drawn from the ``init_pool`` samples."""
+    pool = INIT_POOLS[init_pool](labels, target)
     if len(pool) == 0:
-        raise UserError(f"--init_pool {s.args.init_pool} leaves no training sample (every label is the target {target}); "
+        raise UserError(f"--init_pool {init_pool} leaves no training sample (every label is the target {target}); "
                         "use --init_pool all")
-    k = min(len(pool), max(1, int(round(s.args.init_ratio * len(labels)))))
-    return pool[torch.randperm(len(pool), generator=s.gen)[:k]].sort().values
+    k = min(len(pool), max(1, int(round(init_ratio * len(labels)))))
+    return pool[torch.randperm(len(pool), generator=generator)[:k]].sort().values
 
 
 def top_share_outside(scores: torch.Tensor, fraction: float, excluded: torch.Tensor,
@@ -183,6 +150,104 @@ def backdoor_hit_rate(logits: torch.Tensor, labels: torch.Tensor, is_poison: tor
     if not bool(is_poison.any()):
         return None
     return float((logits.argmax(1)[is_poison] == labels[is_poison]).float().mean())
+
+
+def run_pbe(job: PBEJob) -> dict:
+    """Progressive PBE: rounds of (adversarial) fine-tuning and consistency-based re-selection of the extra set.
+
+    The loop runs from the saved cursor (round, epoch within the round); the state also holds the extra set
+    and the per-round records, so a resumed run continues exactly where the state was saved.
+    """
+    s = DefenseSession(job, "pbe")
+    job, inf = s.job, s.inf
+    ft, pbe = job.finetune, job.pbe
+    truth = inf.poisoned.is_poison.cpu()
+    labels = inf.poisoned.train_labels.cpu()
+    opt = make_optimizer(inf.model, ft.ft_lr)  # one optimizer across rounds, as in the paper code
+    objects = {"model": inf.model, "opt": opt}
+    attacks = [ft.pgd(pbe.round_eps[r] if pbe.round_eps else None) for r in range(pbe.rounds)]
+    bs, eval_bs = job.run.bs, job.run.eval_bs
+    with s.ctl:
+        st = s.start(PBEState(), **objects)
+        if st.target is None:
+            st.target = choose_target(job.target, inf.backdoor, lambda: estimate_target(
+                inf.reference, inf.poisoned.data, job.target, inf.backdoor.num_classes, eval_bs, s.gen, s.cl))
+            st.extra = initial_extra(labels, st.target["used"], pbe.init_pool, pbe.init_ratio, s.gen)
+            s.save("the target estimate", st, **objects)
+        candidates = poison_candidates(pbe.poison_candidates, labels, st.target["used"])
+        ref_logits = all_logits(inf.reference, inf.poisoned, eval_bs, s.cl)
+        for r in range(st.round, pbe.rounds):
+            purity = poison_share(st.extra, truth)
+            if st.epoch == 0:
+                print(f"round {r}: extra set {len(st.extra)} samples, {purity:.3%} truly poisoned", flush=True)
+            lr = round_lr(ft.ft_lr, pbe.later_lr, r)
+            for e in range(st.epoch, pbe.round_epochs):
+                st.epoch_global += 1
+                if r == 0:
+                    adv_batches = None  # every batch adversarial
+                elif e == 0:
+                    adv_batches = pbe.partial_batches
+                else:
+                    adv_batches = 0
+                use = attacks[r] if adv_batches != 0 else None
+                for group in opt.param_groups:  # one optimizer across rounds; rounds >= 1 may use --later_lr
+                    group["lr"] = lr
+                batches = dist.epoch_batches(inf.poisoned, bs, s.gen, inf.augment, indices=st.extra)
+                stats = finetune_epoch(s.train_model, opt, batches, use, adv_batches, None, s.gen, s.cl,
+                                       ft.clean_weight, desc=f"pbe r{r} e{e + 1}", stage=f"pbe round {r}",
+                                       epoch=st.epoch_global)
+                rec = {"epoch": st.epoch_global, "round": r, "adversarial": use is not None, "lr": lr, **stats,
+                       **s.evaluate()}
+                s.log(rec, f"pbe round {r} epoch {e + 1}/{pbe.round_epochs}")
+                st.epoch = e + 1
+                s.save(f"pbe round {r} epoch {e + 1}", st, **objects)
+            info = score_round(s, st, r, purity, ref_logits, candidates, truth, labels)
+            st.rounds.append(info)
+            s.run.log({"round_summary": info, "epoch": st.epoch_global})
+            st.round, st.epoch = r + 1, 0
+            s.save(f"pbe round {r}", st, **objects)
+        settings = {"init_ratio": pbe.init_ratio, "rounds": pbe.rounds, "round_epochs": pbe.round_epochs,
+                    "top_rates": list(pbe.top_rates[:pbe.rounds - 1]), "partial_batches": pbe.partial_batches,
+                    "lr": ft.ft_lr, "later_lr": pbe.later_lr if pbe.later_lr is not None else ft.ft_lr,
+                    "pgd": [a.settings() for a in attacks], "detect_fraction": pbe.detect_fraction,
+                    "target_label": job.target.target_label, "init_pool": pbe.init_pool,
+                    "argmax_penalty": pbe.argmax_penalty, "quarantine": pbe.quarantine,
+                    "poison_candidates": pbe.poison_candidates}
+        plot_rounds(st.rounds, s.run.file("rounds.png"))
+        return s.finish(settings, {"target": st.target, "rounds": st.rounds},
+                        panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
+
+
+def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logits, candidates, truth, labels) -> dict:
+    """After round ``r``: score every sample, flag the least consistent as poison, pick the next extra set."""
+    pbe = s.job.pbe
+    cur_logits = all_logits(s.inf.model, s.inf.poisoned, s.job.run.eval_bs, s.cl)
+    scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=bool(pbe.argmax_penalty))
+    flagged = bottom_fraction(scores, pbe.detect_fraction, candidates)
+    det = detection_stats(flagged, truth)
+    if pbe.quarantine:
+        st.quarantine = torch.cat([st.quarantine, flagged]).unique()
+    info = {"round": r, "extra_size": len(st.extra), "extra_poison_share": purity,
+            "detect_precision": det["precision"], "detect_recall": det["recall"], "detect_fpr": det["fpr"],
+            "poison_still_backdoor": backdoor_hit_rate(cur_logits, labels, truth),
+            **({f"quarantine_{k}": v for k, v in detection_stats(st.quarantine, truth).items()}
+               if pbe.quarantine else {}),
+            **{k: s.history[-1][k] for k in ("clean_acc", "asr") if k in s.history[-1]}}
+    if r < pbe.rounds - 1:
+        st.extra = top_share_outside(scores, pbe.top_rates[r], st.quarantine,
+                                     labels if pbe.balanced_selection else None)
+        info["next_extra_size"] = len(st.extra)
+        info["next_extra_poison_share"] = poison_share(st.extra, truth)
+    if pbe.quarantine:
+        print(f"round {r}: quarantine {info['quarantine_flagged']} samples, precision "
+              f"{info['quarantine_precision']:.3f} recall {info['quarantine_recall']:.3f}", flush=True)
+    hit = info["poison_still_backdoor"]
+    nxt = (f"; next extra set {len(st.extra)} ({info['next_extra_poison_share']:.3%} poisoned)"
+           if "next_extra_size" in info else "")
+    print(f"round {r}: lowest {pbe.detect_fraction:.0%} as poison -> precision {det['precision']:.3f} "
+          f"recall {det['recall']:.3f}; poisoned samples still given the backdoor label "
+          f"{'-' if hit is None else f'{hit:.3f}'}{nxt}", flush=True)
+    return info
 
 
 def plot_rounds(rounds: list[dict], path: str) -> None:

@@ -1,52 +1,252 @@
-"""PUD: progressive unlearning defense without clean data (reference §8, with the §11.2 bugs fixed).
+"""PUD: Progressive Unified Defense, without clean data. ``run_pud`` follows the paper's Algorithm 1:
 
-1. Estimate the backdoor target (most frequent class of untargeted PGD examples) unless given.
-2. SPECTRE on the training samples labelled as the target removes the most suspicious share and (``--class_split``,
-   this toolkit's addition, ``utils.defenses.class_split``) a two-way split of that class removes the cluster that looks
-   like images of the other classes; the rest is the pool.
-3. Progressive steps: (adversarial) fine-tuning on an extra set, then every training sample is scored by the
-   consistency of the infected and current logits (arg-max disagreement penalised). The most consistent share of
-   the pool becomes the next extra set (cleaned once more by SPECTRE on its target part), the least consistent share
-   of all samples the poison set.
-4. Machine unlearning (CE on the extra set − λ·bounded CE on the poison set + μ·L1 to a frozen copy).
-5. Mean-teacher fine-tuning on the extra set (EMA teacher, softmax consistency).
+1. ``find_target``: the backdoor target (the most frequent class of untargeted PGD examples) unless given.
+2. ``filter_target_class``: SPECTRE on the training samples labelled as the target removes the most
+   suspicious share, and (``--class_split``, this toolkit's addition, ``class_split``) a two-way split of
+   that class removes the cluster that looks like images of the other classes; the rest is the pool.
+3. ``progressive_steps``: (adversarial) fine-tuning on an extra set, then every training sample is scored by
+   the consistency of the infected and current logits (arg-max disagreement penalised). The most consistent
+   share of the pool becomes the next extra set (cleaned once more by SPECTRE on its target part), the
+   least consistent share of the candidates the poison set.
+4. ``unlearn``: CE on the extra set − λ·bounded CE on the poison set + μ·L1 to a frozen copy.
+5. ``mean_teacher``: fine-tuning on the extra set with an EMA teacher and a softmax-consistency term.
 
-Under torchrun every training epoch is data-parallel (each rank its share of the extra set, and in
-unlearning of the poison set; DDP averages the gradients); scores, SPECTRE flags, the class split and
-selections are rank 0's, broadcast.
+How this departs from the authors' code, and why, is in docs/pud.md. Under torchrun every training epoch
+is data-parallel (each rank its share of the extra set, and in unlearning of the poison set; DDP averages
+the gradients); scores, SPECTRE flags, the class split and selections are the same on every rank.
 """
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from utils.run import distributed as dist
+from models import frozen_copy
 from utils.adversarial import PGD
-from utils.run.checkpoint import load_checkpoint
 from utils.defenses.class_split import split_target_class
-from utils.defenses.common import (all_logits, bottom_fraction, choose_target, clean_indices, consistency_scores, detection_stats,
-                           finetune_epoch, poison_candidates, poison_share, top_fraction)
-from utils.run.errors import UserError
-from utils.defenses.mean_teacher import ema_update, make_teacher, softmax_consistency
-from utils.defenses.session import DefenseSession
-from utils.run.progress import progress
+from utils.defenses.mean_teacher import ema_update, softmax_consistency
+from utils.defenses.selection import (POISON_CANDIDATES, bottom_fraction, clean_indices, consistency_scores,
+                                      detection_stats, poison_candidates, poison_share, top_fraction)
+from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.spectre import layer_representations, spectre_filter
-from utils.training import batch_start, checked_loss, make_optimizer
+from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import unlearning_loss
+from utils.evaluation import all_logits
+from utils.run import distributed as dist
+from utils.run.errors import UserError
+from utils.settings import Settings, fraction, opt, require
+from utils.training import finetune_epoch, make_optimizer, train_epoch
 
 NO_POISON_INDICES = ("PUD needs the training set's poisoned indices; re-train the infected model with train_blend.py "
                      "--poison_mode fixed (the default)")
+SPECTRE_LAYERS = {"cnn": "net.features", "preactresnet18": "net.layer4.0", "resnet18": "net.layer2.1"}
 
+
+@dataclass(frozen=True)
+class PUDSettings(Settings):
+    GROUP = "PUD"
+    spectre_layer: str | None = opt(None, "module whose output SPECTRE uses", shown=", ".join(
+        f"{v} ({k})" for k, v in SPECTRE_LAYERS.items()))
+    spectre_remove: float = opt(0.25, "initial SPECTRE: share of the target class removed", type=fraction)
+    spectre_step_remove: float = opt(0.1, "per-step SPECTRE: share of the extra set's target part removed",
+                                     type=fraction)
+    spectre_min: int = opt(100, "per-step SPECTRE runs only on at least this many target samples", type=int)
+    class_split: int = opt(1, "1: also split the target class in two clusters and drop the one the infected model, "
+                              "target logit masked, finds most like other classes (this toolkit's addition, for "
+                              "poisons that are the class's majority); 0: SPECTRE only (the paper)",
+                           type=int, choices=(0, 1))
+    class_split_spread: float = opt(1.25, "the split is applied only if the removed cluster's non-target predictions "
+                                          "spread over this many times as many classes as the other's", type=fraction)
+    class_split_tie: float = opt(0.05, "clusters whose mean non-target confidences differ by at most this much are "
+                                       "told apart by their spread alone", type=fraction)
+    steps: int = opt(5, "progressive steps", type=int)
+    step_epochs: tuple = opt([10, 10, 10, 10, 30], "fine-tuning epochs per step", type=int, nargs="+")
+    step_adv_epochs: tuple = opt([10, 2, 1, 1, 1], "adversarial epochs per step (the first ones)", type=int, nargs="+")
+    step_partial: tuple = opt([0, 0, 0, 1, 1], "per step, 1: its adversarial epochs are partial (the first "
+                                               "--partial_batches batches)", type=int, nargs="+")
+    step_eps: tuple = opt([6 / 255] * 4 + [4 / 255], "PGD radius per step", type=fraction, nargs="+")
+    step_alpha_div: tuple = opt([5, 5, 5, 6, 6], "PGD step = radius / this, per step", type=fraction, nargs="+")
+    step_pgd_steps: int = opt(7, "PGD iterations of the fine-tuning attack", type=int)
+    partial_batches: int = opt(31, "adversarial batches of a partial adversarial epoch", type=int)
+    init_ratio: float = opt(0.05, "step 0's extra set: this random share of the pool", type=fraction)
+    top_rates: tuple = opt([0.2, 0.4, 0.7, 0.8], "share of the pool kept as the next extra set after each step but "
+                                                 "the last", type=fraction, nargs="*")
+    balanced_selection: int = opt(1, "1: the next extra set keeps the top share of every label; 0: one global top "
+                                     "share (paper code)", type=int, choices=(0, 1))
+    poison_candidates: str = opt("target", "the poison set is drawn from the samples labelled as the target "
+                                           "(target), from those the initial filtering removed (filtered), or from "
+                                           "all (paper code)", choices=tuple(POISON_CANDIDATES))
+    poison_fraction: float = opt(0.01, "poison set: this least consistent share of all samples", type=fraction)
+    pud_lr: float = opt(0.01, "SGD learning rate", type=fraction)
+    pud_milestones: tuple = opt([30, 60], "MultiStepLR milestones over the progressive epochs (decay 0.1)",
+                                type=int, nargs="+")
+    unlearn_epochs: int = opt(30, "unlearning epochs", type=int)
+    unlearn_lambda: float = opt(0.003, "unlearning: weight of the poison-CE ascent term", type=fraction)
+    unlearn_mu: float = opt(1e-4, "unlearning: weight of the L1 distance to the frozen copy", type=fraction)
+    poison_loss_bound: float = opt(10.0, "unlearning: the ascent term is clipped at this CE", type=fraction)
+    mt_epochs: int = opt(30, "mean-teacher epochs", type=int)
+    mt_weight: float = opt(0.05, "mean teacher: weight of the softmax consistency", type=fraction)
+    ema_decay: float = opt(0.99, "mean teacher: EMA decay of the teacher", type=fraction)
+    mt_refresh: int = opt(1, "1: before the mean teacher, drop target-labelled extra samples the unlearned model no "
+                             "longer predicts as the target (0: the paper code)", type=int, choices=(0, 1))
+    mt_adv: bool = opt(False, "mean teacher: the student trains on the teacher's PGD examples", action="store_true")
+    return_teacher: bool = opt(False, "keep the teacher instead of the student", action="store_true")
+    model_repair: bool = opt(False, "step 0 uses a known clean extra set (the model-repair setting)",
+                             action="store_true")
+
+    def check(self) -> None:
+        for name in ("init_ratio", "poison_fraction"):
+            v = getattr(self, name)
+            require(0 < v <= 1, f"--{name} must be in (0, 1], got {v}")
+        for name in ("spectre_remove", "spectre_step_remove"):
+            v = getattr(self, name)
+            require(0 < v < 1, f"--{name} must be in (0, 1), got {v}")
+        require(self.class_split_spread > 0, f"--class_split_spread must be positive, got {self.class_split_spread}")
+        require(0 <= self.class_split_tie < 1, f"--class_split_tie must be in [0, 1), got {self.class_split_tie}")
+        require(self.spectre_min > 0, f"--spectre_min must be positive, got {self.spectre_min}")
+        require(self.steps > 0, f"--steps must be positive, got {self.steps}")
+        for name in ("step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div"):
+            v = getattr(self, name)
+            require(len(v) == self.steps, f"--{name} needs one value per step (--steps {self.steps}), got {len(v)}")
+        require(len(self.top_rates) == self.steps - 1, f"--top_rates needs one value per step but the last "
+                                                       f"({self.steps - 1} for --steps {self.steps}), got "
+                                                       f"{len(self.top_rates)}")
+        require(all(0 < r <= 1 for r in self.top_rates), f"--top_rates must be in (0, 1], got {list(self.top_rates)}")
+        require(all(e >= 0 for e in self.step_epochs), f"--step_epochs must be non-negative, got {list(self.step_epochs)}")
+        for i, (a, e) in enumerate(zip(self.step_adv_epochs, self.step_epochs)):
+            require(0 <= a <= e, f"--step_adv_epochs {a} of step {i} must be between 0 and its --step_epochs {e}")
+        require(all(v in (0, 1) for v in self.step_partial),
+                f"--step_partial takes 0 or 1 per step, got {list(self.step_partial)}")
+        require(all(0 <= v <= 1 for v in self.step_eps),
+                f"--step_eps must be in [0, 1] (pixel units), got {list(self.step_eps)}")
+        require(all(v > 0 for v in self.step_alpha_div),
+                f"--step_alpha_div must be positive, got {list(self.step_alpha_div)}")
+        require(self.step_pgd_steps >= 0, f"--step_pgd_steps must be >= 0, got {self.step_pgd_steps}")
+        require(self.partial_batches >= 0, f"--partial_batches must be >= 0, got {self.partial_batches}")
+        require(self.pud_lr > 0, f"--pud_lr must be positive, got {self.pud_lr}")
+        require(all(m > 0 for m in self.pud_milestones),
+                f"--pud_milestones must be positive epochs, got {list(self.pud_milestones)}")
+        require(self.unlearn_epochs >= 0 and self.mt_epochs >= 0, f"--unlearn_epochs and --mt_epochs must be "
+                                                                   f"non-negative, got {self.unlearn_epochs} and "
+                                                                   f"{self.mt_epochs}")
+        require(self.unlearn_lambda >= 0 and self.unlearn_mu >= 0, "--unlearn_lambda and --unlearn_mu must be >= 0")
+        require(self.poison_loss_bound > 0, f"--poison_loss_bound must be positive, got {self.poison_loss_bound}")
+        require(self.mt_weight >= 0, f"--mt_weight must be >= 0, got {self.mt_weight}")
+        require(0 <= self.ema_decay <= 1, f"--ema_decay must be in [0, 1], got {self.ema_decay}")
+
+    def step_pgd(self, st: int) -> PGD:
+        """Step ``st``'s fine-tuning PGD (from the image, no random start)."""
+        return PGD(eps=self.step_eps[st], alpha=self.step_eps[st] / self.step_alpha_div[st], steps=self.step_pgd_steps,
+                   random_start=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PUDJob(DefenseJob):
+    """Purify a backdoor-infected model written by train_blend.py without clean data: PUD filters the target
+    class (SPECTRE and a class split), fine-tunes progressively on PGD examples of a growing, re-scored extra
+    set, unlearns the identified poisons and ends with a mean-teacher stage."""
+
+    KEY = "pud"
+    target: TargetSettings
+    pud: PUDSettings
+
+    def check_for_checkpoint(self, ck: dict) -> None:
+        if ck["poisoned_indices"] is None:
+            raise UserError(NO_POISON_INDICES)
+        self.target.check_for(self.infected.num_classes, self.infected.dataset)
+
+    def for_checkpoint(self, ck: dict) -> "PUDJob":
+        job = super().for_checkpoint(ck)
+        if job.pud.spectre_layer is not None:
+            return job
+        return job.replace(pud=job.pud.replace(spectre_layer=SPECTRE_LAYERS.get(job.infected.arch, "net")))
+
+    def check_model(self, model) -> None:
+        names = [n for n, _ in model.named_modules() if n]
+        require(self.pud.spectre_layer in names,
+                f"--spectre_layer '{self.pud.spectre_layer}' is not a module of {self.infected.arch}; choose one of "
+                f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''}")
+
+
+STAGES = ("target", "spectre", "steps", "unlearning", "mean_teacher", "done")
+
+
+@dataclass
+class PUDState:
+    """PUD's loop cursor and loop-carried values: everything a resumed run needs besides model/optimizer/scheduler."""
+
+    stage: str = "target"
+    epoch_global: int = 0
+    target: dict | None = None
+    spectre_initial: dict | None = None
+    pool: torch.Tensor | None = None
+    filtered: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+    poison_set: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    step: int = 0
+    epoch: int = 0  # within the current step or stage
+    step_info: dict | None = None  # the started step's record
+    steps: list = field(default_factory=list)
+    unlearning: dict | None = None
+    mt_refresh: dict | None = None
+    reference: dict | None = None  # the frozen copy's weights, taken when unlearning began
+    teacher: dict | None = None
+    gstep: int = 0  # EMA steps of the teacher
+
+
+def run_pud(job: PUDJob) -> dict:
+    """PUD, stage by stage (Algorithm 1); each stage runs from the saved cursor in the state."""
+    s = DefenseSession(job, "pud")
+    pud = s.job.pud
+    model = s.inf.model
+    opt = make_optimizer(model, pud.pud_lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(pud.pud_milestones), gamma=0.1)
+    objects = {"model": model, "opt": opt, "sched": sched}
+    with s.ctl:
+        st = s.start(PUDState(), **objects)
+        if st.stage == "target":
+            st.target = find_target(s)
+            st.stage = "spectre"
+            s.save("the target estimate", st, **objects)
+        if st.stage == "spectre":
+            filter_target_class(s, st)
+            st.stage = "steps"
+            s.save("the initial SPECTRE", st, **objects)
+        if st.stage == "steps":
+            progressive_steps(s, st, objects)
+            st.stage, st.epoch = "unlearning", 0
+            s.save("the progressive steps", st, **objects)
+        if st.stage == "unlearning":
+            unlearn(s, st, objects)
+            if pud.mt_refresh:
+                st.mt_refresh = refresh_before_teacher(s, st)
+            st.stage, st.epoch, st.reference = "mean_teacher", 0, None
+            s.save("unlearning", st, **objects)
+        if st.stage == "mean_teacher":
+            mean_teacher(s, st, objects)
+        settings = {**s.job.target.as_dict(), **pud.as_dict()}
+        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+        return s.finish(settings, {"target": st.target, "spectre_initial": st.spectre_initial, "steps": st.steps,
+                                   "unlearning": st.unlearning, "mt_refresh": st.mt_refresh},
+                        panels={"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]},
+                        more_rows=[(step_records(st.steps, st.spectre_initial), STEP_PANELS, "step")])
+
+
+# ----- 1. the target ------------------------------------------------------------------------------------------
+
+def find_target(s: DefenseSession) -> dict:
+    inf, job = s.inf, s.job
+    return choose_target(job.target, inf.backdoor, lambda: estimate_target(
+        inf.reference, inf.poisoned.data, job.target, inf.backdoor.num_classes, job.run.eval_bs, s.gen, s.cl))
+
+
+# ----- 2. the initial filtering of the target class ----------------------------------------------------------
 
 def representations(s: DefenseSession, indices: torch.Tensor) -> torch.Tensor:
     """The infected model's ``--spectre_layer`` outputs of the training samples ``indices``, without augmentation."""
-    batches = (x for _, x, _ in s.inf.poisoned.batches(s.args.eval_bs, shuffle=False, indices=indices))
-    try:
-        return layer_representations(s.inf.reference, s.args.spectre_layer, batches)
-    except ValueError as e:
-        raise UserError(f"--spectre_layer: {e}") from None
+    batches = (x for _, x, _ in s.inf.poisoned.batches(s.job.run.eval_bs, shuffle=False, indices=indices))
+    return layer_representations(s.inf.reference, s.job.pud.spectre_layer, batches)
 
 
 def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float,
@@ -57,14 +257,21 @@ def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float,
     return dist.broadcast(indices[res.flagged_mask.cpu()].sort().values)  # torchrun: rank 0's (a fixed count)
 
 
+def spectre_record(removed: torch.Tensor, considered: int, truth: torch.Tensor) -> dict:
+    return {"considered": considered, "removed": len(removed),
+            "precision": poison_share(removed, truth) if len(removed) else None,
+            "removed_poison": int(truth[removed].sum()) if len(removed) else 0}
+
+
 def split_remove(s: DefenseSession, indices: torch.Tensor, target: int, reps: torch.Tensor,
                  truth: torch.Tensor) -> tuple:
-    """The target class's suspicious cluster (``utils.defenses.class_split``): its indices and a record for the summary."""
-    logits = all_logits(s.inf.reference, s.inf.poisoned, s.args.eval_bs, s.cl)[indices]  # the same on every rank
+    """The target class's suspicious cluster (``class_split``): its indices and a record for the summary."""
+    pud = s.job.pud
+    logits = all_logits(s.inf.reference, s.inf.poisoned, s.job.run.eval_bs, s.cl)[indices]  # the same on every rank
     # its own seeded generator: a split that is not applied leaves the run identical to --class_split 0
-    res = split_target_class(reps, logits, target, min_spread=s.args.class_split_spread,
-                             confidence_tie=s.args.class_split_tie,
-                             generator=torch.Generator().manual_seed(s.args.seed))
+    res = split_target_class(reps, logits, target, min_spread=pud.class_split_spread,
+                             confidence_tie=pud.class_split_tie,
+                             generator=torch.Generator().manual_seed(s.job.run.seed))
     flagged = indices[dist.broadcast(res.flagged_mask.to(torch.uint8)).bool()]  # torchrun: rank 0's cluster
     rec = {**spectre_record(flagged, len(indices), truth), "recall": detection_stats(flagged, truth)["recall"],
            "applied": res.applied, "cluster_sizes": list(res.sizes),
@@ -73,79 +280,125 @@ def split_remove(s: DefenseSession, indices: torch.Tensor, target: int, reps: to
     return flagged, rec
 
 
-def spectre_record(removed: torch.Tensor, considered: int, truth: torch.Tensor) -> dict:
-    return {"considered": considered, "removed": len(removed),
-            "precision": poison_share(removed, truth) if len(removed) else None,
-            "removed_poison": int(truth[removed].sum()) if len(removed) else 0}
+def filter_target_class(s: DefenseSession, st: PUDState) -> None:
+    """SPECTRE (and the class split) on the target-labelled samples; the rest is the pool. Draws step 0's extra set."""
+    pud, inf = s.job.pud, s.inf
+    n = len(inf.poisoned)
+    truth = inf.poisoned.is_poison.cpu()
+    target = st.target["used"]
+    tidx = torch.nonzero(inf.poisoned.train_labels.cpu() == target).flatten()
+    removed, reps = torch.zeros(0, dtype=torch.long), None
+    if len(tidx) > 1:
+        reps = representations(s, tidx)  # read once: SPECTRE and the class split use the same representations
+        removed = spectre_remove(s, tidx, pud.spectre_remove, reps)
+    record = {**spectre_record(removed, len(tidx), truth), "recall": detection_stats(removed, truth)["recall"]}
+    print(f"initial SPECTRE: removed {len(removed)} of {len(tidx)} target-labelled samples "
+          f"({record['removed_poison']} truly poisoned)", flush=True)
+    if pud.class_split and reps is not None:
+        split, record["class_split"] = split_remove(s, tidx, target, reps, truth)
+        sp = record["class_split"]
+        print(f"target-class split: clusters {sp['cluster_sizes']}, non-target confidence {sp['cluster_confidence']}, "
+              f"spread over {sp['cluster_spread']} classes; " + (
+                  f"removed cluster {sp['suspicious_cluster']}: {sp['removed']} samples "
+                  f"({sp['removed_poison']} truly poisoned)"
+                  if sp["applied"] else "not applied (the more confident cluster does not spread over more classes)"),
+              flush=True)
+        removed = torch.unique(torch.cat([removed, split]))
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[removed] = False
+    pool = torch.nonzero(keep).flatten()
+    st.pool, st.filtered = pool, removed
+    st.spectre_initial = {**record, "filtered": len(removed), "filtered_precision": poison_share(removed, truth),
+                          "filtered_recall": detection_stats(removed, truth)["recall"],
+                          "pool_size": len(pool), "pool_poison_share": poison_share(pool, truth)}
+    print(f"pool {len(pool)} samples, {st.spectre_initial['pool_poison_share']:.3%} truly poisoned", flush=True)
+    pick = clean_indices(inf.poisoned) if pud.model_repair else pool
+    k0 = max(1, int(round(pud.init_ratio * len(pick))))
+    st.extra = pick[torch.randperm(len(pick), generator=s.gen)[:k0]].sort().values
 
 
-STAGES = ("target", "spectre", "steps", "unlearning", "mean_teacher", "done")
+# ----- 3. the progressive steps -------------------------------------------------------------------------------
+
+def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
+    """The steps from the cursor (step, epoch within the step); ``step_info`` marks a started step."""
+    pud, inf = s.job.pud, s.inf
+    truth = inf.poisoned.is_poison.cpu()
+    labels = inf.poisoned.train_labels.cpu()
+    ref_logits = all_logits(inf.reference, inf.poisoned, s.job.run.eval_bs, s.cl)
+    candidates = poison_candidates(pud.poison_candidates, labels, st.target["used"], st.filtered)
+    for step in range(st.step, pud.steps):
+        if st.step_info is None:
+            start_step(s, st, step, truth, labels)
+        train_step(s, st, step, objects)
+        score_step(s, st, step, ref_logits, candidates, truth, labels)
+        st.step, st.epoch, st.step_info = step + 1, 0, None
+        if step < pud.steps - 1:
+            s.save(f"pud step {step}", st, **objects)
 
 
-def step_attack(args, st: int) -> PGD:
-    return PGD(eps=args.step_eps[st], alpha=args.step_eps[st] / args.step_alpha_div[st], steps=args.step_pgd_steps,
-               random_start=False)
+def start_step(s: DefenseSession, st: PUDState, step: int, truth: torch.Tensor, labels: torch.Tensor) -> None:
+    """A step's start: from step 1 on, SPECTRE on the extra set's target part removes its most suspicious share."""
+    pud = s.job.pud
+    extra, target = st.extra, st.target["used"]
+    info = {"step": step, "extra_size": len(extra), "extra_poison_share": poison_share(extra, truth), "spectre": None}
+    if step > 0:
+        ext_t = extra[labels[extra] == target]
+        if len(ext_t) >= pud.spectre_min:
+            rm = spectre_remove(s, ext_t, pud.spectre_step_remove)
+            extra = extra[~torch.isin(extra, rm)]
+            info["spectre"] = spectre_record(rm, len(ext_t), truth)
+        else:
+            info["spectre"] = {"considered": len(ext_t), "removed": 0, "skipped": True}
+        info["extra_size_after_spectre"] = len(extra)
+        info["extra_poison_share_after_spectre"] = poison_share(extra, truth)
+    st.extra, st.step_info = extra, info
+    print(f"step {step}: extra set {len(extra)} samples, {poison_share(extra, truth):.3%} truly poisoned", flush=True)
 
 
-def frozen_copy(model: torch.nn.Module, state_dict: dict | None = None) -> torch.nn.Module:
-    """A frozen eval-mode copy of ``model`` (optionally with saved weights): the unlearning reference."""
-    ref = copy.deepcopy(model).eval()
-    if state_dict is not None:
-        ref.load_state_dict(state_dict)
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+def train_step(s: DefenseSession, st: PUDState, step: int, objects: dict) -> None:
+    """The step's epochs from the cursor: the first ``step_adv_epochs`` on PGD examples (partial if asked)."""
+    pud, inf = s.job.pud, s.inf
+    model, opt, sched = objects["model"], objects["opt"], objects["sched"]
+    attack = pud.step_pgd(step)
+    partial = bool(pud.step_partial[step])
+    for e in range(st.epoch, pud.step_epochs[step]):
+        st.epoch_global += 1
+        adv = e < pud.step_adv_epochs[step]
+        adv_batches = (pud.partial_batches if partial else None) if adv else 0
+        batches = dist.epoch_batches(inf.poisoned, s.job.run.bs, s.gen, inf.augment, indices=st.extra)
+        stats = finetune_epoch(s.train_model, opt, batches, attack if adv else None, adv_batches, None, s.gen, s.cl,
+                               desc=f"pud s{step} e{e + 1}", stage=f"pud step {step}", epoch=st.epoch_global)
+        sched.step()
+        last = e == pud.step_epochs[step] - 1
+        rec = {"epoch": st.epoch_global, "step": step, "adversarial": adv, "lr": opt.param_groups[0]["lr"], **stats,
+               **s.evaluate(robust=last)}
+        s.log(rec, f"pud step {step} epoch {e + 1}/{pud.step_epochs[step]}{' (adv)' if adv else ''}")
+        st.epoch = e + 1
+        s.save(f"pud step {step} epoch {e + 1}", st, **objects)
+    if pud.step_epochs[step] == 0:
+        rec = {"epoch": st.epoch_global, "step": step, **s.evaluate(robust=True)}
+        s.log(rec, f"pud step {step} (no epochs)")
 
 
-def initial_carry() -> dict:
-    """PUD's loop cursor and loop-carried values: everything a resumed run needs besides model/optimizer/scheduler."""
-    return {"stage": "target", "epoch_global": 0, "target": None, "spectre_initial": None, "pool": None,
-            "filtered": None, "extra": None, "poison_set": torch.zeros(0, dtype=torch.long), "step": 0, "epoch": 0,
-            "step_info": None, "steps": [], "unlearning": None, "mt_refresh": None, "reference": None, "teacher": None, "gstep": 0}
-
-
-def run_pud(args) -> dict:
-    """PUD, stage by stage; each stage runs from the saved cursor in the carry (see ``initial_carry``)."""
-    if load_checkpoint(args.model_path).get("poisoned_indices") is None:  # before any output is written
-        raise UserError(NO_POISON_INDICES)
-    s = DefenseSession(args, "pud")
-    model = s.inf.model
-    opt = make_optimizer(model, args.pud_lr)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=args.pud_milestones, gamma=0.1)
-    objects = {"model": model, "opt": opt, "sched": sched}
-    with s.ctl:
-        c = s.start(initial_carry(), **objects)
-        if c["stage"] == "target":
-            c["target"] = choose_target(s)
-            c["stage"] = "spectre"
-            s.save("the target estimate", c, **objects)
-        if c["stage"] == "spectre":
-            initial_spectre(s, c)
-            c["stage"] = "steps"
-            s.save("the initial SPECTRE", c, **objects)
-        if c["stage"] == "steps":
-            progressive_steps(s, c, objects)
-            c.update(stage="unlearning", epoch=0)
-            s.save("the progressive steps", c, **objects)
-        if c["stage"] == "unlearning":
-            unlearn(s, c, objects)
-            if args.mt_refresh:
-                c["mt_refresh"] = refresh_extra(s, c, objects["model"])
-            c.update(stage="mean_teacher", epoch=0, reference=None)
-            s.save("unlearning", c, **objects)
-        if c["stage"] == "mean_teacher":
-            mean_teacher(s, c, objects)
-        settings = {k: getattr(args, k) for k in (
-            "target_label", "target_eps", "target_images", "spectre_layer", "spectre_remove", "spectre_step_remove",
-            "spectre_min", "class_split", "class_split_spread", "class_split_tie", "steps", "step_epochs",
-            "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div", "step_pgd_steps", "partial_batches",
-            "init_ratio", "top_rates", "poison_fraction", "poison_candidates", "balanced_selection", "mt_refresh", "pud_lr", "pud_milestones",
-            "unlearn_epochs", "unlearn_lambda", "unlearn_mu", "poison_loss_bound", "mt_epochs", "mt_weight", "ema_decay",
-            "mt_adv", "return_teacher", "model_repair")}
-        return s.finish(settings, {"target": c["target"], "spectre_initial": c["spectre_initial"], "steps": c["steps"],
-                                   "unlearning": c["unlearning"], "mt_refresh": c["mt_refresh"]},
-                        panels={"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]},
-                        more_rows=[(step_records(c["steps"], c["spectre_initial"]), STEP_PANELS, "step")])
+def score_step(s: DefenseSession, st: PUDState, step: int, ref_logits, candidates, truth, labels) -> None:
+    """Score every training sample; the poison set from the candidates, the next extra set from the pool."""
+    pud, inf = s.job.pud, s.inf
+    info = st.step_info
+    scores = consistency_scores(ref_logits, all_logits(inf.model, inf.poisoned, s.job.run.eval_bs, s.cl),
+                                argmax_penalty=True)
+    st.poison_set = bottom_fraction(scores, pud.poison_fraction, candidates)
+    det = detection_stats(st.poison_set, truth)
+    info.update({"poison_set_size": len(st.poison_set), "poison_precision": det["precision"],
+                 "poison_recall": det["recall"], **{k: s.history[-1].get(k) for k in ("clean_acc", "asr", "robust_acc")}})
+    if step < pud.steps - 1:
+        st.extra = top_fraction(scores, pud.top_rates[step], among=st.pool,
+                                labels=labels if pud.balanced_selection else None)
+        info["next_extra_size"] = len(st.extra)
+        info["next_extra_poison_share"] = poison_share(st.extra, truth)
+    st.steps.append(info)
+    s.run.log({"step_summary": info, "epoch": st.epoch_global})
+    print(f"step {step}: poison set {len(st.poison_set)} precision {det['precision']:.3f} recall {det['recall']:.3f}",
+          flush=True)
 
 
 STEP_PANELS = {"per step: accuracy and attack": ["clean_acc", "robust_acc", "asr"],
@@ -177,131 +430,31 @@ def step_records(steps: list[dict], spectre_initial: dict | None) -> list[dict]:
     return recs
 
 
-def initial_spectre(s: DefenseSession, c: dict) -> None:
-    """2. SPECTRE on the target-labelled samples; the rest is the pool. Also draws the step-0 extra set."""
-    args, inf = s.args, s.inf
-    n = len(inf.poisoned)
-    truth = inf.poisoned.is_poison.cpu()
-    tidx = torch.nonzero(inf.poisoned.train_labels.cpu() == c["target"]["used"]).flatten()
-    removed, reps = torch.zeros(0, dtype=torch.long), None
-    if len(tidx) > 1:
-        reps = representations(s, tidx)  # read once: SPECTRE and the class split use the same representations
-        removed = spectre_remove(s, tidx, args.spectre_remove, reps)
-    record = {**spectre_record(removed, len(tidx), truth), "recall": detection_stats(removed, truth)["recall"]}
-    print(f"initial SPECTRE: removed {len(removed)} of {len(tidx)} target-labelled samples "
-          f"({record['removed_poison']} truly poisoned)", flush=True)
-    if args.class_split and reps is not None:
-        split, record["class_split"] = split_remove(s, tidx, c["target"]["used"], reps, truth)
-        sp = record["class_split"]
-        print(f"target-class split: clusters {sp['cluster_sizes']}, non-target confidence {sp['cluster_confidence']}, "
-              f"spread over {sp['cluster_spread']} classes; " + (
-                  f"removed cluster {sp['suspicious_cluster']}: {sp['removed']} samples "
-                  f"({sp['removed_poison']} truly poisoned)"
-                  if sp["applied"] else "not applied (the more confident cluster does not spread over more classes)"),
-              flush=True)
-        removed = torch.unique(torch.cat([removed, split]))
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[removed] = False
-    pool = torch.nonzero(keep).flatten()
-    c["pool"], c["filtered"] = pool, removed
-    c["spectre_initial"] = {**record, "filtered": len(removed), "filtered_precision": poison_share(removed, truth),
-                            "filtered_recall": detection_stats(removed, truth)["recall"],
-                            "pool_size": len(pool), "pool_poison_share": poison_share(pool, truth)}
-    print(f"pool {len(pool)} samples, {c['spectre_initial']['pool_poison_share']:.3%} truly poisoned", flush=True)
-    pick = clean_indices(inf.poisoned) if args.model_repair else pool
-    k0 = max(1, int(round(args.init_ratio * len(pick))))
-    c["extra"] = pick[torch.randperm(len(pick), generator=s.gen)[:k0]].sort().values
+# ----- 4. unlearning ------------------------------------------------------------------------------------------
 
-
-def progressive_steps(s: DefenseSession, c: dict, objects: dict) -> None:
-    """3. Progressive steps from the cursor (step, epoch within the step); ``step_info`` marks a started step."""
-    args, inf = s.args, s.inf
-    model, opt, sched = objects["model"], objects["opt"], objects["sched"]
-    truth = inf.poisoned.is_poison.cpu()
-    labels = inf.poisoned.train_labels.cpu()
-    t = c["target"]["used"]
-    ref_logits = all_logits(inf.reference, inf.poisoned, args.eval_bs, s.cl)
-    candidates = poison_candidates(args.poison_candidates, labels, t, c["filtered"])
-    for st in range(c["step"], args.steps):
-        attack = step_attack(args, st)
-        if c["step_info"] is None:  # the step's start: per-step SPECTRE on the extra set's target part (steps >= 1)
-            extra = c["extra"]
-            info = {"step": st, "extra_size": len(extra), "extra_poison_share": poison_share(extra, truth), "spectre": None}
-            if st > 0:
-                ext_t = extra[labels[extra] == t]
-                if len(ext_t) >= args.spectre_min:
-                    rm = spectre_remove(s, ext_t, args.spectre_step_remove)
-                    extra = extra[~torch.isin(extra, rm)]
-                    info["spectre"] = spectre_record(rm, len(ext_t), truth)
-                else:
-                    info["spectre"] = {"considered": len(ext_t), "removed": 0, "skipped": True}
-                info["extra_size_after_spectre"] = len(extra)
-                info["extra_poison_share_after_spectre"] = poison_share(extra, truth)
-            c["extra"], c["step_info"] = extra, info
-            print(f"step {st}: extra set {len(extra)} samples, {poison_share(extra, truth):.3%} truly poisoned", flush=True)
-        info = c["step_info"]
-        partial = bool(args.step_partial[st])
-        for e in range(c["epoch"], args.step_epochs[st]):
-            c["epoch_global"] += 1
-            adv = e < args.step_adv_epochs[st]
-            adv_batches = (args.partial_batches if partial else None) if adv else 0
-            batches = dist.epoch_batches(inf.poisoned, args.bs, s.gen, inf.augment, indices=c["extra"])
-            stats = finetune_epoch(s.train_model, opt, batches, attack if adv else None, adv_batches, None, s.gen, s.cl,
-                                   desc=f"pud s{st} e{e + 1}", stage=f"pud step {st}", epoch=c["epoch_global"])
-            sched.step()
-            last = e == args.step_epochs[st] - 1
-            rec = {"epoch": c["epoch_global"], "step": st, "adversarial": adv, "lr": opt.param_groups[0]["lr"], **stats,
-                   **s.evaluate(robust=last)}
-            s.log(rec, f"pud step {st} epoch {e + 1}/{args.step_epochs[st]}{' (adv)' if adv else ''}")
-            c["epoch"] = e + 1
-            s.save(f"pud step {st} epoch {e + 1}", c, **objects)
-        if args.step_epochs[st] == 0:
-            rec = {"epoch": c["epoch_global"], "step": st, **s.evaluate(robust=True)}
-            s.log(rec, f"pud step {st} (no epochs)")
-        # score every training sample; next extra set from the pool, poison set from all samples
-        scores = consistency_scores(ref_logits, all_logits(model, inf.poisoned, args.eval_bs, s.cl), argmax_penalty=True)
-        c["poison_set"] = bottom_fraction(scores, args.poison_fraction, candidates)
-        det = detection_stats(c["poison_set"], truth)
-        info.update({"poison_set_size": len(c["poison_set"]), "poison_precision": det["precision"],
-                     "poison_recall": det["recall"], **{k: s.history[-1].get(k) for k in ("clean_acc", "asr", "robust_acc")}})
-        if st < args.steps - 1:
-            c["extra"] = top_fraction(scores, args.top_rates[st], among=c["pool"],
-                                      labels=labels if args.balanced_selection else None)
-            info["next_extra_size"] = len(c["extra"])
-            info["next_extra_poison_share"] = poison_share(c["extra"], truth)
-        c["steps"].append(info)
-        s.run.log({"step_summary": info, "epoch": c["epoch_global"]})
-        print(f"step {st}: poison set {len(c['poison_set'])} precision {det['precision']:.3f} recall {det['recall']:.3f}",
-              flush=True)
-        c.update(step=st + 1, epoch=0, step_info=None)
-        if st < args.steps - 1:
-            s.save(f"pud step {st}", c, **objects)
-
-
-def unlearn(s: DefenseSession, c: dict, objects: dict) -> None:
-    """4. Machine unlearning on the last extra set and the poison set, against a frozen copy saved in the carry."""
-    args, inf = s.args, s.inf
+def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
+    """Machine unlearning on the last extra set and the poison set, against a frozen copy kept in the state."""
+    pud, inf, bs = s.job.pud, s.inf, s.job.run.bs
     model, opt = objects["model"], objects["opt"]
-    extra, poison_set = c["extra"], c["poison_set"]
-    reference = frozen_copy(model, c["reference"])  # the copy taken when unlearning began, also after a resume
-    c["reference"] = reference.state_dict()
-    if c["unlearning"] is None:
-        c["unlearning"] = {"epochs": args.unlearn_epochs, "extra_size": len(extra), "poison_set_size": len(poison_set),
-                           "clipped_batches": 0, "batches": 0, "history": []}
-    unlearning = c["unlearning"]
-    for e in range(c["epoch"], args.unlearn_epochs):
-        c["epoch_global"] += 1
-        ep = c["epoch_global"]
+    extra, poison_set = st.extra, st.poison_set
+    reference = frozen_copy(model, st.reference)  # the copy taken when unlearning began, also after a resume
+    st.reference = reference.state_dict()
+    if st.unlearning is None:
+        st.unlearning = {"epochs": pud.unlearn_epochs, "extra_size": len(extra), "poison_set_size": len(poison_set),
+                         "clipped_batches": 0, "batches": 0, "history": []}
+    record = st.unlearning
+    for e in range(st.epoch, pud.unlearn_epochs):
+        st.epoch_global += 1
+        ep = st.epoch_global
         parts_sum = {"clean_ce": 0.0, "poison_ce": 0.0, "loss": 0.0}
-        nb = images = 0
-        model.train()
+        nb = 0  # batches this rank ran
         poison_iter = iter(())
-        for _, xc, yc in progress(dist.epoch_batches(inf.poisoned, args.bs, s.gen, inf.augment, indices=extra),
-                                  desc=f"unlearn {e + 1}"):
-            batch_start("pud unlearning", ep, nb)
+
+        def loss_fn(i, xc, yc):
+            nonlocal poison_iter, nb
             batch = next(poison_iter, None)
             if batch is None:  # torchrun: every rank restarts its poison shard at the same batch (equal shards)
-                poison_iter = iter(dist.epoch_batches(inf.poisoned, args.bs, s.gen, inf.augment, indices=poison_set))
+                poison_iter = iter(dist.epoch_batches(inf.poisoned, bs, s.gen, inf.augment, indices=poison_set))
                 batch = next(poison_iter)
             _, xp, yp = batch
             x = torch.cat([xc, xp])
@@ -309,89 +462,92 @@ def unlearn(s: DefenseSession, c: dict, objects: dict) -> None:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = s.train_model(x)  # DDP under torchrun: each rank its shard, gradients averaged
             loss, parts = unlearning_loss(logits[:len(yc)], yc, logits[len(yc):], yp, model, reference,
-                                          lam=args.unlearn_lambda, mu=args.unlearn_mu,
-                                          poison_loss_bound=args.poison_loss_bound)
-            loss = checked_loss(loss, "pud unlearning", ep, nb, what="unlearning")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                                          lam=pud.unlearn_lambda, mu=pud.unlearn_mu,
+                                          poison_loss_bound=pud.poison_loss_bound)
             for k in parts_sum:
                 parts_sum[k] += parts[k]
-            unlearning["clipped_batches"] += int(parts["poison_clipped"])
+            record["clipped_batches"] += int(parts["poison_clipped"])
             nb += 1
-            images += len(yc)
-        dist.sync_buffers(model)
-        unlearning["batches"] += nb
+            return loss, None
+
+        batches = dist.epoch_batches(inf.poisoned, bs, s.gen, inf.augment, indices=extra)
+        stats = train_epoch(s.train_model, opt, batches, loss_fn=loss_fn, desc=f"unlearn {e + 1}",
+                            stage="pud unlearning", epoch=ep, what="unlearning")
+        record["batches"] += nb
         parts_mean = dist.mean_over_ranks({k: v / max(nb, 1) for k, v in parts_sum.items()})
-        rec = {"epoch": ep, "stage": "unlearning", **parts_mean, "images": images, **s.evaluate()}
-        unlearning["history"].append({k: rec[k] for k in ("epoch", "clean_ce", "poison_ce", "loss", "clean_acc", "asr")
-                                      if k in rec})
-        s.log(rec, f"pud unlearning {e + 1}/{args.unlearn_epochs}")
-        c["epoch"] = e + 1
-        s.save(f"pud unlearning epoch {e + 1}", c, **objects)
-    unlearning["clipped"] = unlearning["clipped_batches"] > 0
+        rec = {"epoch": ep, "stage": "unlearning", **parts_mean, "images": stats["images"], **s.evaluate()}
+        record["history"].append({k: rec[k] for k in ("epoch", "clean_ce", "poison_ce", "loss", "clean_acc", "asr")
+                                  if k in rec})
+        s.log(rec, f"pud unlearning {e + 1}/{pud.unlearn_epochs}")
+        st.epoch = e + 1
+        s.save(f"pud unlearning epoch {e + 1}", st, **objects)
+    record["clipped"] = record["clipped_batches"] > 0
 
 
-def refresh_extra(s: DefenseSession, c: dict, model) -> dict:
-    """Between unlearning and the mean teacher: drop target-labelled extra samples the model no longer calls target.
+def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor, target: int,
+                  predictions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Drop the target-labelled extra samples the model (``predictions`` of every training sample) no longer calls
+    the target; returns the kept extra set and a record.
 
     The last extra set still holds the poisoned images whose backdoor survived the progressive steps (they looked
     consistent); right after unlearning the backdoor is gone, so those images now flip away from the target while
     genuine target-class images keep it. Without this the mean-teacher epochs re-learn the backdoor from them.
     """
-    inf, t = s.inf, c["target"]["used"]
-    extra = c["extra"]
-    pred = all_logits(model, inf.poisoned, s.args.eval_bs, s.cl).argmax(1)[extra]
-    drop = (inf.poisoned.train_labels.cpu()[extra] == t) & (pred != t)
-    truth = inf.poisoned.is_poison.cpu()
-    info = {"dropped": int(drop.sum()), "dropped_poison": int(truth[extra[drop]].sum()),
-            "extra_poison_share_before": poison_share(extra, truth)}
-    c["extra"] = extra[~drop]
-    info["extra_poison_share_after"] = poison_share(c["extra"], truth)
+    drop = (labels[extra] == target) & (predictions[extra] != target)
+    info = {"dropped": int(drop.sum()), "dropped_poison": int(is_poison[extra[drop]].sum()),
+            "extra_poison_share_before": poison_share(extra, is_poison)}
+    kept = extra[~drop]
+    info["extra_poison_share_after"] = poison_share(kept, is_poison)
+    return kept, info
+
+
+def refresh_before_teacher(s: DefenseSession, st: PUDState) -> dict:
+    inf = s.inf
+    preds = all_logits(inf.model, inf.poisoned, s.job.run.eval_bs, s.cl).argmax(1)
+    st.extra, info = refresh_extra(st.extra, inf.poisoned.train_labels.cpu(), inf.poisoned.is_poison.cpu(),
+                                   st.target["used"], preds)
     print(f"mean-teacher set: dropped {info['dropped']} target-labelled samples no longer predicted as the target "
           f"({info['dropped_poison']} truly poisoned); {info['extra_poison_share_after']:.3%} poisoned remain", flush=True)
     return info
 
 
-def mean_teacher(s: DefenseSession, c: dict, objects: dict) -> None:
-    """5. Mean-teacher fine-tuning on the extra set; the teacher's weights and the EMA step are in the carry."""
-    args, inf = s.args, s.inf
+# ----- 5. the mean teacher ------------------------------------------------------------------------------------
+
+def mean_teacher(s: DefenseSession, st: PUDState, objects: dict) -> None:
+    """Mean-teacher fine-tuning on the extra set; the teacher's weights and the EMA step are in the state."""
+    pud, inf = s.job.pud, s.inf
     model, opt = objects["model"], objects["opt"]
-    attack = step_attack(args, args.steps - 1)
-    teacher = make_teacher(model)
-    if c["teacher"] is not None:
-        teacher.load_state_dict(c["teacher"])
-    for e in range(c["epoch"], args.mt_epochs):
-        c["epoch_global"] += 1
-        ep = c["epoch_global"]
-        model.train()
-        loss_sum, n_seen = 0.0, 0
-        for i, (_, x, y) in enumerate(progress(dist.epoch_batches(inf.poisoned, args.bs, s.gen, inf.augment,
-                                                                  indices=c["extra"]), desc=f"mean teacher {e + 1}")):
-            batch_start("pud mean teacher", ep, i)
-            if s.cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if args.mt_adv:
+    attack = pud.step_pgd(pud.steps - 1)
+    teacher = frozen_copy(model, st.teacher)
+    for e in range(st.epoch, pud.mt_epochs):
+        st.epoch_global += 1
+        ep = st.epoch_global
+        seen = {"loss": 0.0, "n": 0}
+
+        def loss_fn(i, x, y):
+            if pud.mt_adv:
                 x = attack(teacher, x, y, generator=s.gen)
             logits = s.train_model(x)
             with torch.no_grad():
                 t_logits = teacher(x)
-            loss = F.cross_entropy(logits, y) + args.mt_weight * softmax_consistency(logits, t_logits)
-            loss = checked_loss(loss, "pud mean teacher", ep, i, what="mean-teacher")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema_update(teacher, model, args.ema_decay, c["gstep"])
-            c["gstep"] += 1
-            loss_sum += loss.item() * len(y)
-            n_seen += len(y)
-        dist.sync_buffers(model)
+            loss = F.cross_entropy(logits, y) + pud.mt_weight * softmax_consistency(logits, t_logits)
+            seen["loss"] += loss.item() * len(y)
+            seen["n"] += len(y)
+            return loss, None
+
+        def after_step(i):
+            ema_update(teacher, model, pud.ema_decay, st.gstep)
+            st.gstep += 1
+
+        batches = dist.epoch_batches(inf.poisoned, s.job.run.bs, s.gen, inf.augment, indices=st.extra)
+        stats = train_epoch(s.train_model, opt, batches, channels_last=s.cl, loss_fn=loss_fn, after_step=after_step,
+                            desc=f"mean teacher {e + 1}", stage="pud mean teacher", epoch=ep, what="mean-teacher")
         dist.sync_buffers(teacher)  # its EMA of the student's per-rank BatchNorm statistics
-        rec = {"epoch": ep, "stage": "mean_teacher", **dist.mean_over_ranks({"loss": loss_sum / max(n_seen, 1)}),
-               "images": n_seen, **s.evaluate()}
-        s.log(rec, f"pud mean teacher {e + 1}/{args.mt_epochs}")
-        c["epoch"] = e + 1
-        c["teacher"] = teacher.state_dict()
-        s.save(f"pud mean-teacher epoch {e + 1}", c, **objects)
-    if args.return_teacher and args.mt_epochs > 0:
+        rec = {"epoch": ep, "stage": "mean_teacher", **dist.mean_over_ranks({"loss": seen["loss"] / max(seen["n"], 1)}),
+               "images": stats["images"], **s.evaluate()}
+        s.log(rec, f"pud mean teacher {e + 1}/{pud.mt_epochs}")
+        st.epoch = e + 1
+        st.teacher = teacher.state_dict()
+        s.save(f"pud mean-teacher epoch {e + 1}", st, **objects)
+    if pud.return_teacher and pud.mt_epochs > 0:
         model.load_state_dict(teacher.state_dict())

@@ -1,64 +1,82 @@
-"""A defense run's shared set-up, evaluation, outputs and resumable state (AFT, PBE and PUD all use one ``DefenseSession``).
+"""A defense run's set-up, evaluation, outputs and resumable state (AFT, PBE and PUD all use one ``DefenseSession``).
 
-Each defense keeps its loop cursor and loop-carried values in one ``carry`` dict, starts with
-``carry = s.start(carry, **objects)`` (a fresh run evaluates the infected model and saves the first
-state; a resumed run gets the saved carry back) and calls ``s.save(position, carry, **objects)`` at
-its epoch and stage boundaries. The work runs inside ``with s.ctl:`` (signals, failure record).
+The session reads the infected checkpoint once, resolves the job's checkpoint-derived settings and checks
+them (all before any output), takes the run folder, and rebuilds the infected run. A defense keeps its
+loop cursor and loop-carried values in one typed state object, starts with ``state = s.start(state,
+**objects)`` (a fresh run evaluates the infected model and saves the first state; a resumed run gets the
+saved state back) and calls ``s.save(position, state, **objects)`` at its epoch and stage boundaries. The
+work runs inside ``with s.ctl:`` (signals, failure record).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
+from models.speed import SpeedSettings
+from utils.adversarial import RobustEvalSettings, robust_eval
+from utils.data.build import DataSource
+from utils.defenses.infected import DefenseInput, InfectedRun, load_infected
+from utils.evaluation import evaluate, log_line
 from utils.run import distributed as dist
-from utils.attack import checkpoint_payload, log_line
-from utils.run.checkpoint import save_checkpoint
-from utils.defenses.common import InfectedRun, load_infected
-from utils.evaluation import evaluate
+from utils.run.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from utils.run.plots import plot_curves
 from utils.run.resume import RunControl, prepare_out_dir
-from utils.robust import robust_acc_from_args
-from utils.run.runlog import RunDir
-from utils.run.runtime import pick_device, seed_everything
+from utils.run.runlog import RunDir, default_out_dir
+from utils.run.runtime import RunSettings, pick_device, seed_everything
+from utils.settings import Job
 
 SCRIPT_OF = {"aft": "pbe", "pbe": "pbe", "pud": "pud"}
+SUMMARY_KEYS = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "robust_acc", "noise_acc")
+META_KEYS = ("arch", "arch_kwargs", "dataset", "num_classes", "input_size", "seed")
+
+
+def state_record(state) -> dict:
+    """A typed loop state as the plain dict ``state.pt`` stores."""
+    return {f.name: getattr(state, f.name) for f in fields(state)}
 
 
 class DefenseSession:
     """Set-up, evaluation, outputs and resumable state shared by the defense scripts (AFT, PBE, PUD)."""
 
-    def __init__(self, args, name: str):
-        self.args, self.name = args, name
-        self.device = dist.init(pick_device(args.device))  # torchrun (AFT, PBE): join the group, this rank's device
-        loaded = prepare_out_dir(SCRIPT_OF[name], args)
-        self.gen = seed_everything(args.seed)
-        self.inf: InfectedRun = load_infected(args, self.device)
+    def __init__(self, job, name: str):
+        ck = load_checkpoint(job.infected.model_path)  # the one read of the checkpoint
+        self.job = job = job.for_checkpoint(ck)  # checkpoint-derived settings, checked before any output
+        self.name = name
+        self.device = dist.init(pick_device(job.run.device))  # torchrun: join the group, this rank's device
+        loaded = prepare_out_dir(SCRIPT_OF[name], job)
+        self.gen = seed_everything(job.run.seed)
+        self.inf: InfectedRun = load_infected(ck, job.source, job.speed, self.device)
+        job.check_model(self.inf.model)
         self.train_model = dist.wrap(self.inf.model, self.device)  # DDP under torchrun, else the model itself
-        self.cl = args.channels_last != "off"
-        self.run = RunDir(args.out_dir)
-        self.ctl = RunControl(SCRIPT_OF[name], args, self.run, self.gen, loaded)
+        self.cl = job.speed.use_channels_last
+        self.run = RunDir(job.run.out_dir)
+        self.ctl = RunControl(SCRIPT_OF[name], job, self.run, self.gen, loaded)
         self.history: list[dict] = []
         self.initial: dict = {}
 
-    def start(self, carry: dict, **objects) -> dict:
-        """Fresh run: write args.json, evaluate the infected model, save the first state. Resumed: restore. Returns the carry."""
+    def start(self, state, **objects):
+        """Fresh run: write args.json, evaluate the infected model, save the first state. Resumed: restore."""
         if self.ctl.resuming:
             saved = self.ctl.restore(**objects)
             self.initial, self.history = saved["initial"], saved["history"]
-            return saved["loop"]
-        self.run.start(dict(vars(self.args), defense=self.name, device_used=str(self.device)))
-        print(f"{self.name}: {self.inf.ck['trigger']['type']} {self.inf.ck['attack_mode']} {self.inf.ck['dataset']} "
-              f"model from {self.args.model_path} on {self.device}; writing to {self.args.out_dir}", flush=True)
+            return type(state)(**saved["loop"])
+        self.run.start(dict(self.job.flat(), defense=self.name, device_used=str(self.device)))
+        ck = self.inf.ck
+        print(f"{self.name}: {ck['trigger']['type']} {ck['attack_mode']} {ck['dataset']} model from "
+              f"{self.job.infected.model_path} on {self.device}; writing to {self.job.run.out_dir}", flush=True)
         self.initial = self.evaluate(robust=True)
         print(log_line("initial", self.initial), flush=True)
-        self.save("the initial evaluation", carry, **objects)
-        return carry
+        self.save("the initial evaluation", state, **objects)
+        return state
 
-    def save(self, position: str, carry: dict, **objects) -> None:
-        self.ctl.save(position, {"loop": carry, "initial": self.initial, "history": self.history}, **objects)
+    def save(self, position: str, state, **objects) -> None:
+        self.ctl.save(position, {"loop": state_record(state), "initial": self.initial, "history": self.history},
+                      **objects)
 
     def evaluate(self, robust: bool = False) -> dict:
-        m = self.inf.model
-        out = evaluate(m, self.inf.test, self.inf.backdoor, self.args.eval_bs, generator=self.gen, channels_last=self.cl)
+        m, run = self.inf.model, self.job.run
+        out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, generator=self.gen, channels_last=self.cl)
         if robust:
-            out.update(robust_acc_from_args(m, self.inf.test, self.args))
+            out.update(robust_eval(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
         return out
 
     def log(self, rec: dict, prefix: str) -> None:
@@ -67,23 +85,57 @@ class DefenseSession:
         self.run.log(rec)
         print(log_line(prefix, rec), flush=True)
 
+    def checkpoint_meta(self) -> dict:
+        """The infected checkpoint's model and data fields; ``args`` with the data read from where this run read it."""
+        ck, data = self.inf.ck, self.inf.data
+        where = {k: getattr(data, k) for k in ("data_root", "download", "num_workers", "test_subset")}
+        return {**{k: ck[k] for k in META_KEYS}, "args": {**ck["args"], **where}}
+
     def finish(self, settings: dict, extra_summary: dict | None = None, panels: dict | None = None,
                more_rows: list = ()) -> dict:
         """Final evaluation, model.pt, curves.png (``panels`` per epoch, then ``more_rows``), summary.json."""
         final = self.evaluate(robust=True)
-        keys = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "robust_acc", "noise_acc")
-        summary = {"defense": self.name, "initial": {k: self.initial[k] for k in keys if k in self.initial},
-                   "final": {k: final[k] for k in keys if k in final}, "robust_eval": final.get("robust_eval"),
+        summary = {"defense": self.name, "initial": {k: self.initial[k] for k in SUMMARY_KEYS if k in self.initial},
+                   "final": {k: final[k] for k in SUMMARY_KEYS if k in final}, "robust_eval": final.get("robust_eval"),
                    "settings": settings, "seconds": self.ctl.elapsed(), **(extra_summary or {})}
         inf = self.inf
-        payload = checkpoint_payload(inf.attack_args, inf.model, inf.backdoor, inf.poisoned, inf.ck.get("train_indices"),
-                                     summary["final"], {"defense": {"name": self.name, "settings": settings,
-                                                                    "history": self.history, "source": self.args.model_path}})
+        defense = {"name": self.name, "settings": settings, "history": self.history,
+                   "source": self.job.infected.model_path}
+        payload = checkpoint_payload(self.checkpoint_meta(), inf.model, inf.backdoor, inf.poisoned,
+                                     inf.ck["train_indices"], summary["final"], {"defense": defense})
         save_checkpoint(self.run.file("model.pt"), payload)
         plot_curves(self.run.records(), self.run.file("curves.png"),
                     panels or {"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]}, more_rows=more_rows)
         self.run.write_json("summary.json", summary)
         self.ctl.finish()
-        print(log_line(f"final ({summary['seconds']:.0f}s)", summary["final"]) + f" | {self.args.out_dir}", flush=True)
+        print(log_line(f"final ({summary['seconds']:.0f}s)", summary["final"]) + f" | {self.job.run.out_dir}",
+              flush=True)
         dist.finish()
         return summary
+
+
+@dataclass(frozen=True, kw_only=True)
+class DefenseJob(Job):
+    """The parts every defense script has; a defense adds its own and the checks that need the checkpoint."""
+
+    infected: DefenseInput
+    run: RunSettings
+    source: DataSource
+    speed: SpeedSettings
+    robust: RobustEvalSettings
+
+    def for_checkpoint(self, ck: dict) -> "DefenseJob":
+        """The job with the checkpoint's dataset, arch, classes and input shape, checked against them (and the
+        default run folder, named after the attack)."""
+        job = self.replace(infected=self.infected.resolve(ck))
+        job.check_for_checkpoint(ck)
+        if job.run.out_dir is None:
+            out = default_out_dir(self.KEY, ck["dataset"], ck["trigger"]["type"], ck["attack_mode"])
+            job = job.replace(run=job.run.replace(out_dir=out))
+        return job
+
+    def check_for_checkpoint(self, ck: dict) -> None:
+        """Checks that need the checkpoint's classes or image size (a defense adds its own)."""
+
+    def check_model(self, model) -> None:
+        """Checks that need the loaded model (e.g. a layer name)."""

@@ -1,9 +1,9 @@
 """SPECTRE poison filter (Hayase et al., 2021) in pure torch: robust whitening + QUantum Entropy (QUE) scores.
 
-PUD (reference §8.1, §8.2, §8.5) runs SPECTRE on one class's layer representations and drops the top
-round(1.5·eps) scores. The official code calls a Julia script whose robust-covariance dependency is missing
-from the repository, so this is a fresh implementation. It follows the structure in §8.5; the robust
-covariance step is our own procedure (see `robust_mean_cov`).
+PUD runs SPECTRE on one class's layer representations and drops the top round(1.5·eps) scores. The authors'
+code calls a Julia script whose robust-covariance dependency is missing from their repository, so this is a
+fresh implementation of SPECTRE's structure (PCA, robust whitening, QUE scores, the dimension chosen by the
+separation criterion); the robust covariance step is our own procedure (see `robust_mean_cov`, docs/pud.md).
 
 Everything numerical runs in float64 on the input's device. Scores are float64 and higher means more suspicious.
 """
@@ -15,6 +15,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from models import eval_mode
 
 __all__ = [
     "SpectreResult",
@@ -301,7 +303,7 @@ def robust_mean_cov(x: Tensor, eps: float, *, budget: float = 1.5, alpha: float 
     Each covariance is rescaled so that the median Mahalanobis² of all rows equals the χ²_k median (consistency
     after trimming). The termination tests use 3rd/4th moments, not "top eigenvalue ≈ Gaussian", because
     trimming itself creates a spectral spike. The procedure assumes the clean rows are the majority. At eps ≈ 0.5
-    (PUD's target-class run, §8.1) it is at breakdown: a poison mode more compact than the clean one can be
+    (PUD's target-class run) it is at breakdown: a poison mode more compact than the clean one can be
     taken for the clean mode.
     """
     if x.dim() != 2:
@@ -339,7 +341,7 @@ def spectre_scores(reps: Tensor, poison_fraction: float, alpha: float = 4.0, max
                    ks: Optional[Sequence[int]] = None, **robust_kwargs) -> SpectreResult:
     """SPECTRE: for each candidate PCA dimension k, robust-whiten the top-k PCA coordinates and compute QUE scores,
     then keep the k whose kept set (all but the round(1.5·poison_fraction·N) top scores) gives the LARGEST
-    separation criterion tr(Σ'M)/tr(M) (reference §8.5, "maximizes").
+    separation criterion tr(Σ'M)/tr(M) (as SPECTRE's own code chooses k).
 
     The criterion is evaluated in one common space (the top-d' PCA coordinates, d' = min(max_dim, rank, ...)), so
     values are comparable across k: Σ' = covariance of all points whitened by the kept set's mean/covariance, M its
@@ -431,11 +433,9 @@ def layer_representations(model: nn.Module, layer_name: str, x_batches: Iterable
             output = output[0]
         outs.append(output.detach().reshape(output.shape[0], -1).to("cpu", torch.float32))
 
-    modes = {mod: mod.training for mod in model.modules()}
     handle = modules[layer_name].register_forward_hook(hook)
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in x_batches:
                 xb = batch[0] if isinstance(batch, (tuple, list)) else batch
                 if device is not None:
@@ -443,8 +443,6 @@ def layer_representations(model: nn.Module, layer_name: str, x_batches: Iterable
                 model(xb)
     finally:
         handle.remove()
-        for mod, mode in modes.items():
-            mod.training = mode
     if not outs:
         raise ValueError("x_batches yielded no batches")
     return torch.cat(outs, 0)

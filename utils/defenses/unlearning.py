@@ -1,8 +1,8 @@
-"""PUD machine-unlearning loss (reference §8.4): CE on clean − λ·CE on identified poison + μ·L1(θ, θ_ref).
+"""PUD machine-unlearning loss: CE on clean − λ·CE on identified poison + μ·L1(θ, θ_ref).
 
-The ascent term can be bounded. The reference does not do this, and unbounded gradient ascent diverges once the
-poison CE grows. The reference network is an explicit frozen argument (§11.2 #11: the official `netD` was
-random).
+The ascent term can be bounded: the authors' code does not bound it, and unbounded gradient ascent diverges once
+the poison CE grows. The reference network is an explicit frozen argument (in the authors' code it was a randomly
+initialised network; docs/pud.md).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _mean_ce(logits: Tensor, y: Tensor) -> Tensor:
 def unlearning_loss(logits_clean: Tensor, y_clean: Tensor, logits_poison: Tensor, y_poison: Tensor,
                     model: nn.Module, reference: nn.Module, lam: float = 0.003, mu: float = 1e-4,
                     poison_loss_bound: Optional[float] = None) -> Tuple[Tensor, Dict[str, Union[float, bool]]]:
-    """loss = CE(clean) − lam·CE(poison) + mu·L1(model, reference); defaults are the reference's 0.003 / 1e-4.
+    """loss = CE(clean) − lam·CE(poison) + mu·L1(model, reference); defaults are the authors' 0.003 / 1e-4.
 
     y_poison are the poisoned (backdoor-target) labels, so the ascent pushes predictions away from the backdoor.
     With poison_loss_bound, the ascent term is min(CE_poison, bound). Past the bound it is constant, its gradient

@@ -75,6 +75,23 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+def checkpoint_payload(meta: dict, model, backdoor, poisoned, train_indices, metrics: dict,
+                       extra: dict | None = None) -> dict:
+    """The one-file checkpoint: ``meta`` (arch, dataset, classes, input size, seed, args), weights, the trigger's
+    state, the poisoned indices (``poisoned``: a ``PoisonedTrainSet``) and metrics."""
+    fixed = poisoned is not None and poisoned.mode == "fixed"
+    payload = {
+        **meta, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "trigger": backdoor.trigger.state(), "attack_mode": backdoor.attack_mode, "target_label": backdoor.target_label,
+        "poison_mode": poisoned.mode if poisoned is not None else None,
+        "poisoned_indices": poisoned.poison_idx.clone() if fixed else None,
+        "noise_indices": poisoned.noise_idx.clone() if fixed else None,
+        "train_indices": train_indices, "metrics": metrics,
+    }
+    payload.update(extra or {})
+    return payload
+
+
 def save_checkpoint(path: str, payload: dict) -> None:
     payload = dict(payload, format=FORMAT, version=VERSION, versions=versions())
     atomic_write(path, lambda tmp: torch.save(payload, tmp))

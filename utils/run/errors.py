@@ -65,8 +65,10 @@ class DivergenceError(RunStopped, RuntimeError):
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run ``main(argv)``; a ``UserError`` becomes ``error: <message>`` and exit 2, a ``RunStopped`` its report."""
+    from utils.run import testhooks
     from utils.run.runlock import release_all
 
+    testhooks.load()  # the test hooks are read once, at start-up
     try:
         main(argv)
     except UserError as e:

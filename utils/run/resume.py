@@ -39,17 +39,16 @@ SCRIPT_FILES = {"attack": "train_blend.py", "pbe": "pbe_main.py", "pud": "PUD.py
 NOT_COMPARED = ("resume", "overwrite", "out_dir", "device", "num_workers", "command")
 
 
-def comparable_args(args) -> dict:
-    """The arguments that define what a run computes, as JSON values (so tuples and lists compare equal)."""
-    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_COMPARED}, default=str))
+def comparable_args(job) -> dict:
+    """The settings that define what a run computes, as JSON values (so tuples and lists compare equal)."""
+    return json.loads(json.dumps({k: v for k, v in job.flat().items() if k not in NOT_COMPARED}, default=str))
 
 
-def resume_command(script: str, args) -> str:
+def resume_command(script: str, job) -> str:
     """The command that continues this run: its own command line without --overwrite, plus --resume."""
-    argv = list(getattr(args, "command", None) or [])[1:]
-    argv = [a for a in argv if a not in ("--resume", "--overwrite")]
+    argv = [a for a in job.command[1:] if a not in ("--resume", "--overwrite")]
     if not any(a == "--out_dir" or a.startswith("--out_dir=") for a in argv):
-        argv += ["--out_dir", args.out_dir]
+        argv += ["--out_dir", job.run.out_dir]
     return "python " + shlex.join([SCRIPT_FILES[script], *argv, "--resume"])
 
 
@@ -99,27 +98,29 @@ def _differences(saved: dict, now: dict) -> list[str]:
     return out
 
 
-def prepare_out_dir(script: str, args) -> dict | None:
-    """Before any work: check --out_dir for a fresh run, or load the state ``--resume`` continues (returned)."""
-    if not getattr(args, "resume", False):
-        check_writable(args.out_dir)
+def prepare_out_dir(script: str, job) -> dict | None:
+    """Before any work: take the run folder's lock, check --out_dir for a fresh run, or load the state
+    ``--resume`` continues (returned)."""
+    out_dir = job.run.out_dir
+    if not job.run.resume:
+        check_writable(out_dir)
         if is_main():  # torchrun: rank 0 owns the run folder
-            lock_run_folder(args.out_dir)
-        check_out_dir(args.out_dir, args.overwrite)
+            lock_run_folder(out_dir)
+        check_out_dir(out_dir, job.run.overwrite)
         return None
-    if os.path.isdir(args.out_dir) and is_main():
-        lock_run_folder(args.out_dir)
-    if os.path.exists(os.path.join(args.out_dir, "summary.json")):
-        raise UserError(f"--resume: the run in '{args.out_dir}' is finished (summary.json); nothing to resume "
+    if os.path.isdir(out_dir) and is_main():
+        lock_run_folder(out_dir)
+    if os.path.exists(os.path.join(out_dir, "summary.json")):
+        raise UserError(f"--resume: the run in '{out_dir}' is finished (summary.json); nothing to resume "
                         "(pass --overwrite instead of --resume to run it again)")
-    state = load_state(args.out_dir)
+    state = load_state(out_dir)
     if state.get("script") != script:
-        raise UserError(f"--resume: '{args.out_dir}' holds a {SCRIPT_FILES.get(state.get('script'), '?')} run, "
+        raise UserError(f"--resume: '{out_dir}' holds a {SCRIPT_FILES.get(state.get('script'), '?')} run, "
                         f"not a {SCRIPT_FILES[script]} run")
-    diff = _differences(state["args"], comparable_args(args))
+    diff = _differences(state["args"], comparable_args(job))
     if diff:
         shown = ", ".join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else "")
-        raise UserError(f"--resume: arguments differ from the interrupted run in '{args.out_dir}': {shown}; "
+        raise UserError(f"--resume: arguments differ from the interrupted run in '{out_dir}': {shown}; "
                         "resume with the run's own arguments plus --resume")
     return state
 
@@ -127,8 +128,8 @@ def prepare_out_dir(script: str, args) -> dict | None:
 class RunControl:
     """One run's resumable state, its SIGINT/SIGTERM handling and its failure record (see the module doc)."""
 
-    def __init__(self, script: str, args, run: RunDir, gen: torch.Generator, loaded: dict | None):
-        self.script, self.args, self.run, self.gen, self.loaded = script, args, run, gen, loaded
+    def __init__(self, script: str, job, run: RunDir, gen: torch.Generator, loaded: dict | None):
+        self.script, self.job, self.run, self.gen, self.loaded = script, job, run, gen, loaded
         self.path = run.file(STATE_FILE)
         self.saved_position = loaded["position"] if loaded else None
         self.t0 = time.time() - (loaded["elapsed"] if loaded else 0.0)
@@ -143,7 +144,7 @@ class RunControl:
 
     def save(self, position: str, carry: dict, **objects) -> None:
         """Save the state after ``position`` (e.g. "epoch 3"); then stop here if a signal is pending."""
-        payload = {"format": FORMAT, "version": VERSION, "script": self.script, "args": comparable_args(self.args),
+        payload = {"format": FORMAT, "version": VERSION, "script": self.script, "args": comparable_args(self.job),
                    "position": position, "carry": carry, "objects": {k: o.state_dict() for k, o in objects.items()},
                    "rng": rng_state(self.gen), "log_lines": self.run.n_lines, "elapsed": time.time() - self.t0}
         atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
@@ -185,7 +186,7 @@ class RunControl:
         kept = (f"the state saved after {self.saved_position} is kept in {self.path}" if self.saved_position
                 else "no state was saved yet")
         if isinstance(exc, Interrupted):
-            exc.note = (f"{kept}; resume with: {resume_command(self.script, self.args)}" if self.saved_position
+            exc.note = (f"{kept}; resume with: {resume_command(self.script, self.job)}" if self.saved_position
                         else f"{kept}; run the command again")
         elif isinstance(exc, DivergenceError):
             model = self.run.file("model.pt")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from utils.run.checkpoint import atomic_write
 from utils.run.distributed import is_main
@@ -101,3 +102,9 @@ def check_writable(path: str) -> None:
         raise UserError(f"--out_dir '{path}' lies under '{probe}', which is a file; choose another --out_dir")
     if not os.access(probe, os.W_OK):
         raise UserError(f"cannot write to '{path}' (no write permission on '{probe}'); choose a writable --out_dir")
+
+
+def default_out_dir(script: str, *tags) -> str:
+    """``runs/<script>-<tags>-<time>``: a new folder per run (script: attack, pbe or pud)."""
+    tag = "-".join(str(t) for t in tags if t)
+    return os.path.join("runs", f"{script}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -1,12 +1,15 @@
-"""Device choice, seeding and the CPU/GPU speed switches every entry script uses."""
+"""Where and how a run runs: device choice, seeding, and the run settings every entry script shares."""
 from __future__ import annotations
 
+import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from utils.run.errors import UserError
+from utils.settings import Settings, opt, require
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -14,7 +17,8 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        mps = getattr(torch.backends, "mps", None)  # absent from some builds
+        if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -34,39 +38,27 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-# ----- speed switches (shared by train_blend.py, pbe_main.py, PUD.py and benchmarks/bench.py) --------------------
+@dataclass(frozen=True)
+class RunSettings(Settings):
+    GROUP = "run"
+    device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    seed: int = opt(0, "seeds python, numpy and torch; every random draw of the run follows from it", type=int)
+    out_dir: str | None = opt(None, "run folder", shown="a new folder under runs/", metavar="PATH")
+    overwrite: bool = opt(False, "start over in a folder holding a finished or interrupted run", action="store_true")
+    resume: bool = opt(False, "continue the interrupted run in --out_dir from its last saved state (same arguments "
+                              "otherwise)", action="store_true")
+    bs: int = opt(128, "training batch size (under torchrun the global one)", type=int)
+    eval_bs: int = opt(512, "evaluation batch size", type=int)
 
-def use_channels_last(mode: str) -> bool:
-    """``--channels_last``: auto means on (measured faster for every arch here, CPU included; see README Benchmarks)."""
-    return mode != "off"
-
-
-def amp_dtype(mode: str, device: torch.device):
-    """``--amp``: bf16 autocast; auto = on for CUDA only. Returns the autocast dtype or None."""
-    if mode == "on" or (mode == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def check_compile(device: torch.device) -> None:
-    """Fail early, with one line, when torch.compile cannot build kernels here (no compiler, unsupported device)."""
-    try:
-        fn = torch.compile(lambda t: torch.relu(t) * 2 + 1)
-        fn(torch.ones(4, device=device))
-    except Exception as e:
-        raise UserError(f"--compile: torch.compile does not work on this machine ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:160] if str(e) else ''}); run without --compile") from None
-
-
-def prepare_model(model: torch.nn.Module, args, device: torch.device) -> torch.nn.Module:
-    """Apply ``--channels_last``, ``--amp`` and ``--compile`` to a freshly built/loaded model (state dict unchanged)."""
-    from models.normalize import NormalizedModel, compile_forward
-
-    if use_channels_last(getattr(args, "channels_last", "auto")):
-        model = model.to(memory_format=torch.channels_last)
-    if isinstance(model, NormalizedModel):
-        model.amp_dtype = amp_dtype(getattr(args, "amp", "auto"), device)
-        if getattr(args, "compile", False):
-            check_compile(device)
-            compile_forward(model)
-    return model
+    def check(self) -> None:
+        pick_device(self.device)  # an unknown or absent device is a UserError
+        require(not (self.resume and self.overwrite),
+                "--resume continues the run in --out_dir and --overwrite starts it over; pass only one of them")
+        require(not self.resume or self.out_dir is not None, "--resume needs the --out_dir of the interrupted run")
+        require(self.out_dir is None or not os.path.isfile(self.out_dir),
+                f"--out_dir '{self.out_dir}' is a file, not a folder; choose another --out_dir")
+        require(self.bs > 0, f"--bs must be positive, got {self.bs}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        require(self.bs % world == 0, f"--bs {self.bs} is the global batch size and must divide by the {world} "
+                                      f"processes; use a multiple of {world}")
+        require(self.eval_bs > 0, f"--eval_bs must be positive, got {self.eval_bs}")

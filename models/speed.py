@@ -1,0 +1,68 @@
+"""The speed switches that follow a model: channels_last memory format, bf16 autocast and torch.compile.
+
+``SpeedSettings`` is the one place where each switch is decided (``channels_last`` is also what the
+training and evaluation loops use for their batches); ``prepare_model`` applies them to a freshly built
+or loaded model without changing its state dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models import ARCHS
+from models.normalize import NormalizedModel, compile_forward
+from utils.run.errors import UserError
+from utils.settings import Settings, opt, require
+
+
+def amp_dtype(mode: str, device: torch.device):
+    """``--amp``: bf16 autocast; auto = on for CUDA only. Returns the autocast dtype or None."""
+    if mode == "on" or (mode == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def check_compile(device: torch.device) -> None:
+    """Fail early, with one line, when torch.compile cannot build kernels here (no compiler, unsupported device)."""
+    try:
+        fn = torch.compile(lambda t: torch.relu(t) * 2 + 1)
+        fn(torch.ones(4, device=device))
+    except Exception as e:
+        raise UserError(f"--compile: torch.compile does not work on this machine ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''}); run without --compile") from None
+
+
+@dataclass(frozen=True)
+class SpeedSettings(Settings):
+    GROUP = "speed switches"
+    channels_last: str = opt("auto", "channels_last memory format; auto = on", choices=("auto", "on", "off"))
+    amp: str = opt("auto", "bf16 autocast inside the model (logits, losses and PGD steps stay float32); auto = on "
+                           "for CUDA only", choices=("auto", "on", "off"))
+    compile: bool = opt(False, "torch.compile the trained model's forward (the first batches are slow while it "
+                               "compiles)", action="store_true")
+
+    @property
+    def use_channels_last(self) -> bool:
+        return self.channels_last != "off"
+
+
+@dataclass(frozen=True)
+class ModelSettings(SpeedSettings):
+    GROUP = "model"
+    arch: str | None = opt(None, f"one of {', '.join(ARCHS)}", shown="per dataset")
+
+    def check(self) -> None:
+        require(self.arch is None or self.arch in ARCHS, f"unknown arch '{self.arch}'; choose one of {', '.join(ARCHS)}")
+
+
+def prepare_model(model: torch.nn.Module, speed: SpeedSettings, device: torch.device) -> torch.nn.Module:
+    """Apply channels_last, bf16 autocast and torch.compile to a freshly built/loaded model (state dict unchanged)."""
+    if speed.use_channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if isinstance(model, NormalizedModel):
+        model.amp_dtype = amp_dtype(speed.amp, device)
+        if speed.compile:
+            check_compile(device)
+            compile_forward(model)
+    return model

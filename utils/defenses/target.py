@@ -1,0 +1,102 @@
+"""The backdoor's target class: given, or estimated as the most frequent class of untargeted PGD examples.
+
+An all2one backdoor is a shortcut to its target class, so small untargeted perturbations of clean images
+land there more often than in any other class. ``vote_result`` reports every class's votes and calls a
+vote ``weak`` when the winner's share is under twice the uniform 1/K (at most half-way from 1/K to 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from utils.adversarial import PGD
+from utils.data.poison import BackdoorSpec
+from utils.run import distributed as dist, interrupt
+from utils.settings import Settings, fraction, opt, require
+
+
+def target_label_arg(text: str):
+    """``auto`` or a class index."""
+    import argparse
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'auto' or a class index") from None
+
+
+@dataclass(frozen=True)
+class TargetSettings(Settings):
+    GROUP = "backdoor target"
+    target_label: object = opt("auto", "the backdoor's target class, or auto: the most frequent class of untargeted "
+                                       "PGD examples", type=target_label_arg, metavar="auto|N")
+    target_eps: float = opt(8 / 255, "PGD radius of the target estimate", type=fraction)
+    target_images: int = opt(1000, "training images attacked for the target estimate", type=int)
+
+    def check_for(self, num_classes: int, dataset: str) -> None:
+        t = self.target_label
+        require(t == "auto" or 0 <= t < num_classes,
+                f"--target_label {t} is not a class of {dataset} (classes 0..{num_classes - 1}) nor 'auto'")
+        require(0 <= self.target_eps <= 1, f"--target_eps must be in [0, 1] (pixel units), got {self.target_eps}")
+        require(self.target_images > 0, f"--target_images must be positive, got {self.target_images}")
+
+    def pgd(self) -> PGD:
+        """The estimate's attack: 10 steps of eps/4 from the clean image (no random draws)."""
+        return PGD(eps=self.target_eps, alpha=self.target_eps / 4, steps=10, random_start=False)
+
+
+def weak_vote_share(num_classes: int) -> float:
+    """The winning share under which a vote is weak: twice the uniform 1/K, at most half-way from 1/K to 1 (K = 2)."""
+    return min(2.0 / num_classes, (1.0 + 1.0 / num_classes) / 2)
+
+
+def vote_result(counts: torch.Tensor) -> dict:
+    """The estimate from per-class vote counts, its share, all counts, and ``weak`` (``weak_vote_share``)."""
+    est = int(counts.argmax())
+    share = float(counts[est]) / max(int(counts.sum()), 1)
+    return {"estimate": est, "vote_share": share, "votes": counts.tolist(), "weak": share < weak_vote_share(len(counts))}
+
+
+def estimate_target(reference, data, settings: TargetSettings, num_classes: int, batch_size: int,
+                    generator: torch.Generator, channels_last: bool) -> dict:
+    """Most frequent prediction of ``reference`` (the infected model) on untargeted PGD examples of
+    ``settings.target_images`` random training images of ``data`` (an ``ImageSet``; clean images)."""
+    n = min(settings.target_images, len(data.y))
+    idx = torch.randperm(len(data.y), generator=generator)[:n].sort().values
+    attack = settings.pgd()
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    for b, (_, x, y) in enumerate(data.batches(batch_size, shuffle=False, indices=idx)):
+        interrupt.check(f"the target estimate, batch {b}")
+        if not dist.owns_batch(b):  # torchrun: every N-th batch per rank, the votes summed
+            continue
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x_adv = attack(reference, x, y, generator=generator)
+        with torch.no_grad():
+            counts += torch.bincount(reference(x_adv).argmax(1).cpu(), minlength=len(counts))
+    return {**vote_result(dist.all_reduce_sum(counts)), "images": n, "pgd": attack.settings()}
+
+
+def choose_target(settings: TargetSettings, backdoor: BackdoorSpec, estimate) -> dict:
+    """The target class record: ``--target_label`` if given, else ``estimate()`` (``estimate_target``'s record).
+
+    ``true`` is the attack's target where it has one (all2one), for the summary only."""
+    if settings.target_label == "auto":
+        target = estimate()
+        t = target["estimate"]
+    else:
+        target = {"estimate": None, "vote_share": None, "given": int(settings.target_label)}
+        t = int(settings.target_label)
+    target["used"] = t
+    target["true"] = backdoor.target_label if backdoor.attack_mode == "all2one" else None
+    print(f"target class {t}" + (f" (estimated, vote share {target['vote_share']:.1%})"
+                                 if settings.target_label == "auto" else ""), flush=True)
+    if target.get("weak"):
+        bar = weak_vote_share(len(target["votes"]))
+        print(f"warning: the target estimate is weak: PGD examples spread over the classes (votes {target['votes']}, "
+              f"the winner's {target['vote_share']:.1%} is under {bar:.1%}); the backdoor may not be all2one or PGD "
+              "may not reach it (a small patch); pass --target_label if the target is known", flush=True)
+    return target
