@@ -4,6 +4,8 @@ A tiny CNN (width 8) trained for a few seconds; attacks cut down through the exp
 ``n_queries`` arguments (the defaults are the reference strength, checked without running it).
 """
 import inspect
+import os
+import signal
 import sys
 
 import pytest
@@ -15,7 +17,9 @@ from models.small_cnn import SmallCNN
 from utils.adversarial import PGD, robust_accuracy
 from utils.autoattack import (REFERENCE, VERSIONS, _build, _frozen_parameters, _keep_trace, autoattack_accuracy,
                               subset_indices)
+from utils import interrupt
 from utils.datasets import make_synthetic
+from utils.errors import Interrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,6 +171,14 @@ def test_low_clean_accuracy_and_bf16(test_set):
     assert rec["clean_correct"] <= 8 and round(r["autoattack_acc"] * 8) == rec["attacks"][-1]["robust_after"]
     assert [a["robust_after"] for a in rec["attacks"]] == sorted((a["robust_after"] for a in rec["attacks"]), reverse=True)
     assert rec["attacks"][0]["robust_after"] <= rec["clean_correct"] and len(rec["attacks"]) == 4
+
+
+def test_a_signal_stops_the_pass_before_the_next_component(tiny, test_set):
+    with interrupt.handle_signals():
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag
+        with pytest.raises(Interrupted, match="AutoAttack, before apgd-ce"):
+            autoattack_accuracy(tiny, test_set, eps=EPS, n_images=4, n_iter=1, n_queries=1)
+    assert tiny.training is False
 
 
 def test_bad_input(tiny, test_set):

@@ -41,7 +41,8 @@ What this wrapper adds to the library:
 default is the reference strength. ``n_iter`` / ``n_queries`` override the iteration and query
 counts (tests only: the record's ``reference_strength`` is then False).
 
-Single process: under torchrun call it on one rank only (it does not split the images).
+Single process: under torchrun call it on one rank only (it does not split the images). Between
+components it checks ``utils.interrupt`` (one process only), so a signal stops a long pass there.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from utils import distributed as dist, interrupt
 from utils.adversarial import attack_view, eval_mode
 
 __all__ = ["LIBRARY", "VERSIONS", "DEFAULT_IMAGES", "REFERENCE", "autoattack_accuracy", "library_version",
@@ -283,6 +285,8 @@ def autoattack_accuracy(model: nn.Module, test, eps: float = 8 / 255, n_images: 
             raise ValueError(f"APGD-T's targeted DLR loss needs at least 4 classes, the model has {num_classes}")
         aa, _ = _build(net, eps, seed, device, num_classes, n_iter, n_queries)
         for name in attacks:
+            if dist.world_size() == 1:  # a signal (under handle_signals) stops the pass between components
+                interrupt.check(f"AutoAttack, before {name}")
             t0 = time.perf_counter()
             todo = alive.nonzero().flatten()
             if todo.numel():
@@ -291,10 +295,10 @@ def autoattack_accuracy(model: nn.Module, test, eps: float = 8 / 255, n_images: 
                 with _keep_trace():
                     x_adv, _ = aa.run_standard_evaluation(xs, ys, batch_size=batch_size)
                 x_adv = x_adv.detach().to(x.device)
-                dist = (x_adv - xs).abs().flatten(1).amax(1)
-                if not torch.isfinite(x_adv).all() or (dist > eps + 1e-6).any() or x_adv.min() < 0 or x_adv.max() > 1:
+                gap = (x_adv - xs).abs().flatten(1).amax(1)
+                if not torch.isfinite(x_adv).all() or (gap > eps + 1e-6).any() or x_adv.min() < 0 or x_adv.max() > 1:
                     raise RuntimeError(f"{lib} {name} returned examples outside the ε-box or [0,1] "
-                                       f"(max L∞ distance {dist.max().item():.6f}, ε {eps:.6f})")
+                                       f"(max L∞ distance {gap.max().item():.6f}, ε {eps:.6f})")
                 # decided on the model itself, not on the attack view / the library's own flags
                 still = _correct(model, x_adv.to(device), ys.to(device), batch_size).to(x.device)
                 alive[todo[~still]] = False
