@@ -41,6 +41,12 @@ What this wrapper adds to the library:
 default is the reference strength. ``n_iter`` / ``n_queries`` override the iteration and query
 counts (tests only: the record's ``reference_strength`` is then False).
 
+Cost (this project's 2-core CPU shared with other jobs, one thread, the synthetic ``cnn``): APGD-CE
+0.25-0.45 s per image; per image that reaches them still robust, APGD-T 2-3 s, FAB-T 4-6 s, Square
+(5,000 queries) about 8 s (5-17 s each when only 2 images are left: small batches use the CPU badly).
+So a 200-image pass is about 50-90 s plus about 15 s per robust image: 150 s for an infected CNN
+(2 robust), 170 s after AFT (7 robust). Two threads on the busy CPU made the same pass 8x slower.
+
 Single process: under torchrun call it on one rank only (it does not split the images). Between
 components it checks ``utils.interrupt`` (one process only), so a signal stops a long pass there.
 """
