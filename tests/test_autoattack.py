@@ -17,9 +17,9 @@ from models.small_cnn import SmallCNN
 from utils.adversarial import PGD, robust_accuracy
 from utils.autoattack import (REFERENCE, VERSIONS, _build, _frozen_parameters, _keep_trace, autoattack_accuracy,
                               subset_indices)
-from utils import interrupt
-from utils.datasets import make_synthetic
-from utils.errors import Interrupted
+from utils.run import interrupt
+from utils.data.datasets import make_synthetic
+from utils.run.errors import Interrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

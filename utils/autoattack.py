@@ -21,7 +21,7 @@ What this wrapper adds to the library:
 * the model is attacked in eval mode, every submodule's train/eval flag is restored afterwards, and
   parameters are frozen during the attack (FAB calls ``backward`` on the logits, which would
   otherwise accumulate ``.grad`` in the weights); for the toolkit's ``NormalizedModel`` the attacks
-  run on ``utils.adversarial.attack_view`` (conv->BN folded: same logits to float rounding, about
+  run on ``models.folding.attack_view`` (conv->BN folded: same logits to float rounding, about
   twice as fast on CPU), and *every survivor count is decided on the model itself* from the
   examples the library returns, after checking they lie in the ε-box and in [0,1];
 * determinism: the library reseeds torch's global generator (``torch.random.manual_seed(seed)``)
@@ -51,7 +51,7 @@ So a 200-image pass is about 50-90 s plus about 15 s per robust image: 150 s for
 (2 robust), 170 s after AFT (7 robust). Two threads on the busy CPU made the same pass 8x slower.
 
 Single process: under torchrun call it on one rank only (it does not split the images). Between
-components it checks ``utils.interrupt`` (one process only), so a signal stops a long pass there.
+components it checks ``utils.run.interrupt`` (one process only), so a signal stops a long pass there.
 """
 from __future__ import annotations
 
@@ -67,8 +67,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from utils import distributed as dist, interrupt
-from utils.adversarial import attack_view, eval_mode
+from models import eval_mode
+from models.folding import attack_view
+from utils.run import distributed as dist, interrupt
 
 __all__ = ["LIBRARY", "VERSIONS", "DEFAULT_IMAGES", "REFERENCE", "autoattack_accuracy", "library_version",
            "subset_indices"]
