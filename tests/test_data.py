@@ -76,3 +76,25 @@ def test_seeded_subset():
     a = seeded_subset(100, 10, seed=0)
     assert torch.equal(a, seeded_subset(100, 10, seed=0)) and len(a) == 10 and len(set(a.tolist())) == 10
     assert seeded_subset(100, None, 0) is None and seeded_subset(100, 500, 0) is None
+
+
+def test_clean_label_poisons_only_target_class_images_and_keeps_their_labels():
+    import pytest
+
+    from utils.data.build import build_poisoned_train
+    from utils.run.errors import UserError
+
+    data = make_synthetic(600, seed=1)
+    bd = BackdoorSpec(build_trigger("sig", (3, 32, 32)), "all2one", 3, 10)
+    target_n = int((data.y == 3).sum())
+    clean = build_poisoned_train(data, bd, "fixed", 0.05, 0.0, seed=0, clean_label=True)
+    dirty = build_poisoned_train(data, bd, "fixed", 0.05, 0.0, seed=0)
+    assert len(clean.poison_idx) == len(dirty.poison_idx) == 30 < target_n
+    assert bool((data.y[clean.poison_idx] == 3).all())  # only target-class images ...
+    assert torch.equal(clean.train_labels, data.y)  # ... and every label is kept
+    assert not bool((data.y[dirty.poison_idx] == 3).all()) and not torch.equal(dirty.train_labels, data.y)
+    _, x, y = next(clean.batches(600, shuffle=False))
+    triggered = bd.trigger(data.x.float().div(255))
+    assert torch.equal(x[clean.poison_idx], triggered[clean.poison_idx]) and torch.equal(y, data.y)
+    with pytest.raises(UserError, match="the target class has only"):
+        build_poisoned_train(data, bd, "fixed", 0.5, 0.0, seed=0, clean_label=True)

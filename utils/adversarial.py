@@ -320,9 +320,12 @@ class RobustEvalSettings(Settings):
     eval_eps: float = opt(8 / 255, "PGD radius", type=fraction)
     eval_alpha: float = opt(2 / 255, "PGD step", type=fraction)
     eval_steps: int = opt(20, "PGD iterations", type=int)
+    autoattack_images: int = opt(0, "also AutoAttack (APGD-CE, APGD-T, FAB-T, Square at the reference strength, "
+                                    "radius --eval_eps) on N seeded test images of the final model; 0: off", type=int)
 
     def check(self) -> None:
         require(0 <= self.eval_eps <= 1, f"--eval_eps must be in [0, 1], got {self.eval_eps}")
+        require(self.autoattack_images >= 0, f"--autoattack_images must be >= 0, got {self.autoattack_images}")
         require(self.eval_alpha >= 0, f"--eval_alpha must be >= 0, got {self.eval_alpha}")
         require(self.eval_steps >= 0, f"--eval_steps must be >= 0, got {self.eval_steps}")
 

@@ -7,7 +7,8 @@ import torch
 
 from models import build_model
 from models.speed import ModelSettings, prepare_model
-from utils.adversarial import RobustEvalSettings, robust_eval
+from utils.adversarial import RobustEvalSettings
+from utils.autoattack import final_robustness
 from utils.data.build import DataSettings, build_backdoor, build_poisoned_train, load_data
 from utils.data.datasets import get_spec
 from utils.data.poison import POISON_MODES
@@ -37,6 +38,9 @@ class AttackSettings(Settings):
     schedulerC_milestones: tuple = opt([30, 60], "MultiStepLR milestones (epochs)", type=int, nargs="+")
     schedulerC_lambda: float = opt(0.1, "MultiStepLR decay factor", type=float)
     n_iters: int = opt(60, "training epochs", type=int)
+    clean_label: bool = opt(False, "clean-label poisoning (all2one): the poisoned images are drawn from the target "
+                                   "class only and keep their labels, as Barni et al.'s SIG and BackdoorBench run it",
+                            action="store_true")
     eval_every: int = opt(1, "evaluate every N epochs (the last epoch always)", type=int)
     eval_robust: bool = opt(False, "also report PGD robust accuracy of the final model", action="store_true")
 
@@ -56,6 +60,9 @@ class AttackSettings(Settings):
         require(0 < self.schedulerC_lambda <= 1,
                 f"--schedulerC_lambda (the LR decay factor) must be in (0, 1], got {self.schedulerC_lambda}")
         require(self.eval_every > 0, f"--eval_every must be positive, got {self.eval_every}")
+        require(not self.clean_label or (self.attack_mode == "all2one" and self.poison_mode == "fixed"),
+                "--clean_label draws the poisons from the target class: it needs --attack_mode all2one and "
+                "--poison_mode fixed")
         if trigger.trigger_type == "warp":
             require(self.pc * (1 + trigger.cross_ratio) <= 1, f"--pc {self.pc} with --cross_ratio {trigger.cross_ratio} "
                                                                "would poison or warp more than the whole training set")
@@ -101,7 +108,7 @@ def run_attack(job: AttackJob) -> dict:
     backdoor = build_backdoor(job.trigger, job.attack.attack_mode, job.attack.target_label, data_s, run_s.seed)
     train, test, train_indices = load_data(data_s, run_s.seed, device)
     poisoned = build_poisoned_train(train, backdoor, job.attack.poison_mode, job.attack.pc, job.trigger.cross_ratio,
-                                    run_s.seed)
+                                    run_s.seed, job.attack.clean_label)
     spec = get_spec(data_s.dataset)
     model = build_model(job.model.arch, data_s.num_classes, data_s.input_shape[0], spec.mean, spec.std).to(device)
     model = prepare_model(model, job.model, device)  # channels_last, bf16 autocast, torch.compile
@@ -142,7 +149,7 @@ def run_attack(job: AttackJob) -> dict:
             ctl.save(f"epoch {epoch}", carry, **objects)
         final = {k: v for k, v in carry["rec"].items() if k in FINAL_KEYS}
         if job.attack.eval_robust:
-            final.update(robust_eval(model, test, job.robust, run_s.seed, run_s.eval_bs, cl))
+            final.update(final_robustness(model, test, job.robust, run_s.seed, run_s.eval_bs, cl))
             save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned, train_indices,
                                                                      final))
         summary = {"final": final, "epochs": n_iters, "seconds": ctl.elapsed(),

@@ -71,8 +71,8 @@ from models import eval_mode
 from models.folding import attack_view
 from utils.run import distributed as dist, interrupt
 
-__all__ = ["LIBRARY", "VERSIONS", "DEFAULT_IMAGES", "REFERENCE", "autoattack_accuracy", "library_version",
-           "subset_indices"]
+__all__ = ["LIBRARY", "VERSIONS", "DEFAULT_IMAGES", "REFERENCE", "autoattack_accuracy", "final_robustness",
+           "library_version", "subset_indices"]
 
 LIBRARY = "pyautoattack"
 VERSIONS = {
@@ -328,3 +328,16 @@ def autoattack_accuracy(model: nn.Module, test, eps: float = 8 / 255, n_images: 
                                 "reference_strength": reference,
                                 "attacked": "model" if net is model else "folded-BN attack view",
                                 "subset": digest, "threads": threads, "flags": flags}}
+
+
+def final_robustness(model: nn.Module, test, settings, seed: int, batch_size: int, channels_last: bool) -> dict:
+    """A run's final robustness figures: PGD (``settings``: a ``RobustEvalSettings``) and, if it asks for
+    ``autoattack_images``, AutoAttack at radius ``eval_eps`` on that many images seeded by ``seed`` (the same
+    images for every run of the seed)."""
+    from utils.adversarial import robust_eval
+
+    out = robust_eval(model, test, settings, seed, batch_size, channels_last)
+    if settings.autoattack_images:
+        out.update(autoattack_accuracy(model, test, eps=settings.eval_eps, n_images=settings.autoattack_images,
+                                       seed=seed, batch_size=batch_size))
+    return out

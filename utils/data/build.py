@@ -131,12 +131,14 @@ def build_backdoor(trigger: TriggerSettings, attack_mode: str, target_label: int
 
 
 def build_poisoned_train(train, backdoor: BackdoorSpec, poison_mode: str, pc: float, cross_ratio: float,
-                         seed: int) -> PoisonedTrainSet:
-    """The poisoned training set: ``fixed`` draws the poisoned (and WaNet noise-mode) indices once from ``seed``."""
+                         seed: int, clean_label: bool = False) -> PoisonedTrainSet:
+    """The poisoned training set: ``fixed`` draws the poisoned (and WaNet noise-mode) indices once from ``seed``;
+    ``clean_label`` draws them from the target class's images only (labels kept)."""
     cross = cross_ratio if backdoor.trigger.name == "warp" else 0.0
     pidx = nidx = None
     if poison_mode == "fixed":
-        pidx, nidx = draw_poison_indices(len(train), pc, seed, cross)
+        among = torch.nonzero(train.y.cpu() == backdoor.target_label).flatten() if clean_label else None
+        pidx, nidx = draw_poison_indices(len(train), pc, seed, cross, among)
     return PoisonedTrainSet(train, backdoor, poison_mode, pc, pidx, nidx, cross)
 
 

@@ -6,6 +6,9 @@ rebuild the exact poisoned training set and measure detection against the ground
 ``poison_mode='batch'`` reproduces the paper code: the first ``floor(pc * bs)`` images of every
 shuffled batch are poisoned (different images each epoch; nothing to save).
 For WaNet, ``cross_ratio * pc`` further images get the noise-mode warp with their true labels.
+Clean-label poisoning (``among``: the target class's images, all2one) draws the poisoned images from
+those only, so the backdoor label is the image's own label: the labels are kept, as Barni et al.'s SIG
+and BackdoorBench run it.
 """
 from __future__ import annotations
 
@@ -20,14 +23,26 @@ from utils.data.triggers import Trigger, WarpTrigger, backdoor_labels
 POISON_MODES = ("fixed", "batch")
 
 
-def draw_poison_indices(n: int, pc: float, seed: int, cross_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded, disjoint (poison, noise) index sets: ``round(pc*n)`` and ``round(cross_ratio*pc*n)`` images."""
+def draw_poison_indices(n: int, pc: float, seed: int, cross_ratio: float = 0.0,
+                        among: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded, disjoint (poison, noise) index sets: ``round(pc*n)`` and ``round(cross_ratio*pc*n)`` images.
+
+    ``among`` (clean-label poisoning) restricts the poisoned images to those indices; the noise-mode images
+    are drawn from the rest."""
     n_poison = int(round(pc * n))
     n_noise = int(round(cross_ratio * pc * n))
     if n_poison + n_noise > n:
         raise UserError(f"--pc {pc} with --cross_ratio {cross_ratio} needs {n_poison + n_noise} images but the training set has {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 104729))
-    return perm[:n_poison].sort().values, perm[n_poison:n_poison + n_noise].sort().values
+    if among is None:
+        return perm[:n_poison].sort().values, perm[n_poison:n_poison + n_noise].sort().values
+    inside = torch.zeros(n, dtype=torch.bool)
+    inside[among.cpu()] = True
+    if n_poison > int(inside.sum()):
+        raise UserError(f"--clean_label --pc {pc} asks for {n_poison} poisoned images but the target class has only "
+                        f"{int(inside.sum())}; lower --pc to at most {int(inside.sum()) / n:.3f}")
+    poison = perm[inside[perm]][:n_poison]
+    return poison.sort().values, perm[~inside[perm]][:n_noise].sort().values
 
 
 @dataclass

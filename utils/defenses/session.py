@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 
 from models.speed import SpeedSettings
 from utils.adversarial import RobustEvalSettings, robust_eval
+from utils.autoattack import final_robustness
 from utils.data.build import DataSource
 from utils.defenses.infected import DefenseInput, InfectedRun, load_infected
 from utils.evaluation import evaluate, log_line
@@ -25,7 +26,7 @@ from utils.run.runtime import RunSettings, pick_device, seed_everything
 from utils.settings import Job
 
 SCRIPT_OF = {"aft": "pbe", "pbe": "pbe", "pud": "pud"}
-SUMMARY_KEYS = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "robust_acc", "noise_acc")
+SUMMARY_KEYS = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "robust_acc", "autoattack_acc", "noise_acc")
 META_KEYS = ("arch", "arch_kwargs", "dataset", "num_classes", "input_size", "seed")
 
 
@@ -72,10 +73,13 @@ class DefenseSession:
         self.ctl.save(position, {"loop": state_record(state), "initial": self.initial, "history": self.history},
                       **objects)
 
-    def evaluate(self, robust: bool = False) -> dict:
+    def evaluate(self, robust: bool = False, final: bool = False) -> dict:
+        """Clean accuracy and ASR; with ``robust`` the PGD robust accuracy; ``final`` adds AutoAttack if asked."""
         m, run = self.inf.model, self.job.run
         out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, generator=self.gen, channels_last=self.cl)
-        if robust:
+        if final:
+            out.update(final_robustness(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
+        elif robust:
             out.update(robust_eval(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
         return out
 
@@ -94,9 +98,10 @@ class DefenseSession:
     def finish(self, settings: dict, extra_summary: dict | None = None, panels: dict | None = None,
                more_rows: list = ()) -> dict:
         """Final evaluation, model.pt, curves.png (``panels`` per epoch, then ``more_rows``), summary.json."""
-        final = self.evaluate(robust=True)
+        final = self.evaluate(final=True)
         summary = {"defense": self.name, "initial": {k: self.initial[k] for k in SUMMARY_KEYS if k in self.initial},
                    "final": {k: final[k] for k in SUMMARY_KEYS if k in final}, "robust_eval": final.get("robust_eval"),
+                   **({"autoattack_eval": final["autoattack_eval"]} if "autoattack_eval" in final else {}),
                    "settings": settings, "seconds": self.ctl.elapsed(), **(extra_summary or {})}
         inf = self.inf
         defense = {"name": self.name, "settings": settings, "history": self.history,

@@ -1,0 +1,418 @@
+"""The papers' experiment grid as one command: attacks x defenses over triggers and modes; one table, one figure.
+
+    python -m benchmarks.grid --preset quick                       # synthetic set, cnn: a 2-core CPU
+    python -m benchmarks.grid --preset quick --autoattack 200      # then AutoAttack on 200 seeded test images
+    python -m benchmarks.grid --preset paper --dataset cifar10     # a GPU: PreActResNet18, the papers' schedules
+    python -m benchmarks.grid --preset quick --report_only         # table and figure from the run folders
+
+Every cell is a run folder under ``--root`` (default ``runs/grid-<preset>-<dataset>``): ``<attack>/attack``
+for the infected model and ``<attack>/<defense>`` for each defense of it, run as the entry scripts with
+the arguments below (the settings the README documents; one setting per defense for every cell). A
+finished cell (``summary.json``) is skipped, an interrupted one (``state.pt``) resumed, one that failed is
+retried, and a cell that still fails is shown as failed in the table (``grid_failures.json`` keeps its
+exit code and the end of its log; logs are in ``<root>/logs``). Every run of a preset evaluates on the
+same seeded test images (``--test_subset`` of the attack and the defenses). ``--autoattack N`` is a second
+pass over the finished cells: AutoAttack at the reference strength on N seeded test images (the same
+images for every cell), written to the cell's ``autoattack.json``. At the end the table (markdown and
+CSV, through ``utils.report``) and the heatmap of ASR, ACC and RA per cell are written to ``<root>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+if __package__ in (None, ""):  # run as a file: re-run as the module from the repository root
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(subprocess.call([sys.executable, "-m", "benchmarks.grid", *sys.argv[1:]], cwd=root))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"attack": "train_blend.py"}
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack cell: its folder name, train_blend.py arguments, and its all2one target (None: all2all)."""
+
+    name: str
+    args: tuple
+    target: int | None
+
+
+@dataclass(frozen=True)
+class Defense:
+    """A defense row: its folder name, entry script, arguments; ``wrong_target`` runs it on all2one cells only,
+    with ``--target_label`` set to a class that is not the target."""
+
+    name: str
+    script: str
+    args: tuple
+    wrong_target: bool = False
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    datasets: dict  # dataset -> the attack's data and model arguments (the defenses read them from the checkpoint)
+    shared: tuple  # arguments of every run, attack and defenses (the same seeded test images for every row)
+    attacks: tuple  # (dataset, list of Attack) pairs
+    defenses: tuple
+    num_classes: dict
+    seconds_per_cell: dict = field(default_factory=dict)  # expected, for the paper preset on one GPU
+
+
+def _attacks(common: tuple, schedules: dict, clean_sig: bool) -> list:
+    """The trigger x mode cells, each trigger with its own epochs (``schedules[(trigger, mode)]``)."""
+    out = []
+    for (trigger, mode), sched in schedules.items():
+        out.append(Attack(f"{trigger}-{mode}", (*common, "--trigger_type", trigger, "--attack_mode", mode, *sched),
+                          0 if mode == "all2one" else None))
+    if clean_sig:
+        sched = schedules[("sig", "all2one")]
+        out.append(Attack("sig-all2one-clean", (*common, "--trigger_type", "sig", "--attack_mode", "all2one",
+                                                "--clean_label", *sched), 0))
+    return out
+
+
+QUICK_SCHED = {("blend", "all2one"): ("--n_iters", "5", "--schedulerC_milestones", "4"),
+               ("patch", "all2one"): ("--n_iters", "5", "--schedulerC_milestones", "4"),
+               ("sig", "all2one"): ("--n_iters", "5", "--schedulerC_milestones", "4"),
+               ("warp", "all2one"): ("--n_iters", "18", "--schedulerC_milestones", "14"),
+               ("blend", "all2all"): ("--n_iters", "14", "--schedulerC_milestones", "11"),
+               ("patch", "all2all"): ("--n_iters", "14", "--schedulerC_milestones", "11", "--patch_size", "2"),
+               ("sig", "all2all"): ("--n_iters", "14", "--schedulerC_milestones", "11"),
+               ("warp", "all2all"): ("--n_iters", "18", "--schedulerC_milestones", "14")}
+QUICK_DEFENSES = (
+    Defense("aft", "pbe_main.py", ("--ft_lr", "0.01")),
+    Defense("aft-window", "pbe_main.py", ("--ft_lr", "0.01", "--adv_window", "5", "--adv_eps", "1", "--adv_alpha",
+                                          "1/4", "--adv_random_start", "--adv_eps_outside", "6/255")),
+    Defense("pbe", "pbe_main.py", ("--progressive", "--ft_lr", "0.01", "--later_lr", "0.001", "--partial_batches", "0")),
+    Defense("pud", "PUD.py", ("--step_epochs", "5", "3", "3", "3", "6", "--step_adv_epochs", "5", "2", "1", "1", "1",
+                              "--pud_milestones", "15", "--unlearn_epochs", "5", "--mt_epochs", "5", "--unlearn_lambda",
+                              "0.3", "--poison_fraction", "0.02")),
+)
+QUICK_DEFENSES = QUICK_DEFENSES + tuple(Defense(d.name + "-wrong-target", d.script, d.args, wrong_target=True)
+                                        for d in QUICK_DEFENSES if d.name in ("pbe", "pud"))
+
+PAPER_SCHED = {(t, m): () for t in ("blend", "patch", "sig", "warp") for m in ("all2one", "all2all")}
+PAPER_DEFENSES = (Defense("aft", "pbe_main.py", ()), Defense("pbe", "pbe_main.py", ("--progressive",)),
+                  Defense("pud", "PUD.py", ()),
+                  Defense("pbe-wrong-target", "pbe_main.py", ("--progressive",), wrong_target=True),
+                  Defense("pud-wrong-target", "PUD.py", (), wrong_target=True))
+
+PRESETS = {
+    "quick": Preset("quick", {"synthetic": ("--dataset", "synthetic", "--arch", "cnn")}, ("--test_subset", "500"),
+                    (("synthetic", _attacks(("--bs", "64", "--lr_C", "0.05"), QUICK_SCHED, clean_sig=True)),),
+                    QUICK_DEFENSES, {"synthetic": 10}),
+    "paper": Preset("paper", {"cifar10": ("--dataset", "cifar10"), "gtsrb": ("--dataset", "gtsrb"),
+                              "imagenet": ("--dataset", "imagenet")}, (),
+                    tuple((d, _attacks((), PAPER_SCHED, clean_sig=True)) for d in ("cifar10", "gtsrb", "imagenet")),
+                    PAPER_DEFENSES, {"cifar10": 10, "gtsrb": 43, "imagenet": 10},
+                    # estimated, not measured: see docs/grid.md
+                    {"attack": {"cifar10": 600, "gtsrb": 500, "imagenet": 1500},
+                     "aft": {"cifar10": 120, "gtsrb": 100, "imagenet": 300},
+                     "pbe": {"cifar10": 400, "gtsrb": 350, "imagenet": 1000},
+                     "pud": {"cifar10": 900, "gtsrb": 800, "imagenet": 2500}}),
+}
+
+
+@dataclass
+class Cell:
+    attack: Attack
+    defense: Defense | None  # None: the attack run itself
+    folder: str
+    log: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.attack.name}/{self.defense.name if self.defense else 'attack'}"
+
+    def command(self, preset: Preset, dataset: str, root: str) -> list:
+        if self.defense is None:
+            argv = [SCRIPTS["attack"], *preset.datasets[dataset], *preset.shared, *self.attack.args]
+        else:
+            model = os.path.join(root, self.attack.name, "attack", "model.pt")
+            argv = [self.defense.script, "--model_path", model, *preset.shared, *self.defense.args]
+            if self.defense.wrong_target:
+                wrong = (self.attack.target + 1) % preset.num_classes[dataset]
+                argv += ["--target_label", str(wrong)]
+        argv += ["--out_dir", self.folder]
+        if os.path.exists(os.path.join(self.folder, "state.pt")):
+            argv.append("--resume")
+        return [sys.executable, *argv]
+
+
+def cells_of(preset: Preset, dataset: str, root: str) -> list:
+    attacks = dict(preset.attacks)[dataset]
+    out = []
+    for a in attacks:
+        out.append(Cell(a, None, os.path.join(root, a.name, "attack"), os.path.join(root, "logs", f"{a.name}-attack.log")))
+        for d in preset.defenses:
+            if d.wrong_target and a.target is None:
+                continue
+            out.append(Cell(a, d, os.path.join(root, a.name, d.name), os.path.join(root, "logs", f"{a.name}-{d.name}.log")))
+    return out
+
+
+def finished(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "summary.json"))
+
+
+class Failures:
+    """``grid_failures.json``: the cells whose last run failed (exit code, the end of the log)."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, "grid_failures.json")
+        self.items = json.load(open(self.path)) if os.path.exists(self.path) else {}
+
+    def set(self, cell: Cell, rc: int | None, tail: str) -> None:
+        if rc is None:
+            self.items.pop(cell.name, None)
+        else:
+            self.items[cell.name] = {"rc": rc, "log": cell.log, "tail": tail, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.items, f, indent=2, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def run_cell(cell: Cell, preset: Preset, dataset: str, root: str, threads: int, runner) -> int:
+    os.makedirs(os.path.dirname(cell.log), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = cell.command(preset, dataset, root)
+    t0 = time.time()
+    print(f"[grid] {cell.name}: start", flush=True)
+    rc = runner(cmd, env, cell.log)
+    print(f"[grid] {cell.name}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in {time.time() - t0:.0f}s", flush=True)
+    return rc
+
+
+def subprocess_runner(cmd: list, env: dict, log: str) -> int:
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        return subprocess.call(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def log_tail(path: str, lines: int = 8) -> str:
+    try:
+        with open(path) as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_grid(preset: Preset, dataset: str, root: str, jobs: int = 1, runner=subprocess_runner) -> dict:
+    """Run every unfinished cell (attacks first, each defense once its attack is done); returns {cell: status}."""
+    cells = cells_of(preset, dataset, root)
+    failures = Failures(root)
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    status = {c.name: "done" for c in cells if finished(c.folder)}
+
+    def one(cell: Cell) -> None:
+        if cell.name in status:
+            return
+        if cell.defense is not None and status.get(f"{cell.attack.name}/attack") != "done":
+            status[cell.name] = "failed"
+            failures.set(cell, -1, f"its attack {cell.attack.name} did not finish")
+            return
+        rc = run_cell(cell, preset, dataset, root, threads, runner)
+        ok = rc == 0 and finished(cell.folder)
+        status[cell.name] = "done" if ok else "failed"
+        failures.set(cell, None if ok else rc, "" if ok else log_tail(cell.log))
+
+    attacks = [c for c in cells if c.defense is None]
+    defenses = [c for c in cells if c.defense is not None]
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        list(pool.map(one, attacks))
+        list(pool.map(one, defenses))
+    return status
+
+
+# ----- the second pass: AutoAttack ----------------------------------------------------------------------------
+
+def autoattack_pass(preset: Preset, dataset: str, root: str, images: int, threads: int = 1) -> float:
+    """AutoAttack on ``images`` seeded test images of every finished cell without ``autoattack.json``; seconds."""
+    import torch
+
+    from models.speed import SpeedSettings
+    from utils.autoattack import autoattack_accuracy
+    from utils.data.build import DataSource
+    from utils.defenses.infected import load_infected
+    from utils.run.checkpoint import atomic_write, load_checkpoint
+
+    t0 = time.time()
+    for cell in cells_of(preset, dataset, root):
+        out = os.path.join(cell.folder, "autoattack.json")
+        if not finished(cell.folder) or os.path.exists(out):
+            continue
+        ck = load_checkpoint(os.path.join(cell.folder, "model.pt"))
+        source = DataSource(data_root=ck["args"]["data_root"], download="never", num_workers=0,
+                            test_subset=ck["args"]["test_subset"])
+        inf = load_infected(ck, source, SpeedSettings(channels_last="off"), torch.device("cpu"))
+        t1 = time.time()
+        res = autoattack_accuracy(inf.model, inf.test, eps=8 / 255, n_images=images, seed=ck["args"]["seed"],
+                                  num_threads=threads)
+        res["autoattack_eval"]["seconds"] = round(time.time() - t1, 1)
+        atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(res, indent=2, sort_keys=True) + "\n"))
+        print(f"[grid] {cell.name}: AutoAttack {res['autoattack_acc']:.3f} on {images} images in "
+              f"{res['autoattack_eval']['seconds']:.0f}s", flush=True)
+    return time.time() - t0
+
+
+# ----- the table and the figure -------------------------------------------------------------------------------
+
+COLUMNS = ("cell", "defense", "acc", "asr", "asr_late_max", "ra", "aa", "tca", "det_precision", "det_recall", "seconds")
+HEADERS = {"cell": "attack", "defense": "defense", "acc": "ACC %", "asr": "ASR %", "asr_late_max": "ASR late max %",
+           "ra": "RA % (PGD-20)", "aa": "RA % (AutoAttack)", "tca": "target-class ACC %",
+           "det_precision": "det. precision %", "det_recall": "det. recall %", "seconds": "seconds"}
+
+
+def table_rows(preset: Preset, dataset: str, root: str) -> list:
+    from utils.report import read_run
+
+    failures = Failures(root).items
+    rows = []
+    for cell in cells_of(preset, dataset, root):
+        row = {k: None for k in COLUMNS}
+        row.update(cell=cell.attack.name, defense=cell.defense.name if cell.defense else "none")
+        if finished(cell.folder):
+            run = read_run(cell.folder)
+            summary = json.load(open(os.path.join(cell.folder, "summary.json")))
+            final = summary["final"]
+            row.update({k: run[k] for k in ("acc", "asr", "ra", "det_precision", "det_recall", "seconds")})
+            row["tca"] = final.get("target_class_acc")
+            row["asr_late_max"] = summary.get("asr_late_max")
+            aa = final.get("autoattack_acc")
+            aa_file = os.path.join(cell.folder, "autoattack.json")
+            if aa is None and os.path.exists(aa_file):
+                aa = json.load(open(aa_file))["autoattack_acc"]
+            row["aa"] = aa
+            row["status"] = "done"
+        else:
+            row["status"] = "failed" if cell.name in failures else "not run"
+        rows.append(row)
+    return rows
+
+
+def _cell_text(row: dict, key: str, percent: bool) -> str:
+    v = row[key]
+    if key in ("cell", "defense"):
+        return str(v) + ("" if row["status"] == "done" or key == "cell" else f" ({row['status'].upper()})")
+    if v is None:
+        return "–" if percent else ""
+    if key == "seconds":
+        return f"{v:.0f}" if percent else f"{v:g}"
+    return f"{100 * v:.1f}" if percent else f"{v:.6g}"
+
+
+def markdown(rows: list) -> str:
+    lines = ["| " + " | ".join(HEADERS[k] for k in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell_text(r, k, True) for k in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list) -> str:
+    import csv
+    import io
+
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow([*COLUMNS, "status"])
+    for r in rows:
+        w.writerow([*(_cell_text(r, k, False) for k in COLUMNS), r["status"]])
+    return out.getvalue()
+
+
+def heatmap(rows: list, path: str, title: str) -> None:
+    """ASR, ACC and RA per cell (attack x defense); failed cells crossed, cells not run blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    attacks = list(dict.fromkeys(r["cell"] for r in rows))
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(3.2 + 1.1 * len(defenses) * 3, 1.2 + 0.45 * len(attacks)), squeeze=False)
+    for ax, (key, name, cmap) in zip(axes[0], (("asr", "ASR", "Reds"), ("acc", "clean accuracy", "Greens"),
+                                               ("ra", "robust accuracy (PGD-20)", "Blues"))):
+        grid = np.full((len(attacks), len(defenses)), np.nan)
+        for r in rows:
+            i, j = attacks.index(r["cell"]), defenses.index(r["defense"])
+            if r["status"] == "done" and r[key] is not None:
+                grid[i, j] = r[key]
+        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        for r in rows:
+            i, j = attacks.index(r["cell"]), defenses.index(r["defense"])
+            if r["status"] == "failed":
+                ax.text(j, i, "failed", ha="center", va="center", fontsize=7, color="black", weight="bold")
+            elif r["status"] == "done" and r[key] is not None:
+                ax.text(j, i, f"{100 * r[key]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if r[key] > 0.6 else "black")
+        ax.set_xticks(range(len(defenses)), defenses, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
+        ax.set_title(f"{name} (%)", fontsize=10)
+        ax.set_xlabel("defense")
+        ax.set_ylabel("attack (trigger-mode)")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(preset: Preset, dataset: str, root: str) -> list:
+    rows = table_rows(preset, dataset, root)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "grid.md"), "w") as f:
+        f.write(markdown(rows))
+    with open(os.path.join(root, "grid.csv"), "w") as f:
+        f.write(to_csv(rows))
+    heatmap(rows, os.path.join(root, "grid.png"), f"{preset.name} grid, {dataset}")
+    return rows
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.grid", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=tuple(PRESETS), default="quick")
+    p.add_argument("--dataset", default=None, help="the preset's dataset (quick: synthetic; paper: cifar10, gtsrb, "
+                                                   "imagenet; default: the preset's first)")
+    p.add_argument("--root", default=None, help="where the run folders go (default: runs/grid-<preset>-<dataset>)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once (each gets cores/jobs threads)")
+    p.add_argument("--autoattack", type=int, default=0, metavar="N",
+                   help="then AutoAttack on N seeded test images of every finished cell (0: no; at least 200 for "
+                        "the published table)")
+    p.add_argument("--report_only", action="store_true", help="only rebuild the table and the figure")
+    a = p.parse_args(argv)
+    preset = PRESETS[a.preset]
+    a.dataset = a.dataset or next(iter(preset.datasets))
+    if a.dataset not in preset.datasets:
+        p.error(f"the {a.preset} preset has no dataset '{a.dataset}'; choose one of {', '.join(preset.datasets)}")
+    a.root = os.path.abspath(a.root or os.path.join(ROOT, "runs", f"grid-{a.preset}-{a.dataset}"))
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    preset = PRESETS[a.preset]
+    t0 = time.time()
+    if not a.report_only:
+        status = run_grid(preset, a.dataset, a.root, a.jobs)
+        print(f"[grid] {sum(s == 'done' for s in status.values())} of {len(status)} cells done in "
+              f"{time.time() - t0:.0f}s", flush=True)
+        if a.autoattack:
+            seconds = autoattack_pass(preset, a.dataset, a.root, a.autoattack)
+            print(f"[grid] AutoAttack pass: {seconds:.0f}s", flush=True)
+    rows = write_outputs(preset, a.dataset, a.root)
+    sys.stdout.write(markdown(rows))
+    print(f"[grid] table: {os.path.join(a.root, 'grid.md')} (and .csv); figure: {os.path.join(a.root, 'grid.png')}")
+    return 0 if all(r["status"] == "done" for r in rows) or a.report_only else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

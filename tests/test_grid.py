@@ -1,0 +1,101 @@
+"""The grid command (benchmarks/grid.py): skips finished cells, resumes interrupted ones, shows failures, and
+rebuilds its table and figure from the run folders; AutoAttack beside PGD in a defense's summary."""
+import json
+import os
+
+import pytest
+
+from benchmarks import grid
+from conftest import cli
+
+PRESET = grid.Preset("tiny", {"synthetic": ("--dataset", "synthetic")}, ("--test_subset", "50"),
+                     (("synthetic", [grid.Attack("patch-all2one", ("--trigger_type", "patch"), 0),
+                                     grid.Attack("patch-all2all", ("--trigger_type", "patch", "--attack_mode", "all2all"),
+                                                 None)]),),
+                     (grid.Defense("aft", "pbe_main.py", ()), grid.Defense("pud", "PUD.py", ()),
+                      grid.Defense("pud-wrong-target", "PUD.py", (), wrong_target=True)), {"synthetic": 10})
+
+
+class FakeRunner:
+    """Stands in for the entry scripts: writes a finished run folder, or fails for the cells named in ``fail``."""
+
+    def __init__(self, fail=()):
+        self.calls, self.fail = [], set(fail)
+
+    def __call__(self, cmd, env, log):
+        out = cmd[cmd.index("--out_dir") + 1]
+        name = os.path.relpath(out, os.path.dirname(os.path.dirname(out)))
+        self.calls.append((name, cmd))
+        with open(log, "a") as f:
+            f.write("a log line\n")
+        if name in self.fail:
+            return 3
+        os.makedirs(out, exist_ok=True)
+        script = os.path.basename(cmd[1])
+        defense = {"train_blend.py": None, "pbe_main.py": "aft", "PUD.py": "pud"}[script]
+        summary = {"final": {"clean_acc": 0.9, "asr": 0.05 if defense else 0.97, "robust_acc": 0.1,
+                             "target_class_acc": 0.88}, "seconds": 12.0}
+        if defense:
+            summary["defense"] = defense
+        json.dump(summary, open(os.path.join(out, "summary.json"), "w"))
+        json.dump({"dataset": "synthetic", "trigger_type": "patch", "attack_mode": "all2one"},
+                  open(os.path.join(out, "args.json"), "w"))
+        return 0
+
+
+def test_the_grid_runs_each_cell_once_skips_finished_ones_and_retries_failures(tmp_path):
+    root = str(tmp_path / "grid")
+    first = FakeRunner(fail={"patch-all2one/pud"})
+    status = grid.run_grid(PRESET, "synthetic", root, jobs=2, runner=first)
+    names = sorted(n for n, _ in first.calls)
+    # two attacks; aft and pud on both; the wrong-target row only on the all2one cell
+    assert names == sorted(["patch-all2one/attack", "patch-all2all/attack", "patch-all2one/aft", "patch-all2all/aft",
+                            "patch-all2one/pud", "patch-all2all/pud", "patch-all2one/pud-wrong-target"])
+    assert status["patch-all2one/pud"] == "failed" and status["patch-all2one/aft"] == "done"
+    wrong = dict(first.calls)["patch-all2one/pud-wrong-target"]
+    assert wrong[wrong.index("--target_label") + 1] == "1"  # the all2one target is 0: a class that is not it
+    assert "--test_subset" in dict(first.calls)["patch-all2one/attack"]  # every row on the same test images
+    failures = json.load(open(os.path.join(root, "grid_failures.json")))
+    assert list(failures) == ["patch-all2one/pud"] and failures["patch-all2one/pud"]["rc"] == 3
+
+    rows = grid.write_outputs(PRESET, "synthetic", root)
+    table = open(os.path.join(root, "grid.md")).read()
+    assert "pud (FAILED)" in table and os.path.getsize(os.path.join(root, "grid.png")) > 0
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [(r["cell"], r["defense"]) for r in failed] == [("patch-all2one", "pud")]
+    done = next(r for r in rows if r["cell"] == "patch-all2all" and r["defense"] == "aft")
+    assert (done["acc"], done["asr"], done["tca"]) == (0.9, 0.05, 0.88)
+
+    second = FakeRunner()
+    status = grid.run_grid(PRESET, "synthetic", root, runner=second)
+    assert [n for n, _ in second.calls] == ["patch-all2one/pud"]  # finished cells are skipped, the failure retried
+    assert all(s == "done" for s in status.values())
+    assert not json.load(open(os.path.join(root, "grid_failures.json")))
+    assert "FAILED" not in grid.markdown(grid.table_rows(PRESET, "synthetic", root))
+
+
+def test_an_interrupted_cell_is_resumed_and_a_defense_without_its_attack_fails(tmp_path):
+    root = str(tmp_path / "grid")
+    cells = {c.name: c for c in grid.cells_of(PRESET, "synthetic", root)}
+    aft = cells["patch-all2one/aft"]
+    os.makedirs(aft.folder)
+    open(os.path.join(aft.folder, "state.pt"), "w").close()
+    assert aft.command(PRESET, "synthetic", root)[-1] == "--resume"
+    assert cells["patch-all2all/aft"].command(PRESET, "synthetic", root)[-1] != "--resume"
+    runner = FakeRunner(fail={"patch-all2all/attack"})
+    status = grid.run_grid(PRESET, "synthetic", root, runner=runner)
+    assert status["patch-all2all/aft"] == "failed" and "patch-all2all/aft" not in dict(runner.calls)
+    assert "did not finish" in json.load(open(os.path.join(root, "grid_failures.json")))["patch-all2all/aft"]["tail"]
+
+
+@pytest.mark.slow
+def test_a_defense_reports_autoattack_beside_pgd_on_the_same_images(tiny_attack_run, tmp_path):
+    import pbe_main
+
+    out = tmp_path / "aft"
+    # 20 test images: PGD-20 and AutoAttack see the same ones
+    assert cli(pbe_main.main, "--model_path", tiny_attack_run / "model.pt", "--aft_epochs", "1", "--adv_epochs", "0",
+               "--test_subset", "20", "--autoattack_images", "20", "--device", "cpu", "--out_dir", out) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["autoattack_eval"]["images"] == 20 and s["autoattack_eval"]["reference_strength"]
+    assert s["final"]["autoattack_acc"] <= s["final"]["robust_acc"]
