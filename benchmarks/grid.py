@@ -19,6 +19,7 @@ CSV, through ``utils.report``) and the heatmap of ASR, ACC and RA per cell are w
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import subprocess
@@ -207,9 +208,13 @@ def log_tail(path: str, lines: int = 8) -> str:
         return ""
 
 
-def run_grid(preset: Preset, dataset: str, root: str, jobs: int = 1, runner=subprocess_runner) -> dict:
-    """Run every unfinished cell (attacks first, each defense once its attack is done); returns {cell: status}."""
-    cells = cells_of(preset, dataset, root)
+def run_grid(preset: Preset, dataset: str, root: str, jobs: int = 1, runner=subprocess_runner,
+             only: tuple = ()) -> dict:
+    """Run every unfinished cell (attacks first, each defense once its attack is done); returns {cell: status}.
+
+    ``only``: shell patterns of cell names (``attack/defense``, e.g. ``*/attack`` or ``patch-*/pud``) to run."""
+    cells = [c for c in cells_of(preset, dataset, root)
+             if not only or any(fnmatch.fnmatch(c.name, p) for p in only) or c.defense is None]
     failures = Failures(root)
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
     status = {c.name: "done" for c in cells if finished(c.folder)}
@@ -387,6 +392,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--autoattack", type=int, default=0, metavar="N",
                    help="then AutoAttack on N seeded test images of every finished cell (0: no; at least 200 for "
                         "the published table)")
+    p.add_argument("--only", nargs="+", default=(), metavar="PATTERN",
+                   help="run only the cells matching these patterns (and their attacks), e.g. '*/attack' 'patch-*/pud'")
     p.add_argument("--report_only", action="store_true", help="only rebuild the table and the figure")
     a = p.parse_args(argv)
     preset = PRESETS[a.preset]
@@ -402,7 +409,7 @@ def main(argv=None) -> int:
     preset = PRESETS[a.preset]
     t0 = time.time()
     if not a.report_only:
-        status = run_grid(preset, a.dataset, a.root, a.jobs)
+        status = run_grid(preset, a.dataset, a.root, a.jobs, only=tuple(a.only))
         print(f"[grid] {sum(s == 'done' for s in status.values())} of {len(status)} cells done in "
               f"{time.time() - t0:.0f}s", flush=True)
         if a.autoattack:

@@ -17,6 +17,7 @@ def test_aft_runs_from_the_checkpoint_alone_and_writes_its_outputs(infected_run,
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["defense"] == "aft" and s["settings"]["extra_size"] == 200
+    assert s["asr_late_max"] >= s["final"]["asr"] and s["asr_late_epochs"] == 1
     for part in ("initial", "final"):
         assert {"clean_acc", "asr", "asr_incl_target", "robust_acc"} <= set(s[part])
     assert s["robust_eval"]["steps"] == 2 and s["robust_eval"]["eps"] == pytest.approx(8 / 255)
@@ -133,3 +134,13 @@ def test_round_eps_sets_each_rounds_pgd_radius_and_scales_the_step():
     ft = ft.replace(adv_window=5, adv_eps=1.0, adv_alpha=0.25, adv_eps_outside=6 / 255)
     half = ft.pgd(0.5).settings()
     assert (half["window"], half["eps"], half["alpha"]) == (5, 0.5, 0.125) and half["eps_outside"] == pytest.approx(3 / 255)
+
+
+def test_the_late_asr_is_the_maximum_over_the_last_quarter_of_the_epochs():
+    from utils.defenses.session import late_asr
+
+    hist = [{"epoch": e, "asr": a} for e, a in enumerate([0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.15], 1)]
+    hist.insert(3, {"epoch": 3, "step": 0, "poison_precision": 0.5})  # a record without ASR does not count
+    assert late_asr(hist) == {"asr_late_max": 0.15, "asr_late_epochs": 2}
+    assert late_asr(hist[:2]) == {"asr_late_max": 0.0, "asr_late_epochs": 1}
+    assert late_asr([]) == {}

@@ -30,6 +30,16 @@ SUMMARY_KEYS = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "robu
 META_KEYS = ("arch", "arch_kwargs", "dataset", "num_classes", "input_size", "seed")
 
 
+def late_asr(history: list[dict]) -> dict:
+    """ASR's maximum over the last quarter of the epochs (at least one): a defense whose last epochs re-learn the
+    backdoor has not removed it, whatever its final figure."""
+    asr = [rec["asr"] for rec in history if "asr" in rec and "epoch" in rec]
+    if not asr:
+        return {}
+    late = asr[-max(1, -(-len(asr) // 4)):]
+    return {"asr_late_max": max(late), "asr_late_epochs": len(late)}
+
+
 def state_record(state) -> dict:
     """A typed loop state as the plain dict ``state.pt`` stores."""
     return {f.name: getattr(state, f.name) for f in fields(state)}
@@ -102,7 +112,8 @@ class DefenseSession:
         summary = {"defense": self.name, "initial": {k: self.initial[k] for k in SUMMARY_KEYS if k in self.initial},
                    "final": {k: final[k] for k in SUMMARY_KEYS if k in final}, "robust_eval": final.get("robust_eval"),
                    **({"autoattack_eval": final["autoattack_eval"]} if "autoattack_eval" in final else {}),
-                   "settings": settings, "seconds": self.ctl.elapsed(), **(extra_summary or {})}
+                   "settings": settings, "seconds": self.ctl.elapsed(), **late_asr(self.history),
+                   **(extra_summary or {})}
         inf = self.inf
         defense = {"name": self.name, "settings": settings, "history": self.history,
                    "source": self.job.infected.model_path}
