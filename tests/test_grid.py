@@ -8,7 +8,7 @@ import pytest
 from benchmarks import grid
 from conftest import cli
 
-PRESET = grid.Preset("tiny", {"synthetic": ("--dataset", "synthetic")}, ("--test_subset", "50"),
+PRESET = grid.Preset("tiny", {"synthetic": ("--dataset", "synthetic")}, {"synthetic": ("--test_subset", "50")},
                      (("synthetic", [grid.Attack("patch-all2one", ("--trigger_type", "patch"), 0),
                                      grid.Attack("patch-all2all", ("--trigger_type", "patch", "--attack_mode", "all2all"),
                                                  None)]),),

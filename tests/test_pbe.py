@@ -64,7 +64,9 @@ def test_progressive_pbe_keeps_target_labelled_samples_out_of_round_0_and_quaran
     assert r0["next_extra_size"] == 1000 and r0["next_extra_poison_share"] < r0["quarantine_precision"]
     assert [(rec["round"], rec["adversarial"], rec["lr"]) for rec in recs] == [(0, True, 0.01), (0, True, 0.01),
                                                                             (1, True, 0.002), (1, False, 0.002)]
-    assert s["settings"]["init_pool"] == "non_target" and s["settings"]["later_lr"] == 0.002
+    assert s["settings"]["init_pool"] == "auto" and s["settings"]["later_lr"] == 0.002
+    # the patch target is confirmed (the split finds its poison cluster): round 0 from the non-target samples
+    assert s["target"]["decision"]["mode"] == "target" and s["filtering"]["init_pool"] == "non_target"
 
 
 @pytest.mark.slow

@@ -63,3 +63,33 @@ def test_attack_runs_on_a_class_subset_and_records_the_classes(tree, tmp_path):
     assert args["num_classes"] == 3 and args["imagenet_class_names"] == ["n001", "n002", "n003"]
     ck = torch.load(out / "model.pt", weights_only=False)
     assert ck["num_classes"] == 3 and ck["state_dict"]["net.fc.weight"].shape[0] == 3
+
+
+@pytest.mark.slow
+def test_the_224px_path_runs_the_attack_and_every_defense_with_resnet18(tmp_path):
+    """A generated ImageNet-style tree at 224 px: attack (resnet18, streamed), AFT, PBE and PUD end to end."""
+    import PUD
+    import pbe_main
+    import train_blend
+    from conftest import cli
+    from utils.data.streaming import write_synthetic_folders
+
+    names = write_synthetic_folders(str(tmp_path / "data"), num_classes=3, train_per_class=6, val_per_class=2)
+    common = ("--device", "cpu", "--num_workers", "0", "--bs", "6", "--eval_bs", "6", "--eval_steps", "1")
+    attack = tmp_path / "attack"
+    assert cli(train_blend.main, "--dataset", "imagenet", "--data_root", tmp_path / "data", "--imagenet_classes", "3",
+               "--trigger_type", "patch", "--pc", "0.2", "--n_iters", "1", *common, "--out_dir", attack) == 0
+    ck = torch.load(attack / "model.pt", weights_only=False)
+    assert ck["arch"] == "resnet18" and ck["input_size"] == [3, 224, 224] and ck["args"]["imagenet_class_names"] == names
+    model = ("--model_path", attack / "model.pt", "--data_root", tmp_path / "data", *common)
+    assert cli(pbe_main.main, *model, "--aft_epochs", "1", "--adv_epochs", "1", "--adv_steps", "1", "--extra_ratio", "0.5",
+               "--out_dir", tmp_path / "aft") == 0
+    assert cli(pbe_main.main, *model, "--progressive", "--rounds", "2", "--round_epochs", "1", "--top_rates", "0.5",
+               "--adv_steps", "1", "--init_ratio", "0.3", "--target_images", "6", "--out_dir", tmp_path / "pbe") == 0
+    assert cli(PUD.main, *model, "--steps", "2", "--step_epochs", "1", "1", "--step_adv_epochs", "1", "0",
+               "--step_partial", "0", "0", "--step_eps", "6/255", "4/255", "--step_alpha_div", "5", "6",
+               "--step_pgd_steps", "1", "--top_rates", "0.5", "--init_ratio", "0.3", "--unlearn_epochs", "1",
+               "--mt_epochs", "1", "--target_images", "6", "--spectre_min", "2", "--out_dir", tmp_path / "pud") == 0
+    for d in ("aft", "pbe", "pud"):
+        s = json.loads((tmp_path / d / "summary.json").read_text())
+        assert {"clean_acc", "asr", "robust_acc"} <= set(s["final"]), d

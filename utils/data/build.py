@@ -62,7 +62,7 @@ class DataSettings(DataSource):
         require(self.random_crop is None or self.random_crop >= 0, f"--random_crop must be >= 0, got {self.random_crop}")
         require(self.random_rotation is None or 0 <= self.random_rotation <= 180,
                 f"--random_rotation must be in [0, 180] degrees, got {self.random_rotation}")
-        if self.dataset != "synthetic" and self.download == "never":
+        if not self.dataset.startswith("synthetic") and self.download == "never":
             require(os.path.isdir(self.data_root),
                     f"data folder '{self.data_root}' does not exist; create it or point --data_root at your datasets")
 

@@ -38,6 +38,8 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
     DatasetSpec("synthetic", 10, 3, 32, "cnn", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pad=0, rotation=0.0, flip=False,
                 train_size=5000, test_size=1000),
+    DatasetSpec("synthetic43", 43, 3, 32, "cnn", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pad=0, rotation=0.0,
+                flip=False, train_size=8600, test_size=2150),
     DatasetSpec("cifar10", 10, 3, 32, "preactresnet18", (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), flip=True),
     DatasetSpec("gtsrb", 43, 3, 32, "preactresnet18", (0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669)),
     DatasetSpec("mnist", 10, 1, 28, "preactresnet18", (0.1307,), (0.3081,), crop_pad=2, rotation=10.0),
@@ -91,21 +93,37 @@ class ImageSet:
 
 SYNTH_ORIENTATIONS = (18.0, 54.0, 90.0, 126.0, 162.0)  # degrees; none at 0 so SIG's vertical stripes match no class
 SYNTH_FREQUENCIES = (2.5, 5.0)  # cycles per image width
+# more than 10 classes (synthetic43): a 9 x 5 grid of orientations and frequencies, still none at 0 degrees
+MANY_ORIENTATIONS = tuple(10.0 + 20.0 * i for i in range(9))
+MANY_FREQUENCIES = (2.0, 3.5, 5.0, 6.5, 8.0)
+
+
+def gtsrb_like_weights(num_classes: int = 43) -> torch.Tensor:
+    """Class frequencies spread like GTSRB's training set (its smallest class has 210 images, its largest 2,250:
+    about 10.7x): evenly spaced from 1 to 10.7, in a fixed shuffled order."""
+    w = torch.linspace(1.0, 10.7, num_classes)
+    return w[torch.randperm(num_classes, generator=torch.Generator().manual_seed(43))]
 # Pixel noise: fine texture as in natural images. WaNet's warp is only visible through how resampling moves and
 # smooths fine detail, and a small CNN learns it only with enough of that detail (docs/data.md).
 SYNTH_NOISE = 0.08
 
 
-def make_synthetic(n: int, seed: int, size: int = 32, channels: int = 3, num_classes: int = 10) -> ImageSet:
-    """A seeded procedural 10-class set: oriented gratings with random colours, phase, contrast and noise.
+def make_synthetic(n: int, seed: int, size: int = 32, channels: int = 3, num_classes: int = 10,
+                   class_weights: torch.Tensor | None = None) -> ImageSet:
+    """A seeded procedural set: oriented gratings with random colours, phase, contrast and noise (10 classes, or
+    up to 45 on a finer grid; ``class_weights`` draws the labels with those relative frequencies).
 
     The class is the (orientation, frequency) pair of the grating; the two colours, the phase, the
     contrast, a smooth illumination gradient and fine pixel noise are drawn independently of the class, so
     the mean colour carries no class information and a model has to see the texture.
     """
     g = torch.Generator().manual_seed(int(seed))
-    y = torch.randint(0, num_classes, (n,), generator=g)
-    combos = [(o, f) for f in SYNTH_FREQUENCIES for o in SYNTH_ORIENTATIONS]
+    if class_weights is None:
+        y = torch.randint(0, num_classes, (n,), generator=g)
+    else:
+        y = torch.multinomial(class_weights.double(), n, replacement=True, generator=g)
+    grid = (SYNTH_FREQUENCIES, SYNTH_ORIENTATIONS) if num_classes <= 10 else (MANY_FREQUENCIES, MANY_ORIENTATIONS)
+    combos = [(o, f) for f in grid[0] for o in grid[1]]
     theta = torch.tensor([math.radians(combos[c % len(combos)][0]) for c in range(num_classes)])[y]
     freq = torch.tensor([combos[c % len(combos)][1] * (1 + c // len(combos)) for c in range(num_classes)])[y]
     theta = theta + torch.randn(n, generator=g) * math.radians(4)
@@ -181,7 +199,9 @@ def _gtsrb(spec: DatasetSpec, root: str, train: bool, download: bool) -> ImageSe
 
 def _synthetic(spec: DatasetSpec, root: str, train: bool, download: bool) -> ImageSet:
     n = spec.train_size if train else spec.test_size
-    return make_synthetic(n, seed=1 if train else 2, size=spec.size, channels=spec.channels, num_classes=spec.num_classes)
+    weights = gtsrb_like_weights(spec.num_classes) if spec.num_classes > 10 else None  # synthetic43: GTSRB-like
+    return make_synthetic(n, seed=1 if train else 2, size=spec.size, channels=spec.channels,
+                          num_classes=spec.num_classes, class_weights=weights)
 
 
 def _torchvision_loader(cls_name: str):
@@ -191,7 +211,7 @@ def _torchvision_loader(cls_name: str):
     return load
 
 
-LOADERS = {"synthetic": _synthetic, "cifar10": _torchvision_loader("CIFAR10"), "mnist": _torchvision_loader("MNIST"),
+LOADERS = {"synthetic": _synthetic, "synthetic43": _synthetic, "cifar10": _torchvision_loader("CIFAR10"), "mnist": _torchvision_loader("MNIST"),
            "fashionmnist": _torchvision_loader("FashionMNIST"), "gtsrb": _gtsrb}
 
 

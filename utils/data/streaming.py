@@ -138,3 +138,22 @@ class StreamingSplit:
         nb = self.device.type == "cuda"
         for idx, x, y in loader:
             yield idx.to(self.device, non_blocking=nb), x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+
+
+def write_synthetic_folders(root: str, num_classes: int = 3, train_per_class: int = 8, val_per_class: int = 4,
+                            size: int = 224, seed: int = 0) -> list[str]:
+    """An ImageNet-style class-folder tree of synthetic gratings (``<root>/imagenet/{train,val}/<class>/*.png``)
+    at ``size`` pixels: the 224 px path (streaming, resnet18) run offline; returns the class names."""
+    from PIL import Image
+
+    from utils.data.datasets import make_synthetic
+
+    names = [f"n{c:08d}" for c in range(num_classes)]
+    for split, per, s in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):
+        data = make_synthetic(per * num_classes * 3, seed=s, size=size, num_classes=num_classes)
+        for c, name in enumerate(names):
+            folder = os.path.join(root, "imagenet", split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i, j in enumerate(torch.nonzero(data.y == c).flatten()[:per].tolist()):
+                Image.fromarray(data.x[j].permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{name}_{i}.png"))
+    return names

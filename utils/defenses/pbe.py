@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from utils.defenses.aft import AFTSettings, FinetuneSettings, run_aft
+from utils.defenses.filtering import FilterSettings, filter_classes_and_decide
 from utils.defenses.selection import (INIT_POOLS, bottom_fraction, consistency_scores, detection_stats,
                                       poison_candidates, poison_share, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
@@ -47,13 +48,16 @@ class PBESettings(Settings):
                                   shown="--adv_eps in every round")
     later_lr: float | None = opt(None, "learning rate of rounds >= 1", type=fraction, shown="--ft_lr")
     detect_fraction: float = opt(0.1, "lowest-scored share of all samples reported as detected poison", type=fraction)
-    init_pool: str = opt("non_target", "where round 0's extra set is drawn from: non_target = samples not labelled as "
-                                       "the (estimated) target; all = every sample (paper code)",
-                         choices=tuple(INIT_POOLS))
+    init_pool: str = opt("auto", "where round 0's extra set is drawn from: non_target = samples not labelled as "
+                                 "the target; filtered = what the per-class filter kept; all = every sample (paper "
+                                 "code); auto: non_target if a target is confirmed, else filtered",
+                         choices=("auto", *INIT_POOLS))
     argmax_penalty: int = opt(1, "1: consistency score minus 0.5 where the arg-max changed (PUD's score); 0: logit "
                                  "cosine only (paper)", type=int, choices=(0, 1))
-    poison_candidates: str = opt("target", "the detector ranks the samples labelled as the target (target) or all "
-                                           "samples (all, paper code)", choices=("target", "all"))
+    poison_candidates: str = opt("auto", "the detector ranks the samples labelled as the target (target), those the "
+                                         "per-class filter removed (filtered) or all samples (all, paper code); auto: "
+                                         "target if a target is confirmed, else filtered",
+                                 choices=("auto", "target", "filtered", "all"))
     balanced_selection: int = opt(0, "1: the next extra set keeps the top share of every label; 0: one global top "
                                      "share (paper code)", type=int, choices=(0, 1))
     quarantine: int = opt(1, "1: samples the detector flags stay out of every later extra set; 0: the plain top "
@@ -86,6 +90,7 @@ class PBEJob(DefenseJob):
     finetune: FinetuneSettings
     aft: AFTSettings
     target: TargetSettings
+    filter: FilterSettings
     pbe: PBESettings
 
     def check(self) -> None:
@@ -96,6 +101,14 @@ class PBEJob(DefenseJob):
         inp = self.infected
         self.finetune.check_for(inp.input_shape)
         self.target.check_for(inp.num_classes, inp.dataset)
+
+    def for_checkpoint(self, ck: dict) -> "PBEJob":
+        job = super().for_checkpoint(ck)
+        return job.replace(filter=job.filter.for_arch(job.infected.arch))
+
+    def check_model(self, model) -> None:
+        if self.pbe.progressive:
+            self.filter.check_model(model, self.infected.arch)
 
 
 def run_pbe_main(job: PBEJob) -> dict:
@@ -114,6 +127,8 @@ class PBEState:
     epoch: int = 0
     epoch_global: int = 0
     target: dict | None = None
+    filtered: torch.Tensor | None = None  # what the per-class filter removed
+    filtering: dict | None = None  # its record
     extra: torch.Tensor | None = None
     quarantine: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     rounds: list = field(default_factory=list)
@@ -124,10 +139,11 @@ def round_lr(ft_lr: float, later_lr: float | None, r: int) -> float:
     return ft_lr if r == 0 or later_lr is None else later_lr
 
 
-def initial_extra(labels: torch.Tensor, target: int, init_pool: str, init_ratio: float,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Round 0's extra set: a random ``init_ratio`` of the training set's size, drawn from the ``init_pool`` samples."""
-    pool = INIT_POOLS[init_pool](labels, target)
+def initial_extra(labels: torch.Tensor, target: int | None, init_pool: str, init_ratio: float,
+                  generator: torch.Generator, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """Round 0's extra set: a random ``init_ratio`` of the training set's size, drawn from the ``init_pool`` samples
+    (``kept``: what the per-class filter kept, for ``filtered``)."""
+    pool = INIT_POOLS[init_pool](labels, target, kept)
     if len(pool) == 0:
         raise UserError(f"--init_pool {init_pool} leaves no training sample (every label is the target {target}); "
                         "use --init_pool all")
@@ -171,10 +187,21 @@ def run_pbe(job: PBEJob) -> dict:
         st = s.start(PBEState(), **objects)
         if st.target is None:
             st.target = choose_target(job.target, inf.backdoor, lambda: estimate_target(
-                inf.reference, inf.poisoned.data, job.target, inf.backdoor.num_classes, eval_bs, s.gen, s.cl))
-            st.extra = initial_extra(labels, st.target["used"], pbe.init_pool, pbe.init_ratio, s.gen)
+                inf.reference, inf.poisoned.data, job.target, inf.backdoor.num_classes, eval_bs, s.gen, s.cl),
+                always_vote=True)
+            out = filter_classes_and_decide(inf.reference, inf.poisoned, job.filter, st.target, job.run.seed, eval_bs,
+                                            s.cl)
+            st.filtered, st.filtering = out.removed, out.record
+            target = st.target["used"]
+            pool = pbe.init_pool if pbe.init_pool != "auto" else ("non_target" if target is not None else "filtered")
+            st.extra = initial_extra(labels, target, pool, pbe.init_ratio, s.gen, out.pool)
+            st.filtering["init_pool"] = pool
             s.save("the target estimate", st, **objects)
-        candidates = poison_candidates(pbe.poison_candidates, labels, st.target["used"])
+        target = st.target["used"]
+        mode = pbe.poison_candidates if pbe.poison_candidates != "auto" else ("target" if target is not None
+                                                                              else "filtered")
+        candidates = poison_candidates(mode, labels, target, st.filtered)
+        st.filtering["poison_candidates"] = mode
         ref_logits = all_logits(inf.reference, inf.poisoned, eval_bs, s.cl)
         for r in range(st.round, pbe.rounds):
             purity = poison_share(st.extra, truth)
@@ -214,7 +241,7 @@ def run_pbe(job: PBEJob) -> dict:
                     "argmax_penalty": pbe.argmax_penalty, "quarantine": pbe.quarantine,
                     "poison_candidates": pbe.poison_candidates}
         plot_rounds(st.rounds, s.run.file("rounds.png"))
-        return s.finish(settings, {"target": st.target, "rounds": st.rounds},
+        return s.finish(settings, {"target": st.target, "filtering": st.filtering, "rounds": st.rounds},
                         panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
 
 

@@ -1,9 +1,13 @@
 """PUD: Progressive Unified Defense, without clean data. ``run_pud`` follows the paper's Algorithm 1:
 
 1. ``find_target``: the backdoor target (the most frequent class of untargeted PGD examples) unless given.
-2. ``filter_target_class``: SPECTRE on the training samples labelled as the target removes the most
+2. ``filter_training_set``: SPECTRE on the training samples labelled as the target removes the most
    suspicious share, and (``--class_split``, this toolkit's addition, ``class_split``) a two-way split of
-   that class removes the cluster that looks like images of the other classes; the rest is the pool.
+   that class removes the cluster that looks like images of the other classes; the rest is the pool. Both
+   run on every class, and ``filtering.decide_target`` decides from that evidence and the vote whether one
+   target is confirmed: if none is (all2all, a wrong ``--target_label``), every class is filtered and the
+   later stages work class-agnostically (the poison set from what the filter removed, per-class SPECTRE on
+   the extra sets, the mean-teacher set refreshed on every label).
 3. ``progressive_steps``: (adversarial) fine-tuning on an extra set, then every training sample is scored by
    the consistency of the infected and current logits (arg-max disagreement penalised). The most consistent
    share of the pool becomes the next extra set (cleaned once more by SPECTRE on its target part), the
@@ -24,12 +28,12 @@ import torch.nn.functional as F
 
 from models import frozen_copy
 from utils.adversarial import PGD
-from utils.defenses.class_split import split_target_class
+from utils.defenses.filtering import (FilterSettings, class_representations, filter_classes_and_decide,
+                                      removed_record, spectre_flags)
 from utils.defenses.mean_teacher import ema_update, softmax_consistency
 from utils.defenses.selection import (POISON_CANDIDATES, bottom_fraction, clean_indices, consistency_scores,
                                       detection_stats, poison_candidates, poison_share, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
-from utils.defenses.spectre import layer_representations, spectre_filter
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import unlearning_loss
 from utils.evaluation import all_logits
@@ -40,26 +44,14 @@ from utils.training import finetune_epoch, make_optimizer, train_epoch
 
 NO_POISON_INDICES = ("PUD needs the training set's poisoned indices; re-train the infected model with train_blend.py "
                      "--poison_mode fixed (the default)")
-SPECTRE_LAYERS = {"cnn": "net.features", "preactresnet18": "net.layer4.0", "resnet18": "net.layer2.1"}
 
 
 @dataclass(frozen=True)
 class PUDSettings(Settings):
     GROUP = "PUD"
-    spectre_layer: str | None = opt(None, "module whose output SPECTRE uses", shown=", ".join(
-        f"{v} ({k})" for k, v in SPECTRE_LAYERS.items()))
-    spectre_remove: float = opt(0.25, "initial SPECTRE: share of the target class removed", type=fraction)
-    spectre_step_remove: float = opt(0.1, "per-step SPECTRE: share of the extra set's target part removed",
-                                     type=fraction)
-    spectre_min: int = opt(100, "per-step SPECTRE runs only on at least this many target samples", type=int)
-    class_split: int = opt(1, "1: also split the target class in two clusters and drop the one the infected model, "
-                              "target logit masked, finds most like other classes (this toolkit's addition, for "
-                              "poisons that are the class's majority); 0: SPECTRE only (the paper)",
-                           type=int, choices=(0, 1))
-    class_split_spread: float = opt(1.25, "the split is applied only if the removed cluster's non-target predictions "
-                                          "spread over this many times as many classes as the other's", type=fraction)
-    class_split_tie: float = opt(0.05, "clusters whose mean non-target confidences differ by at most this much are "
-                                       "told apart by their spread alone", type=fraction)
+    spectre_step_remove: float = opt(0.1, "per-step SPECTRE: share removed from the extra set's target part (no "
+                                          "confirmed target: from each class of it)", type=fraction)
+    spectre_min: int = opt(100, "per-step SPECTRE runs only on at least this many samples of a class", type=int)
     steps: int = opt(5, "progressive steps", type=int)
     step_epochs: tuple = opt([10, 10, 10, 10, 30], "fine-tuning epochs per step", type=int, nargs="+")
     step_adv_epochs: tuple = opt([10, 2, 1, 1, 1], "adversarial epochs per step (the first ones)", type=int, nargs="+")
@@ -74,9 +66,10 @@ class PUDSettings(Settings):
                                                  "the last", type=fraction, nargs="*")
     balanced_selection: int = opt(1, "1: the next extra set keeps the top share of every label; 0: one global top "
                                      "share (paper code)", type=int, choices=(0, 1))
-    poison_candidates: str = opt("target", "the poison set is drawn from the samples labelled as the target "
-                                           "(target), from those the initial filtering removed (filtered), or from "
-                                           "all (paper code)", choices=tuple(POISON_CANDIDATES))
+    poison_candidates: str = opt("auto", "the poison set is drawn from the samples labelled as the target "
+                                         "(target), from those the initial filtering removed (filtered), or from "
+                                         "all (paper code); auto: target if a target is confirmed, else filtered",
+                                 choices=("auto", *POISON_CANDIDATES))
     poison_fraction: float = opt(0.01, "poison set: this least consistent share of all samples", type=fraction)
     pud_lr: float = opt(0.01, "SGD learning rate", type=fraction)
     pud_milestones: tuple = opt([30, 60], "MultiStepLR milestones over the progressive epochs (decay 0.1)",
@@ -99,11 +92,8 @@ class PUDSettings(Settings):
         for name in ("init_ratio", "poison_fraction"):
             v = getattr(self, name)
             require(0 < v <= 1, f"--{name} must be in (0, 1], got {v}")
-        for name in ("spectre_remove", "spectre_step_remove"):
-            v = getattr(self, name)
-            require(0 < v < 1, f"--{name} must be in (0, 1), got {v}")
-        require(self.class_split_spread > 0, f"--class_split_spread must be positive, got {self.class_split_spread}")
-        require(0 <= self.class_split_tie < 1, f"--class_split_tie must be in [0, 1), got {self.class_split_tie}")
+        require(0 < self.spectre_step_remove < 1,
+                f"--spectre_step_remove must be in (0, 1), got {self.spectre_step_remove}")
         require(self.spectre_min > 0, f"--spectre_min must be positive, got {self.spectre_min}")
         require(self.steps > 0, f"--steps must be positive, got {self.steps}")
         for name in ("step_epochs", "step_adv_epochs", "step_partial", "step_eps", "step_alpha_div"):
@@ -149,6 +139,7 @@ class PUDJob(DefenseJob):
 
     KEY = "pud"
     target: TargetSettings
+    filter: FilterSettings
     pud: PUDSettings
 
     def check_for_checkpoint(self, ck: dict) -> None:
@@ -158,15 +149,10 @@ class PUDJob(DefenseJob):
 
     def for_checkpoint(self, ck: dict) -> "PUDJob":
         job = super().for_checkpoint(ck)
-        if job.pud.spectre_layer is not None:
-            return job
-        return job.replace(pud=job.pud.replace(spectre_layer=SPECTRE_LAYERS.get(job.infected.arch, "net")))
+        return job.replace(filter=job.filter.for_arch(job.infected.arch))
 
     def check_model(self, model) -> None:
-        names = [n for n, _ in model.named_modules() if n]
-        require(self.pud.spectre_layer in names,
-                f"--spectre_layer '{self.pud.spectre_layer}' is not a module of {self.infected.arch}; choose one of "
-                f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''}")
+        self.filter.check_model(model, self.infected.arch)
 
 
 STAGES = ("target", "spectre", "steps", "unlearning", "mean_teacher", "done")
@@ -210,7 +196,7 @@ def run_pud(job: PUDJob) -> dict:
             st.stage = "spectre"
             s.save("the target estimate", st, **objects)
         if st.stage == "spectre":
-            filter_target_class(s, st)
+            filter_training_set(s, st)
             st.stage = "steps"
             s.save("the initial SPECTRE", st, **objects)
         if st.stage == "steps":
@@ -236,83 +222,23 @@ def run_pud(job: PUDJob) -> dict:
 # ----- 1. the target ------------------------------------------------------------------------------------------
 
 def find_target(s: DefenseSession) -> dict:
+    """The PGD vote (also when a target is given: it is evidence for the decision after the filtering)."""
     inf, job = s.inf, s.job
     return choose_target(job.target, inf.backdoor, lambda: estimate_target(
-        inf.reference, inf.poisoned.data, job.target, inf.backdoor.num_classes, job.run.eval_bs, s.gen, s.cl))
+        inf.reference, inf.poisoned.data, job.target, inf.backdoor.num_classes, job.run.eval_bs, s.gen, s.cl),
+        always_vote=True)
 
 
-# ----- 2. the initial filtering of the target class ----------------------------------------------------------
+# ----- 2. the initial filtering -------------------------------------------------------------------------------
 
-def representations(s: DefenseSession, indices: torch.Tensor) -> torch.Tensor:
-    """The infected model's ``--spectre_layer`` outputs of the training samples ``indices``, without augmentation."""
-    batches = (x for _, x, _ in s.inf.poisoned.batches(s.job.run.eval_bs, shuffle=False, indices=indices))
-    return layer_representations(s.inf.reference, s.job.pud.spectre_layer, batches)
-
-
-def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float,
-                   reps: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices (subset of ``indices``) SPECTRE flags on the infected model's representations."""
-    reps = representations(s, indices) if reps is None else reps
-    res = spectre_filter(reps.double(), fraction)
-    return dist.broadcast(indices[res.flagged_mask.cpu()].sort().values)  # torchrun: rank 0's (a fixed count)
-
-
-def spectre_record(removed: torch.Tensor, considered: int, truth: torch.Tensor) -> dict:
-    return {"considered": considered, "removed": len(removed),
-            "precision": poison_share(removed, truth) if len(removed) else None,
-            "removed_poison": int(truth[removed].sum()) if len(removed) else 0}
-
-
-def split_remove(s: DefenseSession, indices: torch.Tensor, target: int, reps: torch.Tensor,
-                 truth: torch.Tensor) -> tuple:
-    """The target class's suspicious cluster (``class_split``): its indices and a record for the summary."""
-    pud = s.job.pud
-    logits = all_logits(s.inf.reference, s.inf.poisoned, s.job.run.eval_bs, s.cl)[indices]  # the same on every rank
-    # its own seeded generator: a split that is not applied leaves the run identical to --class_split 0
-    res = split_target_class(reps, logits, target, min_spread=pud.class_split_spread,
-                             confidence_tie=pud.class_split_tie,
-                             generator=torch.Generator().manual_seed(s.job.run.seed))
-    flagged = indices[dist.broadcast(res.flagged_mask.to(torch.uint8)).bool()]  # torchrun: rank 0's cluster
-    rec = {**spectre_record(flagged, len(indices), truth), "recall": detection_stats(flagged, truth)["recall"],
-           "applied": res.applied, "cluster_sizes": list(res.sizes),
-           "cluster_confidence": [round(c, 4) for c in res.confidence], "cluster_spread": [round(c, 2) for c in res.spread],
-           "suspicious_cluster": res.flagged_cluster, "separation": round(res.separation, 3)}
-    return flagged, rec
-
-
-def filter_target_class(s: DefenseSession, st: PUDState) -> None:
-    """SPECTRE (and the class split) on the target-labelled samples; the rest is the pool. Draws step 0's extra set."""
+def filter_training_set(s: DefenseSession, st: PUDState) -> None:
+    """The initial filtering (``filtering.filter_training_set``); the rest is the pool, and step 0's extra set is
+    drawn from it (from the known clean images with ``--model_repair``)."""
     pud, inf = s.job.pud, s.inf
-    n = len(inf.poisoned)
-    truth = inf.poisoned.is_poison.cpu()
-    target = st.target["used"]
-    tidx = torch.nonzero(inf.poisoned.train_labels.cpu() == target).flatten()
-    removed, reps = torch.zeros(0, dtype=torch.long), None
-    if len(tidx) > 1:
-        reps = representations(s, tidx)  # read once: SPECTRE and the class split use the same representations
-        removed = spectre_remove(s, tidx, pud.spectre_remove, reps)
-    record = {**spectre_record(removed, len(tidx), truth), "recall": detection_stats(removed, truth)["recall"]}
-    print(f"initial SPECTRE: removed {len(removed)} of {len(tidx)} target-labelled samples "
-          f"({record['removed_poison']} truly poisoned)", flush=True)
-    if pud.class_split and reps is not None:
-        split, record["class_split"] = split_remove(s, tidx, target, reps, truth)
-        sp = record["class_split"]
-        print(f"target-class split: clusters {sp['cluster_sizes']}, non-target confidence {sp['cluster_confidence']}, "
-              f"spread over {sp['cluster_spread']} classes; " + (
-                  f"removed cluster {sp['suspicious_cluster']}: {sp['removed']} samples "
-                  f"({sp['removed_poison']} truly poisoned)"
-                  if sp["applied"] else "not applied (the more confident cluster does not spread over more classes)"),
-              flush=True)
-        removed = torch.unique(torch.cat([removed, split]))
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[removed] = False
-    pool = torch.nonzero(keep).flatten()
-    st.pool, st.filtered = pool, removed
-    st.spectre_initial = {**record, "filtered": len(removed), "filtered_precision": poison_share(removed, truth),
-                          "filtered_recall": detection_stats(removed, truth)["recall"],
-                          "pool_size": len(pool), "pool_poison_share": poison_share(pool, truth)}
-    print(f"pool {len(pool)} samples, {st.spectre_initial['pool_poison_share']:.3%} truly poisoned", flush=True)
-    pick = clean_indices(inf.poisoned) if pud.model_repair else pool
+    out = filter_classes_and_decide(inf.reference, inf.poisoned, s.job.filter, st.target, s.job.run.seed,
+                                    s.job.run.eval_bs, s.cl)
+    st.pool, st.filtered, st.spectre_initial = out.pool, out.removed, out.record
+    pick = clean_indices(inf.poisoned) if pud.model_repair else out.pool
     k0 = max(1, int(round(pud.init_ratio * len(pick))))
     st.extra = pick[torch.randperm(len(pick), generator=s.gen)[:k0]].sort().values
 
@@ -325,7 +251,9 @@ def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
     truth = inf.poisoned.is_poison.cpu()
     labels = inf.poisoned.train_labels.cpu()
     ref_logits = all_logits(inf.reference, inf.poisoned, s.job.run.eval_bs, s.cl)
-    candidates = poison_candidates(pud.poison_candidates, labels, st.target["used"], st.filtered)
+    target = st.target["used"]
+    mode = pud.poison_candidates if pud.poison_candidates != "auto" else ("target" if target is not None else "filtered")
+    candidates = poison_candidates(mode, labels, target, st.filtered)
     for step in range(st.step, pud.steps):
         if st.step_info is None:
             start_step(s, st, step, truth, labels)
@@ -342,13 +270,19 @@ def start_step(s: DefenseSession, st: PUDState, step: int, truth: torch.Tensor, 
     extra, target = st.extra, st.target["used"]
     info = {"step": step, "extra_size": len(extra), "extra_poison_share": poison_share(extra, truth), "spectre": None}
     if step > 0:
-        ext_t = extra[labels[extra] == target]
-        if len(ext_t) >= pud.spectre_min:
-            rm = spectre_remove(s, ext_t, pud.spectre_step_remove)
+        classes = [target] if target is not None else list(range(s.inf.backdoor.num_classes))
+        parts = [extra[labels[extra] == c] for c in classes]
+        parts = [p for p in parts if len(p) >= pud.spectre_min]
+        considered = sum(len(p) for p in parts)
+        if parts:
+            rm = torch.cat([spectre_flags(class_representations(s.inf.reference, s.inf.poisoned, s.job.filter.spectre_layer,
+                                                                p, s.job.run.eval_bs), p, pud.spectre_step_remove)
+                            for p in parts]).sort().values
             extra = extra[~torch.isin(extra, rm)]
-            info["spectre"] = spectre_record(rm, len(ext_t), truth)
+            info["spectre"] = removed_record(rm, considered, truth)
         else:
-            info["spectre"] = {"considered": len(ext_t), "removed": 0, "skipped": True}
+            info["spectre"] = {"considered": len(extra[labels[extra] == target]) if target is not None else 0,
+                               "removed": 0, "skipped": True}
         info["extra_size_after_spectre"] = len(extra)
         info["extra_poison_share_after_spectre"] = poison_share(extra, truth)
     st.extra, st.step_info = extra, info
@@ -358,7 +292,7 @@ def start_step(s: DefenseSession, st: PUDState, step: int, truth: torch.Tensor, 
 def train_step(s: DefenseSession, st: PUDState, step: int, objects: dict) -> None:
     """The step's epochs from the cursor: the first ``step_adv_epochs`` on PGD examples (partial if asked)."""
     pud, inf = s.job.pud, s.inf
-    model, opt, sched = objects["model"], objects["opt"], objects["sched"]
+    opt, sched = objects["opt"], objects["sched"]
     attack = pud.step_pgd(step)
     partial = bool(pud.step_partial[step])
     for e in range(st.epoch, pud.step_epochs[step]):
@@ -484,16 +418,20 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
     record["clipped"] = record["clipped_batches"] > 0
 
 
-def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor, target: int,
+def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor, target: int | None,
                   predictions: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Drop the target-labelled extra samples the model (``predictions`` of every training sample) no longer calls
-    the target; returns the kept extra set and a record.
+    the target (with no confirmed target, ``None``: every extra sample it no longer gives its label); returns the
+    kept extra set and a record.
 
     The last extra set still holds the poisoned images whose backdoor survived the progressive steps (they looked
     consistent); right after unlearning the backdoor is gone, so those images now flip away from the target while
     genuine target-class images keep it. Without this the mean-teacher epochs re-learn the backdoor from them.
     """
-    drop = (labels[extra] == target) & (predictions[extra] != target)
+    if target is None:
+        drop = predictions[extra] != labels[extra]
+    else:
+        drop = (labels[extra] == target) & (predictions[extra] != target)
     info = {"dropped": int(drop.sum()), "dropped_poison": int(is_poison[extra[drop]].sum()),
             "extra_poison_share_before": poison_share(extra, is_poison)}
     kept = extra[~drop]
@@ -506,8 +444,10 @@ def refresh_before_teacher(s: DefenseSession, st: PUDState) -> dict:
     preds = all_logits(inf.model, inf.poisoned, s.job.run.eval_bs, s.cl).argmax(1)
     st.extra, info = refresh_extra(st.extra, inf.poisoned.train_labels.cpu(), inf.poisoned.is_poison.cpu(),
                                    st.target["used"], preds)
-    print(f"mean-teacher set: dropped {info['dropped']} target-labelled samples no longer predicted as the target "
-          f"({info['dropped_poison']} truly poisoned); {info['extra_poison_share_after']:.3%} poisoned remain", flush=True)
+    what = "target-labelled samples no longer predicted as the target" if st.target["used"] is not None else \
+        "samples no longer predicted as their label"
+    print(f"mean-teacher set: dropped {info['dropped']} {what} ({info['dropped_poison']} truly poisoned); "
+          f"{info['extra_poison_share_after']:.3%} poisoned remain", flush=True)
     return info
 
 

@@ -97,8 +97,10 @@ def poison_candidates(mode: str, labels: torch.Tensor, target: int, filtered: to
     return POISON_CANDIDATES[mode](labels, target, filtered)
 
 
-# Where PBE's round-0 random extra set is drawn from, given the training labels and the (estimated) target.
+# Where PBE's round-0 random extra set is drawn from, given the training labels, the (confirmed) target and the
+# samples the per-class filter kept.
 INIT_POOLS = {
-    "non_target": lambda labels, target: torch.nonzero(labels != target).flatten(),  # no all2one poison can be in it
-    "all": lambda labels, target: torch.arange(len(labels)),  # the paper code
+    "non_target": lambda labels, target, kept: torch.nonzero(labels != target).flatten(),  # no all2one poison in it
+    "filtered": lambda labels, target, kept: kept,  # what SPECTRE and the class split kept, every class
+    "all": lambda labels, target, kept: torch.arange(len(labels)),  # the paper code
 }

@@ -80,21 +80,22 @@ def estimate_target(reference, data, settings: TargetSettings, num_classes: int,
     return {**vote_result(dist.all_reduce_sum(counts)), "images": n, "pgd": attack.settings()}
 
 
-def choose_target(settings: TargetSettings, backdoor: BackdoorSpec, estimate) -> dict:
+def choose_target(settings: TargetSettings, backdoor: BackdoorSpec, estimate, always_vote: bool = False) -> dict:
     """The target class record: ``--target_label`` if given, else ``estimate()`` (``estimate_target``'s record).
 
+    ``always_vote`` takes the vote also when a target is given (as evidence: PUD's decision weighs both).
     ``true`` is the attack's target where it has one (all2one), for the summary only."""
-    if settings.target_label == "auto":
-        target = estimate()
-        t = target["estimate"]
-    else:
-        target = {"estimate": None, "vote_share": None, "given": int(settings.target_label)}
-        t = int(settings.target_label)
+    given = None if settings.target_label == "auto" else int(settings.target_label)
+    target = estimate() if given is None or always_vote else {"estimate": None, "vote_share": None}
+    target["given"] = given
+    t = given if given is not None else target["estimate"]
     target["used"] = t
     target["true"] = backdoor.target_label if backdoor.attack_mode == "all2one" else None
-    print(f"target class {t}" + (f" (estimated, vote share {target['vote_share']:.1%})"
-                                 if settings.target_label == "auto" else ""), flush=True)
-    if target.get("weak"):
+    vote = (f"the PGD vote: class {target['estimate']} with {target['vote_share']:.1%}"
+            if target["estimate"] is not None else "")
+    print(f"target class {t} " + (f"(given; {vote})" if given is not None and vote else "(given)" if given is not None
+                                  else f"(estimated, vote share {target['vote_share']:.1%})"), flush=True)
+    if given is None and target.get("weak"):
         bar = weak_vote_share(len(target["votes"]))
         print(f"warning: the target estimate is weak: PGD examples spread over the classes (votes {target['votes']}, "
               f"the winner's {target['vote_share']:.1%} is under {bar:.1%}); the backdoor may not be all2one or PGD "

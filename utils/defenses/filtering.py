@@ -1,0 +1,216 @@
+"""Filtering every class, and the decision whether a defense may rely on one backdoor target.
+
+A defender knows neither the attack's mode nor its target. ``filter_classes`` therefore runs the initial
+filter on every label: SPECTRE flags the most suspicious share of each class (poisons that are a minority
+of their label: all2all, a small all2one rate), and the two-way split (``class_split``) flags a cluster
+that the infected model, the class's logit masked, sees as images of many other classes (all2one poisons,
+which are the target label's majority). Both are recorded per class.
+
+``decide_target`` then weighs the evidence: a target class (the one given, or the PGD vote's winner) is
+*confirmed* when the split found its poison cluster there, or when the vote for it is decisive (its
+winner well ahead of every other class). A confirmed target lets the defense use its target-class
+machinery (filter that class, draw the poison set from its samples); with none confirmed, e.g. for an
+all2all backdoor or a wrong ``--target_label``, the defense goes class-agnostic (every class filtered, the
+poison set drawn from what the filter removed). The decision and its reasons go into summary.json.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from utils.defenses.class_split import split_target_class
+from utils.defenses.selection import detection_stats, poison_share
+from utils.defenses.spectre import layer_representations, spectre_filter
+from utils.evaluation import all_logits
+from utils.run import distributed as dist
+from utils.settings import Settings, fraction, opt, require
+
+DECISIVE_LEAD = 2.0  # a decisive vote: the winner has at least this many times the runner-up's votes (and is not weak)
+SPECTRE_LAYERS = {"cnn": "net.features", "preactresnet18": "net.layer4.0", "resnet18": "net.layer2.1"}
+
+
+@dataclass(frozen=True)
+class FilterSettings(Settings):
+    GROUP = "filtering the training set (SPECTRE and the class split, per class)"
+    spectre_layer: str | None = opt(None, "module whose output SPECTRE and the split use", shown=", ".join(
+        f"{v} ({k})" for k, v in SPECTRE_LAYERS.items()))
+    spectre_remove: float = opt(0.25, "SPECTRE: share of a class removed", type=fraction)
+    class_split: int = opt(1, "1: also split a class in two clusters and drop the one the infected model, the "
+                              "class's logit masked, finds most like other classes (this toolkit's addition, for "
+                              "all2one poisons that are the target label's majority); 0: SPECTRE only (the paper)",
+                           type=int, choices=(0, 1))
+    class_split_spread: float = opt(1.25, "the split is applied only if the removed cluster's non-target predictions "
+                                          "spread over this many times as many classes as the other's", type=fraction)
+    class_split_tie: float = opt(0.05, "clusters whose mean non-target confidences differ by at most this much are "
+                                       "told apart by their spread alone", type=fraction)
+
+    def check(self) -> None:
+        require(0 < self.spectre_remove < 1, f"--spectre_remove must be in (0, 1), got {self.spectre_remove}")
+        require(self.class_split_spread > 0, f"--class_split_spread must be positive, got {self.class_split_spread}")
+        require(0 <= self.class_split_tie < 1, f"--class_split_tie must be in [0, 1), got {self.class_split_tie}")
+
+    def for_arch(self, arch: str) -> "FilterSettings":
+        """The default ``--spectre_layer`` of ``arch`` filled in."""
+        return self if self.spectre_layer is not None else self.replace(spectre_layer=SPECTRE_LAYERS.get(arch, "net"))
+
+    def check_model(self, model, arch: str) -> None:
+        names = [n for n, _ in model.named_modules() if n]
+        require(self.spectre_layer in names,
+                f"--spectre_layer '{self.spectre_layer}' is not a module of {arch}; choose one of "
+                f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''}")
+
+
+def class_representations(reference, poisoned, layer: str, indices: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The infected model's ``layer`` outputs of the training samples ``indices``, without augmentation."""
+    batches = (x for _, x, _ in poisoned.batches(batch_size, shuffle=False, indices=indices))
+    return layer_representations(reference, layer, batches)
+
+
+def spectre_flags(reps: torch.Tensor, indices: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Indices (of ``indices``) SPECTRE flags on the representations ``reps``; rank 0's under torchrun."""
+    res = spectre_filter(reps.double(), fraction)
+    return dist.broadcast(indices[res.flagged_mask.cpu()].sort().values)
+
+
+def removed_record(removed: torch.Tensor, considered: int, truth: torch.Tensor) -> dict:
+    return {"considered": considered, "removed": len(removed),
+            "precision": poison_share(removed, truth) if len(removed) else None,
+            "removed_poison": int(truth[removed].sum()) if len(removed) else 0}
+
+
+def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits: torch.Tensor | None, seed: int,
+                 batch_size: int, spectre: bool = True, split: bool = True) -> dict:
+    """SPECTRE and (if ``settings.class_split``) the split on the training samples labelled ``cls``: their flagged
+    indices and the records. ``spectre``/``split`` False skip that filter (the decision needs only the splits)."""
+    layer, split = settings.spectre_layer, split and bool(settings.class_split)
+    truth = poisoned.is_poison.cpu()
+    idx = torch.nonzero(poisoned.train_labels.cpu() == cls).flatten()
+    out = {"class": cls, "indices": idx, "spectre": torch.zeros(0, dtype=torch.long),
+           "split": torch.zeros(0, dtype=torch.long), "split_applied": False}
+    if len(idx) < 2:
+        out["record"] = {"class": cls, "considered": len(idx)}
+        return out
+    reps = class_representations(reference, poisoned, layer, idx, batch_size)  # read once for both filters
+    record = {"class": cls}
+    if spectre:
+        out["spectre"] = spectre_flags(reps, idx, settings.spectre_remove)
+        record["spectre"] = removed_record(out["spectre"], len(idx), truth)
+    if split:
+        # its own seeded generator: a split that is not applied leaves the run as without it
+        res = split_target_class(reps, logits[idx], cls, min_spread=settings.class_split_spread,
+                                 confidence_tie=settings.class_split_tie, generator=torch.Generator().manual_seed(seed))
+        flagged = idx[dist.broadcast(res.flagged_mask.to(torch.uint8)).bool()]  # torchrun: rank 0's cluster
+        out["split"], out["split_applied"] = flagged, bool(res.applied)
+        record["split"] = {**removed_record(flagged, len(idx), truth), "applied": res.applied,
+                           "cluster_sizes": list(res.sizes), "cluster_confidence": [round(c, 4) for c in res.confidence],
+                           "cluster_spread": [round(c, 2) for c in res.spread],
+                           "spread_ratio": round(res.spread[res.flagged_cluster] / max(res.spread[1 - res.flagged_cluster],
+                                                                                       1e-9), 3)
+                           if res.flagged_cluster >= 0 else None,
+                           "suspicious_cluster": res.flagged_cluster, "separation": round(res.separation, 3)}
+    out["record"] = record
+    return out
+
+
+def decisive(vote: dict | None) -> bool:
+    """A vote whose winner is not weak and has at least ``DECISIVE_LEAD`` times the runner-up's votes."""
+    if not vote or not vote.get("votes"):
+        return False
+    counts = sorted(vote["votes"], reverse=True)
+    runner_up = counts[1] if len(counts) > 1 else 0
+    return not vote["weak"] and counts[0] >= DECISIVE_LEAD * max(runner_up, 1)
+
+
+def decide_target(given: int | None, vote: dict | None, split_classes: list[int]) -> dict:
+    """Whether to rely on one target class, and which: the given class or the vote's winner, if confirmed.
+
+    A class is confirmed by the split (its poison cluster found there) or by a decisive vote for it. The given
+    class is tried first; a given class the evidence does not confirm is replaced by the vote's winner if that
+    one is confirmed (and the record says so), else the defense goes class-agnostic."""
+    winner = vote["estimate"] if vote else None
+    candidates = [c for c in (given, winner) if c is not None]
+    for c in dict.fromkeys(candidates):
+        reasons = []
+        if c in split_classes:
+            reasons.append("the class split found a cluster of images of many other classes labelled as it")
+        if c == winner and decisive(vote):
+            reasons.append(f"the PGD vote for it is decisive ({vote['vote_share']:.1%} of the votes, at least "
+                           f"{DECISIVE_LEAD:g}x the runner-up's)")
+        if reasons:
+            why = "; ".join(reasons)
+            if given is not None and c != given:
+                why = f"the given target {given} is not confirmed by the evidence; class {c}: {why}"
+            return {"mode": "target", "target": c, "why": why, "given": given, "vote_winner": winner,
+                    "vote_decisive": decisive(vote), "split_classes": split_classes}
+    why = ("no class is confirmed as a single backdoor target (the vote is not decisive"
+           + (f", the given target {given} shows no poison cluster" if given is not None else "")
+           + (f", the split found clusters in classes {split_classes}" if split_classes else ", the split found no cluster")
+           + "): the defense works on every class")
+    return {"mode": "agnostic", "target": None, "why": why, "given": given, "vote_winner": winner,
+            "vote_decisive": decisive(vote), "split_classes": split_classes}
+
+
+@dataclass
+class FilterOutcome:
+    removed: torch.Tensor  # the samples the filter removed (sorted indices)
+    pool: torch.Tensor  # the rest
+    record: dict  # for summary.json: what was removed, with what precision, per class; the pool's purity
+
+
+def filter_classes_and_decide(reference, poisoned, filt: FilterSettings, target: dict, seed: int, batch_size: int,
+                              channels_last: bool) -> FilterOutcome:
+    """SPECTRE and the class split on every class, then the decision (``decide_target``, written into the
+    ``target`` record as ``used`` and ``decision``): with a confirmed target only that class's flags are removed
+    (the paper's target-class filtering, plus the split), without one every class's."""
+    n = len(poisoned)
+    truth = poisoned.is_poison.cpu()
+    classes = range(poisoned.data.num_classes)
+    none = torch.zeros(0, dtype=torch.long)
+    per_class = [{"class": c, "indices": torch.nonzero(poisoned.train_labels.cpu() == c).flatten(), "spectre": none,
+                  "split": none, "split_applied": False, "record": {"class": c}} for c in classes]
+    if filt.class_split:  # first the split on every class: it is evidence for the decision
+        logits = all_logits(reference, poisoned, batch_size, channels_last)
+        per_class = [filter_class(reference, poisoned, c, filt, logits, seed, batch_size, spectre=False)
+                     for c in classes]
+    split_classes = [f["class"] for f in per_class if f["split_applied"]]
+    decision = decide_target(target.get("given"), target, split_classes)
+    target.update(used=decision["target"], decision=decision)
+    for c in (classes if decision["target"] is None else [decision["target"]]):  # then SPECTRE where it is used
+        f = filter_class(reference, poisoned, c, filt, None, seed, batch_size, split=False)
+        per_class[c]["spectre"] = f["spectre"]
+        per_class[c]["record"].update(f["record"])
+    print(f"decision: {decision['mode']}" + (f" (target {decision['target']})" if decision["target"] is not None
+                                              else "") + f": {decision['why']}", flush=True)
+    chosen = per_class if decision["target"] is None else [per_class[decision["target"]]]
+    spectre = torch.cat([f["spectre"] for f in chosen]).unique()
+    considered = sum(len(f["indices"]) for f in chosen)
+    record = {**removed_record(spectre, considered, truth), "recall": detection_stats(spectre, truth)["recall"]}
+    where = "every class" if decision["target"] is None else f"class {decision['target']}"
+    print(f"initial SPECTRE: removed {len(spectre)} of {considered} samples of {where} "
+          f"({record['removed_poison']} truly poisoned)", flush=True)
+    removed = spectre
+    if filt.class_split:
+        split = torch.cat([f["split"] for f in chosen]).unique()
+        if decision["target"] is not None:
+            record["class_split"] = {**per_class[decision["target"]]["record"]["split"],
+                                     "recall": detection_stats(split, truth)["recall"]}
+            sp = record["class_split"]
+            print(f"target-class split: clusters {sp['cluster_sizes']}, non-target confidence "
+                  f"{sp['cluster_confidence']}, spread over {sp['cluster_spread']} classes; " + (
+                      f"removed cluster {sp['suspicious_cluster']}: {sp['removed']} samples "
+                      f"({sp['removed_poison']} truly poisoned)" if sp["applied"]
+                      else "not applied (the more confident cluster does not spread over more classes)"), flush=True)
+        else:
+            record["class_split"] = {**removed_record(split, considered, truth), "applied_in": split_classes,
+                                     "recall": detection_stats(split, truth)["recall"]}
+        removed = torch.unique(torch.cat([removed, split]))
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[removed] = False
+    pool = torch.nonzero(keep).flatten()
+    record = {**record, "filtered": len(removed), "filtered_precision": poison_share(removed, truth),
+              "filtered_recall": detection_stats(removed, truth)["recall"],
+              "pool_size": len(pool), "pool_poison_share": poison_share(pool, truth),
+              "classes": [f["record"] for f in per_class]}
+    print(f"pool {len(pool)} samples, {record['pool_poison_share']:.3%} truly poisoned", flush=True)
+    return FilterOutcome(removed, pool, record)
