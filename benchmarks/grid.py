@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -169,8 +170,13 @@ class Failures:
     def __init__(self, root: str):
         self.path = os.path.join(root, "grid_failures.json")
         self.items = json.load(open(self.path)) if os.path.exists(self.path) else {}
+        self.lock = threading.Lock()  # cells finish on several worker threads at once
 
     def set(self, cell: Cell, rc: int | None, tail: str) -> None:
+        with self.lock:
+            self._set(cell, rc, tail)
+
+    def _set(self, cell: Cell, rc: int | None, tail: str) -> None:
         if rc is None:
             self.items.pop(cell.name, None)
         else:

@@ -191,6 +191,6 @@ def test_the_table_is_long_enough_and_covers_every_script():
 def test_bad_input_on_the_command_line(tmp_path):
     out = tmp_path / "out"
     r = run_script("train_blend.py", "--dataset", "svhn", "--out_dir", str(out))
-    assert r.returncode == 2 and r.stderr.strip() == "error: unknown dataset 'svhn'; choose one of synthetic, cifar10, " \
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown dataset 'svhn'; choose one of synthetic, synthetic43, cifar10, " \
                                                      "gtsrb, mnist, fashionmnist, imagenet"
     assert not out.exists()
