@@ -1,18 +1,21 @@
 """Run figures: metric curves and a grid of clean / triggered / amplified-difference samples."""
 from __future__ import annotations
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import torch  # noqa: E402
+from utils.run.checkpoint import atomic_write
+from utils.run.distributed import is_main
 
-from utils.run.checkpoint import atomic_write  # noqa: E402
-from utils.run.distributed import is_main  # noqa: E402
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def _save(fig, path: str) -> None:
+    plt = _pyplot()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
@@ -26,6 +29,8 @@ def plot_curves(records: list[dict], path: str, panels: dict[str, list[str]], x_
     """
     if not is_main():  # torchrun: rank 0 draws
         return
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     rows = [(records, panels, x_key), *more_rows]
     ncols = max(len(p) for _, p, _ in rows)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(4.5 * ncols, 3.4 * len(rows)), squeeze=False)
@@ -51,6 +56,7 @@ def plot_samples(clean: torch.Tensor, triggered: torch.Tensor, path: str, amplif
     """Rows: clean, triggered, |difference| x amplify, for a few images (N, C, H, W in [0,1])."""
     if not is_main():
         return
+    plt = _pyplot()
     n = clean.shape[0]
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5), squeeze=False)
     diff = ((triggered - clean).abs() * amplify).clamp(0, 1)
