@@ -95,6 +95,7 @@ def checkpoint_meta(job: AttackJob) -> dict:
 def run_attack(job: AttackJob) -> dict:
     """Train the infected model; with ``--resume`` continue the run in ``--out_dir`` from its saved state."""
     run_s, data_s = job.run, job.data
+    run_s.apply_threads()
     device = dist.init(pick_device(run_s.device))  # torchrun: join the process group, this rank's device
     loaded = prepare_out_dir("attack", job)
     gen = seed_everything(run_s.seed)

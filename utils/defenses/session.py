@@ -41,6 +41,7 @@ class DefenseSession:
         ck = load_checkpoint(job.infected.model_path)  # the one read of the checkpoint
         self.job = job = job.for_checkpoint(ck)  # checkpoint-derived settings, checked before any output
         self.name = name
+        job.run.apply_threads()
         self.device = dist.init(pick_device(job.run.device))  # torchrun: join the group, this rank's device
         loaded = prepare_out_dir(SCRIPT_OF[name], job)
         self.gen = seed_everything(job.run.seed)
