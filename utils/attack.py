@@ -126,11 +126,10 @@ def run_attack(job: AttackJob) -> dict:
         print(f"attack: {job.trigger.trigger_type} {job.attack.attack_mode} on {data_s.dataset} ({len(poisoned)} "
               f"train, {len(test)} test, {len(poisoned.poison_idx)} poisoned) with {job.model.arch} on {device}; "
               f"writing to {run_s.out_dir}", flush=True)
-        n_batches = -(-len(poisoned) // run_s.bs)
         n_iters = job.attack.n_iters
         for epoch in range(carry["epoch"] + 1, n_iters + 1):
             stats = train_epoch(train_model, opt, dist.epoch_batches(poisoned, run_s.bs, gen, augment),
-                                generator=gen, channels_last=cl, desc=f"epoch {epoch}", total=n_batches,
+                                generator=gen, channels_last=cl, desc=f"epoch {epoch}",
                                 stage="attack", epoch=epoch)
             sched.step()
             rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}

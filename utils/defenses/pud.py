@@ -35,6 +35,7 @@ from utils.defenses.unlearning import unlearning_loss
 from utils.evaluation import all_logits
 from utils.run import distributed as dist
 from utils.run.errors import UserError
+from utils.run.progress import n_batches, progress
 from utils.settings import Settings, fraction, opt, require
 from utils.training import finetune_epoch, make_optimizer, train_epoch
 
@@ -245,7 +246,9 @@ def find_target(s: DefenseSession) -> dict:
 
 def representations(s: DefenseSession, indices: torch.Tensor) -> torch.Tensor:
     """The infected model's ``--spectre_layer`` outputs of the training samples ``indices``, without augmentation."""
-    batches = (x for _, x, _ in s.inf.poisoned.batches(s.job.run.eval_bs, shuffle=False, indices=indices))
+    bs = s.job.run.eval_bs
+    batches = progress((x for _, x, _ in s.inf.poisoned.batches(bs, shuffle=False, indices=indices)),
+                       "SPECTRE representations", n_batches(len(indices), bs))
     return layer_representations(s.inf.reference, s.job.pud.spectre_layer, batches)
 
 
