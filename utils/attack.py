@@ -13,9 +13,9 @@ from utils.data.datasets import get_spec
 from utils.data.poison import POISON_MODES
 from utils.data.triggers import LABEL_MAPS, TriggerSettings
 from utils.evaluation import evaluate, log_line
+from utils.figures import write_figures
 from utils.run import distributed as dist
 from utils.run.checkpoint import checkpoint_payload, save_checkpoint
-from utils.run.plots import plot_curves, plot_samples
 from utils.run.resume import RunControl, prepare_out_dir
 from utils.run.runlog import RunDir
 from utils.run.runtime import RunSettings, pick_device, seed_everything
@@ -147,10 +147,7 @@ def run_attack(job: AttackJob) -> dict:
                                                                      final))
         summary = {"final": final, "epochs": n_iters, "seconds": ctl.elapsed(),
                    "poisoned": len(poisoned.poison_idx), "train_size": len(poisoned), "test_size": len(test)}
-        plot_curves(run.records(), run.file("curves.png"),
-                    {"accuracy": ["clean_acc", "noise_acc"], "attack success": ["asr", "asr_incl_target"]})
-        _, x, _ = next(test.batches(8))
-        plot_samples(x, backdoor.trigger(x), run.file("samples.png"))
+        write_figures(run_s.out_dir, run.records(), summary, job.flat(), test, backdoor, {"infected": model}, cl)
         run.write_json("summary.json", summary)
         ctl.finish()
     print(log_line(f"done in {summary['seconds']:.0f}s", final) + f" | {run_s.out_dir}", flush=True)

@@ -27,7 +27,6 @@ from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.evaluation import all_logits
 from utils.run import distributed as dist
 from utils.run.errors import UserError
-from utils.run.plots import plot_curves
 from utils.settings import Settings, fraction, opt, require
 from utils.training import finetune_epoch, make_optimizer
 
@@ -213,9 +212,7 @@ def run_pbe(job: PBEJob) -> dict:
                     "target_label": job.target.target_label, "init_pool": pbe.init_pool,
                     "argmax_penalty": pbe.argmax_penalty, "quarantine": pbe.quarantine,
                     "poison_candidates": pbe.poison_candidates}
-        plot_rounds(st.rounds, s.run.file("rounds.png"))
-        return s.finish(settings, {"target": st.target, "rounds": st.rounds},
-                        panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
+        return s.finish(settings, {"target": st.target, "rounds": st.rounds})
 
 
 def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logits, candidates, truth, labels) -> dict:
@@ -248,10 +245,3 @@ def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logi
           f"recall {det['recall']:.3f}; poisoned samples still given the backdoor label "
           f"{'-' if hit is None else f'{hit:.3f}'}{nxt}", flush=True)
     return info
-
-
-def plot_rounds(rounds: list[dict], path: str) -> None:
-    recs = [{"round": r["round"], "extra_poison_share": r["extra_poison_share"], "detect_precision": r["detect_precision"],
-             "detect_recall": r["detect_recall"]} for r in rounds]
-    plot_curves(recs, path, {"extra-set purity and detection": ["extra_poison_share", "detect_precision", "detect_recall"]},
-                x_key="round")

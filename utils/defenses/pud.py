@@ -229,9 +229,7 @@ def run_pud(job: PUDJob) -> dict:
         settings = {**s.job.target.as_dict(), **pud.as_dict()}
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
         return s.finish(settings, {"target": st.target, "spectre_initial": st.spectre_initial, "steps": st.steps,
-                                   "unlearning": st.unlearning, "mt_refresh": st.mt_refresh},
-                        panels={"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]},
-                        more_rows=[(step_records(st.steps, st.spectre_initial), STEP_PANELS, "step")])
+                                   "unlearning": st.unlearning, "mt_refresh": st.mt_refresh})
 
 
 # ----- 1. the target ------------------------------------------------------------------------------------------
@@ -402,35 +400,6 @@ def score_step(s: DefenseSession, st: PUDState, step: int, ref_logits, candidate
     s.run.log({"step_summary": info, "epoch": st.epoch_global})
     print(f"step {step}: poison set {len(st.poison_set)} precision {det['precision']:.3f} recall {det['recall']:.3f}",
           flush=True)
-
-
-STEP_PANELS = {"per step: accuracy and attack": ["clean_acc", "robust_acc", "asr"],
-               "per step: filtering": ["extra_poison_share", "poison_precision", "poison_recall"],
-               "per step: SPECTRE": ["spectre_precision", "spectre_removed_share"]}
-
-
-def step_records(steps: list[dict], spectre_initial: dict | None) -> list[dict]:
-    """One record per progressive step for curves.png's second row (all fractions).
-
-    ``extra_poison_share``: the share of poisoned images in the set the step trained on (after its SPECTRE);
-    ``poison_*``: the step's identified poison set; ``spectre_*``: the step's SPECTRE on the extra set's target
-    part (step 0: the initial filtering, class split included), its precision and the share it removed.
-    """
-    recs = []
-    for info in steps:
-        if info["step"] == 0:  # the initial filtering: SPECTRE and the class split together
-            sp = spectre_initial or {}
-            removed, precision = sp.get("filtered"), sp.get("filtered_precision")
-        else:
-            sp = info.get("spectre") or {}
-            removed, precision = sp.get("removed"), sp.get("precision")
-        recs.append({"step": info["step"],
-                     "extra_poison_share": info.get("extra_poison_share_after_spectre", info["extra_poison_share"]),
-                     **{k: info.get(k) for k in ("poison_precision", "poison_recall", "clean_acc", "robust_acc", "asr")},
-                     "spectre_precision": precision,
-                     "spectre_removed_share": removed / sp["considered"] if removed is not None and sp["considered"]
-                     else None})
-    return recs
 
 
 # ----- 4. unlearning ------------------------------------------------------------------------------------------
