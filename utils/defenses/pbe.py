@@ -60,7 +60,8 @@ class PBESettings(Settings):
 
     def check_for(self, ft: FinetuneSettings) -> None:
         require(0 < self.init_ratio <= 1, f"--init_ratio must be in (0, 1], got {self.init_ratio}")
-        require(self.rounds > 0 and self.round_epochs > 0, "--rounds and --round_epochs must be positive")
+        require(self.rounds > 0 and self.round_epochs > 0, f"--rounds and --round_epochs must be positive, got "
+                                                           f"{self.rounds} and {self.round_epochs}")
         require(len(self.top_rates) >= self.rounds - 1, f"--top_rates needs a keep-fraction for each of the first "
                                                         f"{self.rounds - 1} rounds, got {len(self.top_rates)}")
         require(all(0 < r <= 1 for r in self.top_rates), f"--top_rates must be in (0, 1], got {list(self.top_rates)}")

@@ -131,7 +131,8 @@ class PUDSettings(Settings):
         require(self.unlearn_epochs >= 0 and self.mt_epochs >= 0, f"--unlearn_epochs and --mt_epochs must be "
                                                                    f"non-negative, got {self.unlearn_epochs} and "
                                                                    f"{self.mt_epochs}")
-        require(self.unlearn_lambda >= 0 and self.unlearn_mu >= 0, "--unlearn_lambda and --unlearn_mu must be >= 0")
+        require(self.unlearn_lambda >= 0 and self.unlearn_mu >= 0, f"--unlearn_lambda and --unlearn_mu must be >= 0, "
+                                                                   f"got {self.unlearn_lambda} and {self.unlearn_mu}")
         require(self.poison_loss_bound > 0, f"--poison_loss_bound must be positive, got {self.poison_loss_bound}")
         require(self.mt_weight >= 0, f"--mt_weight must be >= 0, got {self.mt_weight}")
         require(0 <= self.ema_decay <= 1, f"--ema_decay must be in [0, 1], got {self.ema_decay}")
