@@ -145,6 +145,17 @@ def test_attack_curves_show_every_metric_the_summary_reports():
     assert acc.get_ylabel() == "accuracy" and acc.get_xlabel() == "epoch"
 
 
+def test_attack_curves_join_the_epochs_that_were_evaluated():
+    recs, summary = attack_run()
+    recs[1] = {"epoch": 2, "loss": 0.4}  # --eval_every 2: epoch 2 trained, not evaluated
+    fig = figures.attack_curves(recs, summary, TITLE)
+    check_figure(fig)
+    acc = next(l for l in panels(fig)[0].get_lines() if l.get_label() == "ACC")
+    assert list(acc.get_xdata()) == [1, 3]  # one line through the measured epochs, not two isolated points
+    loss = next(l for l in panels(fig)[2].get_lines() if l.get_label() == "training loss")
+    assert list(loss.get_xdata()) == [1, 2, 3]
+
+
 @pytest.mark.parametrize("run", [aft_run, pbe_run, pud_run], ids=["aft", "pbe", "pud"])
 def test_defense_curves_mark_before_after_stages_and_adversarial_epochs(run):
     recs, summary = run()

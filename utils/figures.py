@@ -54,7 +54,7 @@ def ra_label(robust_eval: dict | None) -> str:
 
 def epoch_records(records: list[dict]) -> list[dict]:
     """The per-epoch lines of metrics.jsonl (not PBE's round or PUD's step summaries)."""
-    return [r for r in records if "clean_acc" in r and "epoch" in r]
+    return [r for r in records if "epoch" in r and "round_summary" not in r and "step_summary" not in r]
 
 
 def _present(recs: list[dict], keys) -> list[str]:
@@ -99,12 +99,10 @@ def _epoch_panels(row, recs: list[dict], xs: list, before: dict | None, after: d
         if adversarial:
             plots.shade(ax, adversarial, "adversarial (PGD) epochs")
         shown = _present(recs, keys)
-        for k in shown:
-            ys = _values(recs, k)
-            if before is not None and k in before:
-                plots.series(ax, [0, *xs], [before[k], *ys], LABELS[k], **STYLE[k])
-            else:
-                plots.series(ax, xs, ys, LABELS[k], **STYLE[k])
+        for k in shown:  # through the epochs it was measured in (--eval_every), from the infected model's value
+            start = [(0, before[k])] if before is not None and k in before else []
+            pts = start + [(r["epoch"], r[k]) for r in recs if r.get(k) is not None]
+            plots.series(ax, [x for x, _ in pts], [y for _, y in pts], LABELS[k], **STYLE[k])
         if ax is row[0]:
             plots.points(ax, ra_xs, ra_ys, ra_name, **RA_STYLE)
         if before is not None:
