@@ -156,6 +156,15 @@ def test_attack_curves_join_the_epochs_that_were_evaluated():
     assert list(loss.get_xdata()) == [1, 2, 3]
 
 
+def test_the_loss_axis_is_logarithmic_when_pgd_epochs_dwarf_the_clean_ones():
+    recs, summary = aft_run()
+    for r, loss in zip(recs, (7.3, 7.1, 0.05, 0.04)):
+        r["loss"] = loss
+    loss_ax = panels(figures.defense_curves(recs, summary, TITLE))[2]
+    assert loss_ax.get_yscale() == "log" and "log scale" in loss_ax.get_ylabel()
+    assert panels(figures.defense_curves(*aft_run(), TITLE))[2].get_yscale() == "linear"
+
+
 @pytest.mark.parametrize("run", [aft_run, pbe_run, pud_run], ids=["aft", "pbe", "pud"])
 def test_defense_curves_mark_before_after_stages_and_adversarial_epochs(run):
     recs, summary = run()

@@ -124,9 +124,14 @@ def _epoch_panels(row, recs: list[dict], xs: list, before: dict | None, after: d
     ax = row[2]
     if adversarial:
         plots.shade(ax, adversarial, "adversarial (PGD) epochs")
+    losses = []
     for k in _present(recs, LOSSES):
         plots.series(ax, xs, _values(recs, k), LABELS[k], **STYLE[k])
-    ax.set_ylabel("cross-entropy")
+        losses += [v for v in _values(recs, k) if v is not None]
+    wide = bool(losses) and min(losses) > 0 and max(losses) > 30 * min(losses)  # e.g. PGD epochs next to clean ones
+    if wide:
+        ax.set_yscale("log")
+    ax.set_ylabel("cross-entropy" + (" (log scale)" if wide else ""))
     if groups:
         plots.stages(ax, [g for g in groups if g[0] != "before"])  # no loss before the defense
     plots.finish_panel(ax, "training loss (per epoch, its mean)", xlabel)
