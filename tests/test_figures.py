@@ -185,7 +185,7 @@ def test_defense_curves_mark_before_after_stages_and_adversarial_epochs(run):
     assert covered == set(adversarial)
     assert drawn(asr)["ASR"][-1] == last
     stages = stage_names(acc)
-    assert stages[0] == "before"
+    assert stages[0] == ""  # epoch 0: the infected model, named by the x label and the "before" markers
     if run is pbe_run:
         assert stages[1:] == ["round 0", "round 1", "round 2"]
     if run is pud_run:

@@ -133,7 +133,7 @@ def _epoch_panels(row, recs: list[dict], xs: list, before: dict | None, after: d
         ax.set_yscale("log")
     ax.set_ylabel("cross-entropy" + (" (log scale)" if wide else ""))
     if groups:
-        plots.stages(ax, [g for g in groups if g[0] != "before"])  # no loss before the defense
+        plots.stages(ax, groups[1:])  # no loss before the defense
     plots.finish_panel(ax, "training loss (per epoch, its mean)", xlabel)
 
 
@@ -155,7 +155,7 @@ def defense_curves(records: list[dict], summary: dict, title: str):
     xs = [r["epoch"] for r in recs]
     initial, final = summary["initial"], summary["final"]
     name = summary["defense"]
-    groups = [("before", 0, 0), *stage_groups(recs, name)]
+    groups = [("", 0, 0), *stage_groups(recs, name)]  # epoch 0, the infected model: a boundary, no name (too narrow)
     adversarial = [r["epoch"] for r in recs if r.get("adversarial")]
     ra_xs, ra_ys = [0], [initial.get("robust_acc")]
     for r in recs[:-1]:  # PUD measures RA at the end of every step
