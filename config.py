@@ -13,19 +13,28 @@ import argparse
 import inspect
 import sys
 
-from utils.attack import AttackJob
-from utils.defenses.pbe import PBEJob
-from utils.defenses.pud import PUDJob
 from utils.run.errors import OneLineParser
 from utils.run.resume import SCRIPT_FILES
 from utils.run.runlog import default_out_dir
 from utils.settings import Job
 
-JOBS: dict[str, type[Job]] = {"attack": AttackJob, "pbe": PBEJob, "pud": PUDJob}
+
+def job_class(script: str) -> type[Job]:
+    """The script's job; imported here so that a script imports only its own algorithm to parse its arguments."""
+    if script == "attack":
+        from utils.attack import AttackJob
+        return AttackJob
+    if script == "pbe":
+        from utils.defenses.pbe import PBEJob
+        return PBEJob
+    if script == "pud":
+        from utils.defenses.pud import PUDJob
+        return PUDJob
+    raise ValueError(f"unknown script {script!r}; one of attack, pbe, pud")
 
 
 def build_parser(script: str) -> argparse.ArgumentParser:
-    job = JOBS[script]
+    job = job_class(script)
     parser = OneLineParser(prog=SCRIPT_FILES[script], usage="%(prog)s [options]",
                            description=" ".join(inspect.cleandoc(job.__doc__).split()))
     for _, part in job.part_types():
@@ -35,7 +44,7 @@ def build_parser(script: str) -> argparse.ArgumentParser:
 
 def parse_args(script: str, argv: list[str] | None = None) -> Job:
     """Parse, resolve the defaults that follow from the dataset and validate; raises ``UserError`` on bad input."""
-    job_cls = JOBS[script]
+    job_cls = job_class(script)
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser(script).parse_args(argv)
     parts = {name: part.from_namespace(ns) for name, part in job_cls.part_types()}

@@ -50,6 +50,10 @@ CASES = [
     (A, ("--train_subset", "0"), "--train_subset must be a positive image count"),
     (A, ("--eval_eps", "2"), "--eval_eps must be in [0, 1]"),
     (A, ("--dataset", "cifar10", "--data_root", "{nodata}", "--download", "never"), "data folder '{nodata}' does not exist"),
+    (A, ("--dataset", "cifar10", "--data_root", "{empty}", "--download", "never"),
+     "cifar10 data not found under --data_root '{empty}', and --download never does not fetch it; copy the "
+     "cifar-10-batches-py folder (as torchvision downloads it) into '{empty}', or leave out --download never"),
+    (A, ("--threads", "0"), "--threads must be a positive number of CPU threads, got 0"),
     (A, ("--model_path", "x.pt"), "unrecognized arguments: --model_path x.pt"),
     (A, ("--colour", "red"), "unrecognized arguments: --colour red"),
     # train_blend.py: run folders and --resume
@@ -67,6 +71,10 @@ CASES = [
     # pbe_main.py
     (P, ("--out_dir", "{out}"), "no checkpoint given; pass --model_path"),
     (P, ("--model_path", "{nodata}/model.pt"), "does not exist"),
+    (P, ("--model_path", "{finished}"), "--model_path '{finished}' is a folder; pass the checkpoint in it: "
+                                        "--model_path {finished}/model.pt"),
+    (U, ("--model_path", "{empty}"), "--model_path '{empty}' is a folder without a model.pt; pass --model_path "
+                                     "<attack run folder>/model.pt"),
     (P, ("--model_path", "{foreign}"), "is not a checkpoint of this toolkit"),
     (P, ("--model_path", "{torn}"), "is unreadable or truncated"),
     (P, ("--model_path", "{v99}"), "has format version 99, this toolkit reads version 1"),

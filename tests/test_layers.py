@@ -11,7 +11,7 @@ from conftest import ROOT
 LAYERS = [  # (layer, path prefixes); the first match wins
     (0, ("utils/run/", "utils/settings.py")),
     (1, ("utils/data/", "models/", "dataloader.py")),
-    (2, ("utils/adversarial.py", "utils/autoattack.py", "utils/training.py", "utils/evaluation.py", "utils/attack.py",
+    (2, ("utils/adversarial.py", "utils/autoattack.py", "utils/training.py", "utils/evaluation.py", "utils/attack.py", "utils/figures.py",
          "utils/defenses/")),
     (3, ("config.py", "train_blend.py", "pbe_main.py", "PUD.py", "utils/report.py", "benchmarks/")),
 ]

@@ -9,14 +9,21 @@ import pytest
 
 from conftest import ROOT, cli
 from utils import report
+from utils.run.runlock import lock_run_folder
 
 ARGS = {"dataset": "cifar10", "trigger_type": "blend", "attack_mode": "all2one"}
-FINAL = {"clean_acc": 0.9, "asr": 0.05, "asr_incl_target": 0.1, "robust_acc": 0.4}
+FINAL = {"clean_acc": 0.9, "asr": 0.05, "asr_incl_target": 0.1, "robust_acc": 0.4, "target_class_acc": 0.85}
+INITIAL = {"clean_acc": 0.93, "asr": 0.99, "robust_acc": 0.01, "target_class_acc": 0.95}
 DEFENSE_SUMMARIES = {
-    "aft": {"defense": "aft", "initial": {"clean_acc": 0.93, "asr": 0.99}, "final": FINAL, "seconds": 55.2},
+    "aft": {"defense": "aft", "initial": INITIAL, "final": FINAL, "seconds": 55.2,
+            "settings": {"pgd": {"window": 0}}},
+    "aft_window": {"defense": "aft", "initial": INITIAL, "final": FINAL, "seconds": 50,
+                   "settings": {"pgd": {"window": 5}}},
     "pbe": {"defense": "pbe", "initial": {"clean_acc": 0.93}, "final": FINAL, "seconds": 80,
+            "settings": {"target_label": "auto"},
             "rounds": [{"detect_precision": 0.2, "detect_recall": 0.3}, {"detect_precision": 0.75, "detect_recall": 0.5}]},
     "pud": {"defense": "pud", "initial": {"clean_acc": 0.93}, "final": FINAL, "seconds": 120,
+            "settings": {"target_label": 3, "model_repair": False},
             "steps": [{"poison_precision": 0.1, "poison_recall": 0.1}, {"poison_precision": 0.96, "poison_recall": 0.094}]},
 }
 
@@ -28,6 +35,10 @@ def make_run(folder, summary, args=ARGS):
     return folder
 
 
+def rows_of(markdown: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.strip().splitlines()[2:]]
+
+
 @pytest.fixture
 def runs(tmp_path, tiny_attack_run):
     out = [tiny_attack_run]  # a real attack run: summary has "final", no robust accuracy
@@ -35,43 +46,82 @@ def runs(tmp_path, tiny_attack_run):
     return out
 
 
-def test_markdown_table_has_one_row_per_run(runs, capsys):
+def test_markdown_table_has_one_row_per_run_with_before_and_after(runs, capsys):
     assert cli(report.main, *runs) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == ("| run | dataset | attack | defense | ACC % | ASR % | RA % | det. precision % | det. recall % "
-                        "| seconds |")
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    assert [r[3] for r in rows] == ["none", "aft", "pbe", "pud"]
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == ("| run | dataset | attack | defense | ACC % | ASR % | target-class ACC % | RA % | "
+                                   "det. precision % | det. recall % | seconds |")
+    rows = rows_of(out)
+    assert [r[3] for r in rows] == ["none", "aft", "aft[window=5]", "pbe", "pud[target=3]"]
     attack = rows[0]
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert attack[1:3] == ["synthetic", "patch all2one"] and attack[4] == f"{100 * summary['final']['clean_acc']:.2f}"
-    assert attack[6:9] == ["–", "–", "–"]
-    assert rows[1][1:] == ["cifar10", "blend all2one", "aft", "90.00", "5.00", "40.00", "–", "–", "55"]
-    assert rows[2][7:9] == ["75.00", "50.00"] and rows[3][7:9] == ["96.00", "9.40"]  # the last round / step
+    assert attack[6] == f"{100 * summary['final']['target_class_acc']:.2f}"  # an attack run: its final numbers only
+    assert attack[7:10] == ["–", "–", "–"]
+    assert rows[1][1:] == ["cifar10", "blend all2one", "aft", "93.00 → 90.00", "99.00 → 5.00", "95.00 → 85.00",
+                           "1.00 → 40.00", "–", "–", "55"]
+    assert rows[3][4] == "93.00 → 90.00" and rows[3][5] == "5.00"  # no initial ASR recorded: the final one alone
+    assert rows[3][8:10] == ["75.00", "50.00"] and rows[4][8:10] == ["96.00", "9.40"]  # the last round / step
 
 
-def test_csv_keeps_fractions(runs, capsys):
+def test_csv_keeps_fractions_in_one_column_per_number(runs, capsys):
     assert cli(report.main, *runs[1:], "--csv") == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [r["defense"] for r in rows] == ["aft", "pbe", "pud"]
-    assert float(rows[2]["det_recall"]) == pytest.approx(0.094) and float(rows[0]["acc"]) == pytest.approx(0.9)
-    assert rows[0]["det_precision"] == "" and float(rows[2]["seconds"]) == 120
+    assert [r["defense"] for r in rows] == ["aft", "aft[window=5]", "pbe", "pud[target=3]"]
+    assert float(rows[3]["det_recall"]) == pytest.approx(0.094) and float(rows[0]["acc"]) == pytest.approx(0.9)
+    assert float(rows[0]["acc_before"]) == pytest.approx(0.93) and float(rows[0]["target_class_acc"]) == 0.85
+    assert rows[2]["asr_before"] == "" and rows[0]["det_precision"] == "" and float(rows[3]["seconds"]) == 120
 
 
-def test_a_folder_without_summary_is_a_clear_error(runs, tmp_path, capsys):
+def test_latex_table(runs, capsys):
+    assert cli(report.main, *runs, "--latex") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == r"\begin{tabular}{llllrrrrrrr}" and lines[1] == r"\toprule" and lines[-1] == r"\end{tabular}"
+    assert lines[2].startswith(r"run & dataset & attack & defense & ACC (\%) & ASR (\%)")
+    body = lines[4:-2]
+    assert len(body) == 5 and all(line.endswith(r" \\") for line in body)
+    assert body[1].split(" & ")[4] == r"93.00 $\to$ 90.00"
+    assert r"aft[window=5]" in body[2] and r"pud[target=3]" in body[4] and "--" in body[0]
+    assert all(c not in line.replace(r"\_", "").replace(r"\%", "") for line in body for c in "_%")
+
+
+def test_an_unfinished_folder_is_skipped_and_listed(runs, tmp_path, capsys):
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    (interrupted / "state.pt").write_bytes(b"")
+    running = tmp_path / "running"
+    running.mkdir()
+    (running / "state.pt").write_bytes(b"")  # a run in progress has a state.pt too: it is not "interrupted"
+    lock = lock_run_folder(running)
+    try:
+        info = json.loads((running / ".run.lock").read_text())
+        assert cli(report.main, runs[1], interrupted, running, tmp_path / "missing") == 0
+    finally:
+        lock.release()
+    captured = capsys.readouterr()
+    assert [r[0] for r in rows_of(captured.out)] == ["aft"]
+    assert captured.err.splitlines() == [
+        f"skipped '{interrupted}': an interrupted run (state.pt; finish it with --resume)",
+        f"skipped '{running}': a run in progress (pid {info['pid']} on {info['host']}, started {info['started']}: "
+        f"{' '.join(info['command'])})",
+        f"skipped '{tmp_path / 'missing'}': no such folder"]
+
+
+def test_strict_makes_an_unfinished_folder_an_error(runs, tmp_path, capsys):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "state.pt").write_bytes(b"")
-    assert cli(report.main, *runs, unfinished) == 2
+    assert cli(report.main, *runs, unfinished, "--strict") == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing printed before every folder is checked
-    assert captured.err.strip() == (f"error: '{unfinished}' has no summary.json, so it is not a finished run (it holds an "
-                                    "interrupted run's state.pt: finish it with --resume); leave it out of the list")
-    assert cli(report.main, tmp_path / "missing") == 2
-    assert "no such directory" in capsys.readouterr().err
+    assert captured.err.strip() == (f"error: '{unfinished}' holds no finished run: an interrupted run (state.pt; "
+                                    "finish it with --resume); leave it out of the list, or drop --strict to skip it")
     broken = make_run(tmp_path / "broken", {"defense": "pud"})
-    assert cli(report.main, broken) == 2
+    assert cli(report.main, broken, "--strict") == 2
     assert "has no 'final' results" in capsys.readouterr().err
+    assert cli(report.main, broken) == 2  # nothing finished at all: an error, not an empty table
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"skipped '{broken}'") and err[1].startswith("error: none of the 1 folder(s)")
 
 
 def test_report_runs_as_a_module_without_torch(runs):
@@ -80,4 +130,4 @@ def test_report_runs_as_a_module_without_torch(runs):
     r = subprocess.run([sys.executable, "-c", code, *map(str, runs[1:])], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("\n") == 5
+    assert r.stdout.count("\n") == 6

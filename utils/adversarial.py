@@ -35,6 +35,7 @@ from torch import Tensor
 from models import eval_mode
 from models.folding import attack_view
 from utils.run import distributed as dist, interrupt
+from utils.run.progress import n_batches, progress
 from utils.settings import Settings, fraction, opt, require
 
 __all__ = ["NORMS", "PGD", "RobustEvalSettings", "pgd", "robust_accuracy", "robust_eval"]
@@ -294,7 +295,9 @@ def robust_accuracy(model: nn.Module, test, attack: PGD, batch_size: int = 256, 
     dist.sync_buffers(model)  # torchrun: every rank attacks the same model
     seen = n = correct = 0
     with eval_mode(model):
-        for b, (_, x, y) in enumerate(test.batches(batch_size)):
+        total = n_batches(len(test) if max_images is None else min(len(test), max_images), batch_size)
+        batches = progress(test.batches(batch_size), f"robust accuracy (PGD-{attack.steps})", total)
+        for b, (_, x, y) in enumerate(batches):
             if max_images is not None:
                 if seen >= max_images:
                     break

@@ -14,9 +14,9 @@ from utils.data.datasets import get_spec
 from utils.data.poison import POISON_MODES
 from utils.data.triggers import LABEL_MAPS, TriggerSettings
 from utils.evaluation import evaluate, log_line
+from utils.figures import write_figures
 from utils.run import distributed as dist
 from utils.run.checkpoint import checkpoint_payload, save_checkpoint
-from utils.run.plots import plot_curves, plot_samples
 from utils.run.resume import RunControl, prepare_out_dir
 from utils.run.runlog import RunDir
 from utils.run.runtime import RunSettings, pick_device, seed_everything
@@ -102,6 +102,7 @@ def checkpoint_meta(job: AttackJob) -> dict:
 def run_attack(job: AttackJob) -> dict:
     """Train the infected model; with ``--resume`` continue the run in ``--out_dir`` from its saved state."""
     run_s, data_s = job.run, job.data
+    run_s.apply_threads()
     device = dist.init(pick_device(run_s.device))  # torchrun: join the process group, this rank's device
     loaded = prepare_out_dir("attack", job)
     gen = seed_everything(run_s.seed)
@@ -132,11 +133,10 @@ def run_attack(job: AttackJob) -> dict:
         print(f"attack: {job.trigger.trigger_type} {job.attack.attack_mode} on {data_s.dataset} ({len(poisoned)} "
               f"train, {len(test)} test, {len(poisoned.poison_idx)} poisoned) with {job.model.arch} on {device}; "
               f"writing to {run_s.out_dir}", flush=True)
-        n_batches = -(-len(poisoned) // run_s.bs)
         n_iters = job.attack.n_iters
         for epoch in range(carry["epoch"] + 1, n_iters + 1):
             stats = train_epoch(train_model, opt, dist.epoch_batches(poisoned, run_s.bs, gen, augment),
-                                generator=gen, channels_last=cl, desc=f"epoch {epoch}", total=n_batches,
+                                generator=gen, channels_last=cl, desc=f"epoch {epoch}",
                                 stage="attack", epoch=epoch)
             sched.step()
             rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}
@@ -154,10 +154,7 @@ def run_attack(job: AttackJob) -> dict:
                                                                      final))
         summary = {"final": final, "epochs": n_iters, "seconds": ctl.elapsed(),
                    "poisoned": len(poisoned.poison_idx), "train_size": len(poisoned), "test_size": len(test)}
-        plot_curves(run.records(), run.file("curves.png"),
-                    {"accuracy": ["clean_acc", "noise_acc"], "attack success": ["asr", "asr_incl_target"]})
-        _, x, _ = next(test.batches(8))
-        plot_samples(x, backdoor.trigger(x), run.file("samples.png"))
+        write_figures(run_s.out_dir, run.records(), summary, job.flat(), test, backdoor, {"infected": model}, cl)
         run.write_json("summary.json", summary)
         ctl.finish()
     print(log_line(f"done in {summary['seconds']:.0f}s", final) + f" | {run_s.out_dir}", flush=True)

@@ -14,6 +14,7 @@ from models import eval_mode
 from utils.data.poison import BackdoorSpec, PoisonedTrainSet
 from utils.data.triggers import WarpTrigger
 from utils.run import distributed as dist
+from utils.run.progress import n_batches, progress
 
 LOGGED = ("loss", "clean_acc", "target_class_acc", "asr", "asr_incl_target", "noise_acc", "robust_acc")
 
@@ -38,7 +39,8 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
     counts = None  # n, correct, bd_hits, bd_n, bd_hits_all, noise_correct, target_n, target_correct
     target = backdoor.target_label if backdoor is not None and backdoor.attack_mode == "all2one" else None
     with eval_mode(model), torch.inference_mode():
-        for _, x, y in test.batches(batch_size, indices=indices):
+        total = n_batches(len(test) if indices is None else len(indices), batch_size)
+        for _, x, y in progress(test.batches(batch_size, indices=indices), "evaluate", total):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if counts is None:
@@ -84,7 +86,8 @@ def all_logits(model, poisoned: PoisonedTrainSet, batch_size: int = 512, channel
     dist.sync_buffers(model)
     out = torch.zeros(len(poisoned), poisoned.data.num_classes)
     with eval_mode(model):
-        for b, (idx, x, _) in enumerate(poisoned.batches(batch_size, shuffle=False)):
+        batches = poisoned.batches(batch_size, shuffle=False)
+        for b, (idx, x, _) in enumerate(progress(batches, "training-set logits", n_batches(len(poisoned), batch_size))):
             if not dist.owns_batch(b):
                 continue
             if channels_last:

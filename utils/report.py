@@ -1,14 +1,20 @@
-"""Gather finished runs into one results table, like the papers' tables: a markdown table or CSV.
+"""Gather finished runs into one results table, like the papers' tables: markdown, CSV or LaTeX.
 
-    python -m utils.report runs/*              # markdown, one row per run, in the order given
+    python -m utils.report runs/*              # markdown, one row per finished run, in the order given
     python -m utils.report runs/* --csv > results.csv
+    python -m utils.report runs/* --latex > results.tex
+    python -m utils.report runs/* --strict     # an unfinished folder is an error instead of skipped
 
 A row is read from the run folder's summary.json (plus args.json for dataset and attack): dataset,
-attack (trigger and mode), defense (``none`` for an attack run), ACC / ASR / RA after the run
-(``final``; a defense's ``initial`` numbers are the attacked model's), poison-detection precision and
-recall where the defense reports them (PBE: the last round's lowest-scored share; PUD: the last
-step's poison set) and the run's seconds. Markdown shows percentages; CSV keeps the fractions.
-Only json is read, so the report needs neither torch nor the data.
+attack (trigger and mode), defense (``none`` for an attack run; with its distinguishing settings, e.g.
+``aft[window=5]``, ``pud[target=3]``), ACC, ASR, target-class accuracy and RA before -> after the defense
+(``initial`` -> ``final``; an attack run has only its final numbers), poison-detection precision and recall
+where the defense reports them (PBE: the last round's lowest-scored share; PUD: the last step's poison set)
+and the run's seconds. Markdown and LaTeX show percentages, CSV keeps fractions (one column per number).
+
+Folders without a finished run (in progress, interrupted, diverged, not a run folder) are skipped and
+listed on stderr; ``--strict`` makes the first of them an error (exit 2). Only json is read, so the report
+needs neither torch nor the data.
 """
 from __future__ import annotations
 
@@ -18,12 +24,23 @@ import json
 import os
 import sys
 
+from utils.run.describe import attack_label, defense_label
 from utils.run.errors import OneLineParser, UserError, run_cli
+from utils.run.runlock import holder
 
-COLUMNS = ("run", "dataset", "attack", "defense", "acc", "asr", "ra", "det_precision", "det_recall", "seconds")
-HEADERS = {"run": "run", "dataset": "dataset", "attack": "attack", "defense": "defense", "acc": "ACC %", "asr": "ASR %",
-           "ra": "RA %", "det_precision": "det. precision %", "det_recall": "det. recall %", "seconds": "seconds"}
-FRACTIONS = ("acc", "asr", "ra", "det_precision", "det_recall")
+METRICS = (("acc", "clean_acc", "ACC"), ("asr", "asr", "ASR"), ("target_class_acc", "target_class_acc", "target-class ACC"),
+           ("ra", "robust_acc", "RA"))  # (column, summary key, header)
+COLUMNS = ("run", "dataset", "attack", "defense", *(c for c, _, _ in METRICS), "det_precision", "det_recall", "seconds")
+HEADERS = {"run": "run", "dataset": "dataset", "attack": "attack", "defense": "defense",
+           **{c: f"{h} %" for c, _, h in METRICS}, "det_precision": "det. precision %", "det_recall": "det. recall %",
+           "seconds": "seconds"}
+CSV_COLUMNS = ("run", "dataset", "attack", "defense", *(x for c, _, _ in METRICS for x in (f"{c}_before", c)),
+               "det_precision", "det_recall", "seconds")
+FRACTIONS = {c for c, _, _ in METRICS} | {"det_precision", "det_recall"} | {f"{c}_before" for c, _, _ in METRICS}
+
+
+class NotFinished(Exception):
+    """A folder without a finished run; the message says what it holds instead."""
 
 
 def _read_json(path: str) -> dict:
@@ -31,7 +48,7 @@ def _read_json(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read '{path}' ({e.__class__.__name__}); is it a run folder written by this toolkit?") from None
+        raise NotFinished(f"cannot read {os.path.basename(path)} ({e.__class__.__name__})") from None
 
 
 def _detection(summary: dict) -> tuple:
@@ -44,62 +61,125 @@ def _detection(summary: dict) -> tuple:
     return None, None
 
 
+def _unfinished(folder: str) -> str:
+    """What a folder without summary.json holds (a run in progress, an interrupted run, ...)."""
+    running = holder(folder)
+    if running is not None:
+        return f"a run in progress ({running})"
+    if os.path.exists(os.path.join(folder, "failure.json")):
+        return "a run that stopped on a non-finite loss (failure.json)"
+    if os.path.exists(os.path.join(folder, "state.pt")):
+        return "an interrupted run (state.pt; finish it with --resume)"
+    return "no summary.json, so no finished run of this toolkit"
+
+
 def read_run(folder: str) -> dict:
-    """One table row from a finished run folder; a folder that is not one is a ``UserError``."""
+    """One table row from a finished run folder; ``NotFinished`` says why a folder has none."""
     if not os.path.isdir(folder):
-        raise UserError(f"'{folder}' is not a run folder (no such directory)")
+        raise NotFinished("no such folder")
     path = os.path.join(folder, "summary.json")
     if not os.path.isfile(path):
-        hint = (" (it holds an interrupted run's state.pt: finish it with --resume)"
-                if os.path.exists(os.path.join(folder, "state.pt")) else "")
-        raise UserError(f"'{folder}' has no summary.json, so it is not a finished run{hint}; leave it out of the list")
+        raise NotFinished(_unfinished(folder))
     summary = _read_json(path)
     if not isinstance(summary, dict) or not isinstance(summary.get("final"), dict):
-        raise UserError(f"'{path}' has no 'final' results; it is not a summary written by this toolkit")
+        raise NotFinished("its summary.json has no 'final' results; it is not a summary written by this toolkit")
     args_path = os.path.join(folder, "args.json")
     args = _read_json(args_path) if os.path.isfile(args_path) else {}
-    final = summary["final"]
+    final, initial = summary["final"], summary.get("initial") or {}
     precision, recall = _detection(summary)
-    attack = " ".join(str(args[k]) for k in ("trigger_type", "attack_mode") if args.get(k))
-    return {"run": os.path.basename(os.path.normpath(folder)), "dataset": args.get("dataset", ""), "attack": attack,
-            "defense": summary.get("defense", "none"), "acc": final.get("clean_acc"), "asr": final.get("asr"),
-            "ra": final.get("robust_acc"), "det_precision": precision, "det_recall": recall,
-            "seconds": summary.get("seconds")}
+    row = {"run": os.path.basename(os.path.normpath(folder)), "dataset": args.get("dataset", ""),
+           "attack": attack_label(args), "defense": defense_label(summary), "det_precision": precision,
+           "det_recall": recall, "seconds": summary.get("seconds")}
+    for column, key, _ in METRICS:
+        row[column], row[f"{column}_before"] = final.get(key), initial.get(key)
+    return row
 
 
-def _cell(row: dict, key: str, percent: bool) -> str:
+def read_runs(folders: list[str], strict: bool) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The rows of the finished runs and the (folder, reason) of the others; ``strict``: the first is an error."""
+    rows, skipped = [], []
+    for folder in folders:
+        try:
+            rows.append(read_run(folder))
+        except NotFinished as e:
+            if strict:
+                raise UserError(f"'{folder}' holds no finished run: {e}; leave it out of the list, or drop --strict "
+                                "to skip it") from None
+            skipped.append((folder, str(e)))
+    return rows, skipped
+
+
+def _number(v, percent: bool) -> str:
+    return f"{100 * v:.2f}" if percent else f"{v:.6g}"
+
+
+def _cell(row: dict, key: str, arrow: str = " → ") -> str:
+    """A cell with percentages; a defense's metrics as ``before → after``."""
     v = row[key]
-    if v is None:
-        return "–" if percent else ""
     if key in FRACTIONS:
-        return f"{100 * v:.2f}" if percent else f"{v:.6g}"
+        before = row.get(f"{key}_before")
+        if v is None:
+            return "–"
+        return (f"{_number(before, True)}{arrow}" if before is not None else "") + _number(v, True)
+    if v is None:
+        return "–"
     if key == "seconds":
-        return f"{v:.0f}" if percent else f"{v:g}"
+        return f"{v:.0f}"
     return str(v)
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(HEADERS[k] for k in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r, k, True) for k in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r, k) for k in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: list[dict]) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(COLUMNS)
+    w.writerow(CSV_COLUMNS)
     for r in rows:
-        w.writerow([_cell(r, k, False) for k in COLUMNS])
+        w.writerow(["" if r[k] is None else _number(r[k], False) if k in FRACTIONS else
+                    f"{r[k]:g}" if k == "seconds" else r[k] for k in CSV_COLUMNS])
     return out.getvalue()
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                 "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--"}
+
+
+def _tex(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def latex(rows: list[dict]) -> str:
+    """A booktabs table (``\\usepackage{booktabs}``); numbers in percent, ``before $\\to$ after``."""
+    numeric = [k for k in COLUMNS if k in FRACTIONS or k == "seconds"]
+    spec = "".join("r" if k in numeric else "l" for k in COLUMNS)
+    lines = [f"\\begin{{tabular}}{{{spec}}}", r"\toprule",
+             " & ".join(_tex(HEADERS[k].replace(" %", " (%)")) for k in COLUMNS) + r" \\", r"\midrule"]
+    for r in rows:
+        cells = [_cell(r, k, " $\\to$ ") if k in numeric else _tex(_cell(r, k)) for k in COLUMNS]
+        lines.append(" & ".join(c.replace("–", "--") for c in cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> str:
     p = OneLineParser(prog="python -m utils.report", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders (each with a summary.json)")
-    p.add_argument("--csv", action="store_true", help="CSV with fractions instead of a markdown table")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--csv", action="store_true", help="CSV with fractions instead of a markdown table")
+    form.add_argument("--latex", action="store_true", help="a LaTeX (booktabs) table instead of markdown")
+    p.add_argument("--strict", action="store_true", help="fail on a folder without a finished run instead of "
+                                                         "skipping it")
     args = p.parse_args(argv)
-    rows = [read_run(f) for f in args.runs]  # every folder is checked before anything is printed
-    text = to_csv(rows) if args.csv else markdown(rows)
+    rows, skipped = read_runs(args.runs, args.strict)  # every folder is read before anything is printed
+    for folder, reason in skipped:
+        print(f"skipped '{folder}': {reason}", file=sys.stderr)
+    if not rows:
+        raise UserError(f"none of the {len(args.runs)} folder(s) given holds a finished run (see above)")
+    text = to_csv(rows) if args.csv else latex(rows) if args.latex else markdown(rows)
     sys.stdout.write(text)
     return text
 

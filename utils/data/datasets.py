@@ -147,9 +147,14 @@ def make_synthetic(n: int, seed: int, size: int = 32, channels: int = 3, num_cla
 
 # ----- torchvision datasets ---------------------------------------------------------------------
 
-def _offline_error(name: str, root: str, hint: str, err: Exception) -> UserError:
-    return UserError(f"{name} data not found under '{root}' and it could not be downloaded "
-                     f"({err.__class__.__name__}: {str(err)[:120]}); {hint}")
+def _missing_data(name: str, root: str, download: bool, hint: str, err: Exception) -> UserError:
+    """The data is not under ``root``: with ``--download never`` say so (torchvision's own message suggests its
+    ``download=True``, which is no flag here), else quote why the download failed."""
+    if not download:
+        return UserError(f"{name} data not found under --data_root '{root}', and --download never does not fetch it; "
+                         f"{hint}, or leave out --download never to let torchvision download it")
+    return UserError(f"{name} data not found under --data_root '{root}' and downloading it failed "
+                     f"({err.__class__.__name__}: {str(err)[:120]}); check the network, or {hint}")
 
 
 def _to_imageset(data, targets, num_classes: int) -> ImageSet:
@@ -168,7 +173,7 @@ def _torchvision_set(cls_name: str, spec: DatasetSpec, root: str, train: bool, d
     try:
         ds = cls(root, train=train, download=download)
     except Exception as e:  # torchvision raises RuntimeError/URLError/OSError when files are missing
-        raise _offline_error(spec.name, root, hint, e) from None
+        raise _missing_data(spec.name, root, download, hint, e) from None
     return _to_imageset(ds.data, ds.targets, spec.num_classes)
 
 
@@ -182,11 +187,11 @@ def _gtsrb(spec: DatasetSpec, root: str, train: bool, download: bool) -> ImageSe
     if os.path.exists(cache):
         d = torch.load(cache)
         return ImageSet(d["x"], d["y"], spec.num_classes)
-    hint = f"run 'bash gtsrb_download.sh {root}' on a connected machine, or copy the GTSRB folder to '{root}/gtsrb'"
+    hint = f"run 'bash gtsrb_download.sh {root}' on a connected machine or copy the GTSRB folder to '{root}/gtsrb'"
     try:
         ds = torchvision.datasets.GTSRB(root, split=split, download=download)
     except Exception as e:
-        raise _offline_error("gtsrb", root, hint, e) from None
+        raise _missing_data("gtsrb", root, download, hint, e) from None
     xs, ys = [], []
     for path, label in ds._samples:  # one-off conversion; the cache makes later runs instant
         with Image.open(path) as im:
@@ -204,9 +209,12 @@ def _synthetic(spec: DatasetSpec, root: str, train: bool, download: bool) -> Ima
                           num_classes=spec.num_classes, class_weights=weights)
 
 
+TORCHVISION_FOLDERS = {"CIFAR10": "cifar-10-batches-py", "MNIST": "MNIST", "FashionMNIST": "FashionMNIST"}
+
+
 def _torchvision_loader(cls_name: str):
     def load(spec: DatasetSpec, root: str, train: bool, download: bool) -> ImageSet:
-        hint = f"check the folder or run once with network access (torchvision downloads it to '{root}')"
+        hint = f"copy the {TORCHVISION_FOLDERS[cls_name]} folder (as torchvision downloads it) into '{root}'"
         return _torchvision_set(cls_name, spec, root, train, download, hint)
     return load
 

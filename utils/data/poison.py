@@ -32,7 +32,8 @@ def draw_poison_indices(n: int, pc: float, seed: int, cross_ratio: float = 0.0,
     n_poison = int(round(pc * n))
     n_noise = int(round(cross_ratio * pc * n))
     if n_poison + n_noise > n:
-        raise UserError(f"--pc {pc} with --cross_ratio {cross_ratio} needs {n_poison + n_noise} images but the training set has {n}")
+        raise UserError(f"--pc {pc} with --cross_ratio {cross_ratio} needs {n_poison + n_noise} images but the training "
+                        f"set has {n}; lower --pc or --cross_ratio")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 104729))
     if among is None:
         return perm[:n_poison].sort().values, perm[n_poison:n_poison + n_noise].sort().values

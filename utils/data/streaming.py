@@ -45,19 +45,22 @@ def resolve_classes(root: str, n: int | None = None, list_file: str | None = Non
             with open(list_file) as f:
                 names = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
         except OSError as e:
-            raise UserError(f"--imagenet_class_list '{list_file}' cannot be read ({e.strerror})") from None
+            raise UserError(f"--imagenet_class_list '{list_file}' cannot be read ({e.strerror}); give a readable text "
+                            "file with one class folder per line") from None
         if not names:
-            raise UserError(f"--imagenet_class_list '{list_file}' lists no class names")
+            raise UserError(f"--imagenet_class_list '{list_file}' lists no class names; write one class folder name "
+                            "per line")
         if len(set(names)) != len(names):
-            raise UserError(f"--imagenet_class_list '{list_file}' names a class twice")
+            raise UserError(f"--imagenet_class_list '{list_file}' names a class twice; list each class folder once")
         missing = [c for c in names if c not in set(available)]
         if missing:
             raise UserError(f"--imagenet_class_list names {len(missing)} class folder(s) missing from "
-                            f"'{split_folder(root, True)}', e.g. '{missing[0]}'")
+                            f"'{split_folder(root, True)}', e.g. '{missing[0]}'; fix the names or add the folders")
         return names
     n = 10 if n is None else n
     if n > len(available):
-        raise UserError(f"--imagenet_classes {n} but '{split_folder(root, True)}' has only {len(available)} class folders")
+        raise UserError(f"--imagenet_classes {n} but '{split_folder(root, True)}' has only {len(available)} class "
+                        f"folders; pass --imagenet_classes {len(available)} or fewer")
     return available[:n]
 
 
@@ -79,7 +82,8 @@ class _ClassFolder(torch.utils.data.Dataset):
                     if name.lower().endswith(IMG_EXTENSIONS):
                         self.samples.append((os.path.join(dirpath, name), label))
         if not self.samples:
-            raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) in the class folders under '{folder}'")
+            raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) in the class folders under '{folder}'; point "
+                            "--data_root at the folder holding imagenet/train and imagenet/val")
 
     def __len__(self):
         return len(self.samples)

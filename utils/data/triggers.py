@@ -184,7 +184,8 @@ def trigger_from_state(state: dict) -> Trigger:
     """Rebuild the exact trigger saved by ``Trigger.state()``."""
     cls = TRIGGERS.get(state.get("type"))
     if cls is None:
-        raise UserError(f"checkpoint has an unknown trigger type {state.get('type')!r}")
+        raise UserError(f"the checkpoint's trigger type {state.get('type')!r} is not one of {', '.join(TRIGGERS)}; "
+                        "it was written by another version: re-create it with train_blend.py")
     return cls(tuple(state["shape"]), state["params"], state["tensors"])
 
 

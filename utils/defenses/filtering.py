@@ -22,6 +22,7 @@ import torch
 from utils.defenses.class_split import split_target_class
 from utils.defenses.selection import detection_stats, poison_share
 from utils.defenses.spectre import layer_representations, spectre_filter
+from utils.run.progress import n_batches, progress
 from utils.evaluation import all_logits
 from utils.run import distributed as dist
 from utils.settings import Settings, fraction, opt, require
@@ -63,7 +64,8 @@ class FilterSettings(Settings):
 
 def class_representations(reference, poisoned, layer: str, indices: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The infected model's ``layer`` outputs of the training samples ``indices``, without augmentation."""
-    batches = (x for _, x, _ in poisoned.batches(batch_size, shuffle=False, indices=indices))
+    batches = progress((x for _, x, _ in poisoned.batches(batch_size, shuffle=False, indices=indices)),
+                       "SPECTRE representations", n_batches(len(indices), batch_size))
     return layer_representations(reference, layer, batches)
 
 

@@ -28,7 +28,6 @@ from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.evaluation import all_logits
 from utils.run import distributed as dist
 from utils.run.errors import UserError
-from utils.run.plots import plot_curves
 from utils.settings import Settings, fraction, opt, require
 from utils.training import finetune_epoch, make_optimizer
 
@@ -65,7 +64,8 @@ class PBESettings(Settings):
 
     def check_for(self, ft: FinetuneSettings) -> None:
         require(0 < self.init_ratio <= 1, f"--init_ratio must be in (0, 1], got {self.init_ratio}")
-        require(self.rounds > 0 and self.round_epochs > 0, "--rounds and --round_epochs must be positive")
+        require(self.rounds > 0 and self.round_epochs > 0, f"--rounds and --round_epochs must be positive, got "
+                                                           f"{self.rounds} and {self.round_epochs}")
         require(len(self.top_rates) >= self.rounds - 1, f"--top_rates needs a keep-fraction for each of the first "
                                                         f"{self.rounds - 1} rounds, got {len(self.top_rates)}")
         require(all(0 < r <= 1 for r in self.top_rates), f"--top_rates must be in (0, 1], got {list(self.top_rates)}")
@@ -240,9 +240,7 @@ def run_pbe(job: PBEJob) -> dict:
                     "target_label": job.target.target_label, "init_pool": pbe.init_pool,
                     "argmax_penalty": pbe.argmax_penalty, "quarantine": pbe.quarantine,
                     "poison_candidates": pbe.poison_candidates}
-        plot_rounds(st.rounds, s.run.file("rounds.png"))
-        return s.finish(settings, {"target": st.target, "filtering": st.filtering, "rounds": st.rounds},
-                        panels={"accuracy": ["clean_acc"], "attack success": ["asr"]})
+        return s.finish(settings, {"target": st.target, "filtering": st.filtering, "rounds": st.rounds})
 
 
 def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logits, candidates, truth, labels) -> dict:
@@ -275,10 +273,3 @@ def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logi
           f"recall {det['recall']:.3f}; poisoned samples still given the backdoor label "
           f"{'-' if hit is None else f'{hit:.3f}'}{nxt}", flush=True)
     return info
-
-
-def plot_rounds(rounds: list[dict], path: str) -> None:
-    recs = [{"round": r["round"], "extra_poison_share": r["extra_poison_share"], "detect_precision": r["detect_precision"],
-             "detect_recall": r["detect_recall"]} for r in rounds]
-    plot_curves(recs, path, {"extra-set purity and detection": ["extra_poison_share", "detect_precision", "detect_recall"]},
-                x_key="round")

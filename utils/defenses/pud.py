@@ -120,7 +120,8 @@ class PUDSettings(Settings):
         require(self.unlearn_epochs >= 0 and self.mt_epochs >= 0, f"--unlearn_epochs and --mt_epochs must be "
                                                                    f"non-negative, got {self.unlearn_epochs} and "
                                                                    f"{self.mt_epochs}")
-        require(self.unlearn_lambda >= 0 and self.unlearn_mu >= 0, "--unlearn_lambda and --unlearn_mu must be >= 0")
+        require(self.unlearn_lambda >= 0 and self.unlearn_mu >= 0, f"--unlearn_lambda and --unlearn_mu must be >= 0, "
+                                                                   f"got {self.unlearn_lambda} and {self.unlearn_mu}")
         require(self.poison_loss_bound > 0, f"--poison_loss_bound must be positive, got {self.poison_loss_bound}")
         require(self.mt_weight >= 0, f"--mt_weight must be >= 0, got {self.mt_weight}")
         require(0 <= self.ema_decay <= 1, f"--ema_decay must be in [0, 1], got {self.ema_decay}")
@@ -214,9 +215,7 @@ def run_pud(job: PUDJob) -> dict:
         settings = {**s.job.target.as_dict(), **pud.as_dict()}
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
         return s.finish(settings, {"target": st.target, "spectre_initial": st.spectre_initial, "steps": st.steps,
-                                   "unlearning": st.unlearning, "mt_refresh": st.mt_refresh},
-                        panels={"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]},
-                        more_rows=[(step_records(st.steps, st.spectre_initial), STEP_PANELS, "step")])
+                                   "unlearning": st.unlearning, "mt_refresh": st.mt_refresh})
 
 
 # ----- 1. the target ------------------------------------------------------------------------------------------
@@ -333,35 +332,6 @@ def score_step(s: DefenseSession, st: PUDState, step: int, ref_logits, candidate
     s.run.log({"step_summary": info, "epoch": st.epoch_global})
     print(f"step {step}: poison set {len(st.poison_set)} precision {det['precision']:.3f} recall {det['recall']:.3f}",
           flush=True)
-
-
-STEP_PANELS = {"per step: accuracy and attack": ["clean_acc", "robust_acc", "asr"],
-               "per step: filtering": ["extra_poison_share", "poison_precision", "poison_recall"],
-               "per step: SPECTRE": ["spectre_precision", "spectre_removed_share"]}
-
-
-def step_records(steps: list[dict], spectre_initial: dict | None) -> list[dict]:
-    """One record per progressive step for curves.png's second row (all fractions).
-
-    ``extra_poison_share``: the share of poisoned images in the set the step trained on (after its SPECTRE);
-    ``poison_*``: the step's identified poison set; ``spectre_*``: the step's SPECTRE on the extra set's target
-    part (step 0: the initial filtering, class split included), its precision and the share it removed.
-    """
-    recs = []
-    for info in steps:
-        if info["step"] == 0:  # the initial filtering: SPECTRE and the class split together
-            sp = spectre_initial or {}
-            removed, precision = sp.get("filtered"), sp.get("filtered_precision")
-        else:
-            sp = info.get("spectre") or {}
-            removed, precision = sp.get("removed"), sp.get("precision")
-        recs.append({"step": info["step"],
-                     "extra_poison_share": info.get("extra_poison_share_after_spectre", info["extra_poison_share"]),
-                     **{k: info.get(k) for k in ("poison_precision", "poison_recall", "clean_acc", "robust_acc", "asr")},
-                     "spectre_precision": precision,
-                     "spectre_removed_share": removed / sp["considered"] if removed is not None and sp["considered"]
-                     else None})
-    return recs
 
 
 # ----- 4. unlearning ------------------------------------------------------------------------------------------

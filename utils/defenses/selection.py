@@ -93,7 +93,8 @@ def poison_candidates(mode: str, labels: torch.Tensor, target: int, filtered: to
     ``filtered`` ranks only what an initial filter removed: the suspects, when that filter is good.
     """
     if mode == "filtered" and (filtered is None or len(filtered) == 0):
-        raise UserError("--poison_candidates filtered needs samples removed by the initial filtering, and it removed none")
+        raise UserError("--poison_candidates filtered needs samples removed by the initial filtering, and it removed "
+                        "none; use --poison_candidates target (the default) or all")
     return POISON_CANDIDATES[mode](labels, target, filtered)
 
 

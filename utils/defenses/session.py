@@ -17,9 +17,9 @@ from utils.autoattack import final_robustness
 from utils.data.build import DataSource
 from utils.defenses.infected import DefenseInput, InfectedRun, load_infected
 from utils.evaluation import evaluate, log_line
+from utils.figures import write_figures
 from utils.run import distributed as dist
 from utils.run.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
-from utils.run.plots import plot_curves
 from utils.run.resume import RunControl, prepare_out_dir
 from utils.run.runlog import RunDir, default_out_dir
 from utils.run.runtime import RunSettings, pick_device, seed_everything
@@ -52,6 +52,7 @@ class DefenseSession:
         ck = load_checkpoint(job.infected.model_path)  # the one read of the checkpoint
         self.job = job = job.for_checkpoint(ck)  # checkpoint-derived settings, checked before any output
         self.name = name
+        job.run.apply_threads()
         self.device = dist.init(pick_device(job.run.device))  # torchrun: join the group, this rank's device
         loaded = prepare_out_dir(SCRIPT_OF[name], job)
         self.gen = seed_everything(job.run.seed)
@@ -105,9 +106,8 @@ class DefenseSession:
         where = {k: getattr(data, k) for k in ("data_root", "download", "num_workers", "test_subset")}
         return {**{k: ck[k] for k in META_KEYS}, "args": {**ck["args"], **where}}
 
-    def finish(self, settings: dict, extra_summary: dict | None = None, panels: dict | None = None,
-               more_rows: list = ()) -> dict:
-        """Final evaluation, model.pt, curves.png (``panels`` per epoch, then ``more_rows``), summary.json."""
+    def finish(self, settings: dict, extra_summary: dict | None = None) -> dict:
+        """Final evaluation (AutoAttack too if asked), model.pt, the figures (``utils.figures``), summary.json."""
         final = self.evaluate(final=True)
         summary = {"defense": self.name, "initial": {k: self.initial[k] for k in SUMMARY_KEYS if k in self.initial},
                    "final": {k: final[k] for k in SUMMARY_KEYS if k in final}, "robust_eval": final.get("robust_eval"),
@@ -120,8 +120,8 @@ class DefenseSession:
         payload = checkpoint_payload(self.checkpoint_meta(), inf.model, inf.backdoor, inf.poisoned,
                                      inf.ck["train_indices"], summary["final"], {"defense": defense})
         save_checkpoint(self.run.file("model.pt"), payload)
-        plot_curves(self.run.records(), self.run.file("curves.png"),
-                    panels or {"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]}, more_rows=more_rows)
+        write_figures(self.job.run.out_dir, self.run.records(), summary, self.job.flat(), inf.test, inf.backdoor,
+                      {"infected": inf.reference, "repaired": inf.model}, self.cl)
         self.run.write_json("summary.json", summary)
         self.ctl.finish()
         print(log_line(f"final ({summary['seconds']:.0f}s)", summary["final"]) + f" | {self.job.run.out_dir}",

@@ -13,6 +13,7 @@ import torch
 from utils.adversarial import PGD
 from utils.data.poison import BackdoorSpec
 from utils.run import distributed as dist, interrupt
+from utils.run.progress import n_batches, progress
 from utils.settings import Settings, fraction, opt, require
 
 
@@ -68,7 +69,9 @@ def estimate_target(reference, data, settings: TargetSettings, num_classes: int,
     idx = torch.randperm(len(data.y), generator=generator)[:n].sort().values
     attack = settings.pgd()
     counts = torch.zeros(num_classes, dtype=torch.long)
-    for b, (_, x, y) in enumerate(data.batches(batch_size, shuffle=False, indices=idx)):
+    batches = progress(data.batches(batch_size, shuffle=False, indices=idx), "target estimate (PGD)",
+                       n_batches(n, batch_size))
+    for b, (_, x, y) in enumerate(batches):
         interrupt.check(f"the target estimate, batch {b}")
         if not dist.owns_batch(b):  # torchrun: every N-th batch per rank, the votes summed
             continue

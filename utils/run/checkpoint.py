@@ -101,6 +101,12 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Load and validate a checkpoint written by ``save_checkpoint``."""
     if not path:
         raise UserError("no checkpoint given; pass --model_path PATH to a model.pt written by train_blend.py")
+    if os.path.isdir(path):
+        inside = os.path.join(path, "model.pt")
+        raise UserError(f"--model_path '{path}' is a folder; pass the checkpoint in it: --model_path {inside}"
+                        if os.path.isfile(inside) else
+                        f"--model_path '{path}' is a folder without a model.pt; pass --model_path <attack run "
+                        "folder>/model.pt (the file train_blend.py writes)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist; pass --model_path to a model.pt written by train_blend.py")
     try:

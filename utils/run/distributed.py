@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from utils.run.errors import UserError
+from utils.run.progress import n_batches
 
 
 def world_size() -> int:
@@ -187,7 +188,21 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def epoch_batches(data, batch_size: int, generator: torch.Generator, augment=None, indices: torch.Tensor | None = None):
+class Batches:
+    """One pass of batches (a generator) that also knows how many batches it holds, so a bar shows a total."""
+
+    def __init__(self, batches, count: int):
+        self._batches, self._count = batches, count
+
+    def __iter__(self):
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def epoch_batches(data, batch_size: int, generator: torch.Generator, augment=None,
+                  indices: torch.Tensor | None = None) -> Batches:
     """One shuffled training epoch of ``data`` (anything with ``batches``), or of its ``indices``; this rank's share.
 
     One process: ``data.batches(batch_size, shuffle=True, ...)`` exactly as before. Under torchrun:
@@ -195,11 +210,14 @@ def epoch_batches(data, batch_size: int, generator: torch.Generator, augment=Non
     """
     extra = {"augment": augment} if augment is not None else {}  # ImageSet.batches has no augment argument
     if world_size() == 1:
-        return data.batches(batch_size, shuffle=True, generator=generator, indices=indices, **extra)
+        n = len(data) if indices is None else len(indices)
+        return Batches(data.batches(batch_size, shuffle=True, generator=generator, indices=indices, **extra),
+                       n_batches(n, batch_size))
     idx = epoch_shard(len(data) if indices is None else len(indices), generator)
     if indices is not None:
         idx = indices[idx.to(indices.device)]
-    return data.batches(local_batch_size(batch_size), shuffle=False, indices=idx, **extra)
+    local = local_batch_size(batch_size)
+    return Batches(data.batches(local, shuffle=False, indices=idx, **extra), n_batches(len(idx), local))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

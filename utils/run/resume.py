@@ -36,7 +36,7 @@ FORMAT = "pud-toolkit-run-state"
 VERSION = 1
 SCRIPT_FILES = {"attack": "train_blend.py", "pbe": "pbe_main.py", "pud": "PUD.py"}
 # Arguments a resumed run may change: where it runs and how it is told to resume, not what it computes.
-NOT_COMPARED = ("resume", "overwrite", "out_dir", "device", "num_workers", "command")
+NOT_COMPARED = ("resume", "overwrite", "out_dir", "device", "num_workers", "threads", "command")
 
 
 def comparable_args(job) -> dict:

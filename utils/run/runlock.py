@@ -101,6 +101,25 @@ class RunFolderLock:
         _held.pop(self.folder, None)
 
 
+def holder(folder: str) -> str | None:
+    """Who holds ``folder``'s lock (``pid N on HOST, started ...``), or None if no live run holds it.
+
+    Tries a shared lock for an instant, read-only: it fails only while a run holds the exclusive one.
+    """
+    path = os.path.join(folder, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder_text(path)
+    finally:
+        os.close(fd)  # closing also drops the shared lock
+    return None
+
+
 def lock_run_folder(folder: str) -> RunFolderLock:
     """Take ``folder``'s lock for this process (re-entrant: a folder this process already holds is returned)."""
     held = _held.get(os.path.abspath(folder))

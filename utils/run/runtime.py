@@ -49,6 +49,8 @@ class RunSettings(Settings):
                               "otherwise)", action="store_true")
     bs: int = opt(128, "training batch size (under torchrun the global one)", type=int)
     eval_bs: int = opt(512, "evaluation batch size", type=int)
+    threads: int | None = opt(None, "CPU threads torch computes with (1 is the fastest when other jobs share the "
+                                    "CPU)", type=int, shown="torch's own choice")
 
     def check(self) -> None:
         pick_device(self.device)  # an unknown or absent device is a UserError
@@ -62,3 +64,10 @@ class RunSettings(Settings):
         require(self.bs % world == 0, f"--bs {self.bs} is the global batch size and must divide by the {world} "
                                       f"processes; use a multiple of {world}")
         require(self.eval_bs > 0, f"--eval_bs must be positive, got {self.eval_bs}")
+        require(self.threads is None or self.threads > 0,
+                f"--threads must be a positive number of CPU threads, got {self.threads}; leave it out for torch's own")
+
+    def apply_threads(self) -> None:
+        """``--threads``: torch's intra-op thread count for this process (None leaves torch's default)."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
