@@ -14,7 +14,7 @@ import utils.external as ext
 from models import build_model
 from utils.datasets import ImageSet
 from utils.errors import UserError
-from utils.external import (fit_state_dict, load_weights, read_image_folder,
+from utils.external import (fit_state_dict, load_weights, read_backdoorbench, read_image_folder,
                             read_poison_indices, read_tensor_file)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,6 +132,7 @@ def test_pickles_are_refused_without_the_opt_in_and_never_run(tmp_path, preact):
     assert not marker.exists()
     one_line_error(read_tensor_file, str(evil), match="pickled")
     one_line_error(read_poison_indices, str(evil), 10, match="pickled")
+    one_line_error(read_backdoorbench, str(evil), str(tmp_path), match="pickled")
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the payload is live: a reader that unpickled it would have run it
     assert marker.exists()
@@ -303,3 +304,138 @@ def test_poison_indices_from_text_vectors_and_masks(tmp_path):
     (tmp_path / "w.txt").write_text("1\nseven\n")
     one_line_error(read_poison_indices, str(tmp_path / "w.txt"), 9, match="line 2: 'seven'")
 
+
+# ----- BackdoorBench ------------------------------------------------------------------------------
+
+N_TRAIN, N_TEST, TARGET = 24, 12, 0
+POISON = [2, 5, 11, 17]
+
+
+def trigger(x: torch.Tensor) -> torch.Tensor:
+    """A BadNets-like white 3x3 corner on uint8 NCHW images."""
+    x = x.clone()
+    x[..., -3:, -3:] = 255
+    return x
+
+
+@pytest.fixture(scope="module")
+def clean_sets():
+    g = torch.Generator().manual_seed(3)
+    train = ImageSet(torch.randint(0, 256, (N_TRAIN, 3, 32, 32), generator=g, dtype=torch.uint8),
+                     torch.randint(0, 10, (N_TRAIN,), generator=g), 10)
+    test = ImageSet(torch.randint(0, 256, (N_TEST, 3, 32, 32), generator=g, dtype=torch.uint8),
+                    torch.arange(N_TEST) % 10, 10)
+    return train, test
+
+
+def bb_dataset_state(clean: ImageSet, poison_idx, subset, save_folder, run_dir):
+    """A prepro_cls_DatasetBD_v2.retrieve_state() as BackdoorBench's attacks leave it: poison_indicator a float
+    0/1 array, original_index_array an int64 arange (subset for bd_test), and a poisonedCLSDataContainer
+    whose data_dict maps numpy int64 indices to (PIL image, backdoor label, original label) -- or, with a
+    save folder, to {"path": '<folder>/<original label>/<index>.png', "other_info": [backdoor label, label]}."""
+    indicator = np.zeros(len(clean))
+    indicator[poison_idx] = 1
+    data_dict = {}
+    for i in np.arange(len(clean))[indicator == 1]:  # numpy int64 keys, as prepro_backdoor iterates them
+        img = Image.fromarray(trigger(clean.x[i]).permute(1, 2, 0).numpy())
+        label = int(clean.y[i])
+        if save_folder is None:
+            data_dict[i] = (img, TARGET, label)
+        else:
+            rel = f"{save_folder}/{label}/{i}.png"
+            os.makedirs(run_dir / os.path.basename(save_folder) / str(label), exist_ok=True)
+            img.save(run_dir / os.path.basename(save_folder) / str(label) / f"{i}.png")
+            data_dict[i] = {"path": rel, "other_info": [TARGET, label]}
+    order = np.arange(len(clean))
+    return {"bd_data_container": {"save_folder_path": save_folder, "data_dict": data_dict, "save_file_format": ".png"},
+            "getitem_all": True, "getitem_all_switch": False,
+            "original_index_array": order if subset is None else order[subset],
+            "poison_indicator": indicator, "save_folder_path": save_folder}
+
+
+def write_attack_result(run_dir, clean_sets, model, on_disk: bool, legacy_numpy1: bool = False, **override):
+    """attack_result.pt with save_attack_result's keys (BackdoorBench v2), as badnet.py calls it."""
+    train, test = clean_sets
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save = "./record/badnet_0_1" if on_disk else None
+    test_idx = np.flatnonzero(test.y.numpy() != TARGET)  # bd_test.subset(non-target samples)
+    payload = {
+        "model_name": "preactresnet18", "num_classes": 10, "model": foreign_preact(model, "module."),
+        "data_path": "../data/cifar10", "img_size": (32, 32, 3), "clean_data": "cifar10",
+        "bd_train": bb_dataset_state(train, POISON, None, save and f"{save}/bd_train_dataset", run_dir),
+        "bd_test": bb_dataset_state(test, test_idx, test_idx, save and f"{save}/bd_test_dataset", run_dir),
+        **override,
+    }
+    f = run_dir / "attack_result.pt"
+    if legacy_numpy1:  # a file written under numpy 1.x names numpy.core.multiarray (text GLOBALs: patchable)
+        torch.save(payload, f, _use_new_zipfile_serialization=False)
+        f.write_bytes(f.read_bytes().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    else:
+        torch.save(payload, f)
+    return f, test_idx
+
+
+@pytest.fixture
+def fake_clean(monkeypatch, clean_sets):
+    """The clean CIFAR-10 splits BackdoorBench only names, served without torchvision or a download."""
+    seen = []
+
+    def load_split(name, root, train, download=True):
+        seen.append((name, root, train, download))
+        s = clean_sets[0] if train else clean_sets[1]
+        return ImageSet(s.x.clone(), s.y.clone(), 10)
+
+    monkeypatch.setattr(ext, "load_split", load_split)
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["in_ram", "on_disk", "in_ram_numpy1"])
+def test_backdoorbench_attack_result_reads_into_our_forms(tmp_path, preact, clean_sets, fake_clean, layout):
+    f, test_idx = write_attack_result(tmp_path / "badnet_0_1", clean_sets, preact, on_disk=layout == "on_disk",
+                                      legacy_numpy1=layout == "in_ram_numpy1")
+    run = read_backdoorbench(str(f), "/data")
+    train, test = clean_sets
+    assert fake_clean == [("cifar10", "/data", True, False), ("cifar10", "/data", False, False)]
+    assert (run.arch, run.num_classes, run.input_size, run.dataset) == ("preactresnet18", 10, (3, 32, 32), "cifar10")
+    assert run.mean == (0.4914, 0.4822, 0.4465) and run.std == (0.247, 0.243, 0.261)
+    assert run.poison_indices.tolist() == POISON
+    want_x, want_y = train.x.clone(), train.y.clone()
+    want_x[POISON], want_y[POISON] = trigger(train.x[POISON]), TARGET
+    assert torch.equal(run.train.x, want_x) and torch.equal(run.train.y, want_y)
+    assert torch.equal(run.test.x, test.x) and torch.equal(run.test.y, test.y)
+    assert run.test_bd_indices.tolist() == test_idx.tolist()
+    assert torch.equal(run.test_bd.x, trigger(test.x[test_idx])) and (run.test_bd.y == TARGET).all()
+    model = build_model(run.arch, run.num_classes, run.input_size[0], run.mean, run.std)
+    model.load_state_dict(run.state_dict)
+    for k, v in preact.state_dict().items():
+        if k.startswith("net."):
+            assert torch.equal(model.state_dict()[k], v), k
+    assert torch.allclose(model.normalize.std.flatten(), torch.tensor(run.std))
+
+
+def test_backdoorbench_layout_and_data_errors(tmp_path, preact, clean_sets, fake_clean):
+    train, test = clean_sets
+    f, _ = write_attack_result(tmp_path / "v1", clean_sets, preact, on_disk=False,
+                               bd_train={"x": torch.zeros(4, 3, 32, 32), "y": torch.zeros(4), "original_index": None})
+    one_line_error(read_backdoorbench, str(f), "/data", match="BackdoorBench v1 attack result")
+    f, _ = write_attack_result(tmp_path / "vgg", clean_sets, preact, on_disk=False, model_name="vgg19_bn")
+    one_line_error(read_backdoorbench, str(f), "/data", match="'vgg19_bn'; supported: preactresnet18, resnet18")
+    f, _ = write_attack_result(tmp_path / "tiny", clean_sets, preact, on_disk=False, clean_data="tiny")
+    one_line_error(read_backdoorbench, str(f), "/data", match="attacked on 'tiny'")
+    torch.save({"model": foreign_preact(preact)}, tmp_path / "other.pt")
+    one_line_error(read_backdoorbench, str(tmp_path / "other.pt"), "/data", match="found: model")
+    # the clean data on disk is another copy: a poisoned sample's original label disagrees
+    f, _ = write_attack_result(tmp_path / "ok", clean_sets, preact, on_disk=True)
+    train.y[POISON[0]] += 1
+    try:
+        one_line_error(read_backdoorbench, str(f), "/data", match=f"sample {POISON[0]} has label")
+    finally:
+        train.y[POISON[0]] -= 1
+    os.remove(tmp_path / "ok" / "bd_train_dataset" / str(int(train.y[5])) / "5.png")
+    one_line_error(read_backdoorbench, str(f), "/data", match="bd_train_dataset/")
+
+
+def test_backdoorbench_without_the_clean_dataset_is_a_clear_error(tmp_path, preact, clean_sets):
+    f, _ = write_attack_result(tmp_path / "run", clean_sets, preact, on_disk=False)
+    msg = one_line_error(read_backdoorbench, str(f), str(tmp_path / "no_data"), match="clean cifar10 set")
+    assert str(tmp_path / "no_data") in msg

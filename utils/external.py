@@ -13,12 +13,13 @@ import os
 import pickle
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from models import build_model
-from utils.datasets import ImageSet
+from utils.datasets import ImageSet, load_split
 from utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")
@@ -393,3 +394,240 @@ def read_poison_indices(path: str, n: int) -> torch.Tensor:
         raise UserError(f"poison index file '{path}' lists {len(v) - len(uniq)} indices more than once")
     return uniq
 
+
+# ----- BackdoorBench -------------------------------------------------------------------------------
+
+# BackdoorBench's get_dataset_normalization (utils/aggregate_block/dataset_and_transform_generate.py): its models
+# see normalised input, so a NormalizedModel must use these.
+BACKDOORBENCH_NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ((0.5,), (0.5,)),
+    "tiny": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
+    "gtsrb": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "celeba": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+BACKDOORBENCH_ARCHS = {"preactresnet18": "preactresnet18", "resnet18": "resnet18"}  # their model_name -> ours
+BACKDOORBENCH_DATASETS = ("cifar10", "gtsrb")  # clean sets rebuilt from data_root (utils.datasets.load_split)
+BACKDOORBENCH_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
+V2_STATE_KEYS = ("bd_data_container", "original_index_array", "poison_indicator")
+# Pillow classes a pickled poisoned image may carry; each is read into _PickledImage, no Pillow code runs.
+PIL_IMAGE_CLASSES = ("PIL.Image.Image", "PIL.PngImagePlugin.PngImageFile", "PIL.JpegImagePlugin.JpegImageFile",
+                     "PIL.PpmImagePlugin.PpmImageFile", "PIL.BmpImagePlugin.BmpImageFile")
+
+
+class _PickledImage:
+    """Stands in for a pickled PIL image while unpickling: keeps Pillow's state ([info, mode, size, palette,
+    raw bytes]) and runs nothing; ``_decode_image`` turns the raw bytes into pixels afterwards."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _backdoorbench_safe_globals() -> list:
+    """Exactly what a BackdoorBench v2 attack_result.pt pickles besides tensors: numpy arrays, numpy scalars
+    (dict keys), their dtypes, and PIL images (mapped to the inert _PickledImage). numpy 1.x files name the
+    array helpers numpy.core.multiarray, numpy 2.x files numpy._core.multiarray; both are mapped."""
+    ma = np._core.multiarray if int(np.__version__.split(".")[0]) >= 2 else np.core.multiarray
+    dtypes = [type(np.dtype(t)) for t in (np.bool_, np.uint8, np.int32, np.int64, np.float32, np.float64)]
+    out: list = [np.ndarray, np.dtype, *dtypes]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out += [(ma._reconstruct, f"{module}._reconstruct"), (ma.scalar, f"{module}.scalar")]
+    return out + [(_PickledImage, name) for name in PIL_IMAGE_CLASSES]
+
+
+@dataclass
+class BackdoorBenchRun:
+    """An attack run of BackdoorBench in the toolkit's forms.
+
+    ``state_dict`` loads into ``build_model(arch, num_classes, input_size[0], mean, std)``; ``train`` is the
+    poisoned training set (poisoned samples with their backdoor labels), ``poison_indices`` its ground truth;
+    ``test_bd`` holds the triggered test images with their backdoor labels, taken from the clean test images
+    ``test_bd_indices``.
+    """
+
+    state_dict: dict
+    arch: str
+    num_classes: int
+    input_size: tuple  # (C, H, W)
+    mean: tuple
+    std: tuple
+    dataset: str
+    train: ImageSet
+    poison_indices: torch.Tensor
+    test: ImageSet
+    test_bd: ImageSet
+    test_bd_indices: torch.Tensor
+
+
+def _decode_image(img, channels: int, hw: tuple[int, int], where: str) -> np.ndarray:
+    """One poisoned image (pickled PIL state, or an HWC / CHW array) as an H x W x C uint8 array."""
+    from PIL import Image
+
+    if isinstance(img, _PickledImage):
+        st = img.state
+        if not (isinstance(st, (list, tuple)) and len(st) >= 5 and isinstance(st[1], str) and isinstance(st[4], bytes)):
+            raise UserError(f"{where}: a pickled image has an unknown Pillow layout; this reader expects "
+                            "[info, mode, size, palette, bytes]")
+        _, mode, size, palette, raw = st[:5]
+        try:
+            im = Image.frombytes(mode, tuple(size), raw)
+            if palette and mode in ("L", "LA", "P", "PA"):
+                im.putpalette(palette)
+        except Exception as e:
+            raise UserError(f"{where}: a pickled {mode} image could not be decoded ({e})") from None
+        arr = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+    elif isinstance(img, (np.ndarray, torch.Tensor)):
+        arr = to_uint8_nchw(_as_tensor(img)[None], where)[0].permute(1, 2, 0).numpy()
+    else:
+        raise UserError(f"{where}: a poisoned sample holds a {type(img).__name__}, not an image")
+    arr = arr.reshape(arr.shape[0], arr.shape[1], -1)
+    if arr.shape != (hw[0], hw[1], channels):
+        raise UserError(f"{where}: a poisoned image is {arr.shape[1]}x{arr.shape[0]}x{arr.shape[2]}, "
+                        f"the attack's img_size {hw[1]}x{hw[0]}x{channels}")
+    return arr
+
+
+def _image_path(stored: str, folder: str | None, result_dir: str) -> str:
+    """Where a poisoned PNG is now. BackdoorBench stores '<save_path>/bd_train_dataset/<label>/<i>.png', with
+    save_path relative to its own checkout ('./record/<run>'); a downloaded run folder keeps the image folders
+    beside attack_result.pt, so that place is tried first, then the stored path as it is."""
+    folder = (folder or "").rstrip("/\\")
+    tail = stored[len(folder):].lstrip("/\\") if folder and stored.startswith(folder) else \
+        os.path.join(*re.split(r"[/\\]", stored)[-2:])
+    beside = os.path.join(result_dir, os.path.basename(folder) or "bd_train_dataset", tail)
+    if os.path.isfile(beside):
+        return beside
+    if os.path.isfile(stored):
+        return stored
+    raise UserError(f"poisoned image '{stored}' is missing (looked for '{beside}' too); keep the run's "
+                    f"'{os.path.basename(folder) or 'bd_*_dataset'}' folder beside attack_result.pt")
+
+
+def _read_container(state: dict, keys: np.ndarray, channels: int, hw, result_dir: str, where: str):
+    """(images uint8 N x C x H x W, backdoor labels, original labels) of the poisoned samples ``keys``, in order."""
+    from PIL import Image
+
+    cont = state["bd_data_container"]
+    if not (isinstance(cont, dict) and isinstance(cont.get("data_dict"), dict)):
+        raise UserError(f"{where}: bd_data_container is not BackdoorBench v2's (no data_dict)")
+    items = {int(k): v for k, v in cont["data_dict"].items()}
+    folder = cont.get("save_folder_path")
+    arrays, bd_labels, labels = [], [], []
+    for k in keys.tolist():
+        if k not in items:
+            raise UserError(f"{where}: poisoned sample {k} is marked but not stored in bd_data_container")
+        item = items[k]
+        if isinstance(item, dict):  # on disk: {"path": png, "other_info": [bd_label, label]}
+            p = _image_path(str(item["path"]), folder, result_dir)
+            try:
+                with Image.open(p) as im:
+                    img = np.array(im.convert("RGB" if channels == 3 else "L"))
+            except Exception as e:
+                raise UserError(f"poisoned image '{p}' cannot be decoded ({e.__class__.__name__})") from None
+            bd_label, label = item["other_info"][:2]
+        elif isinstance(item, (tuple, list)) and len(item) >= 3:  # in RAM: (image, bd_label, label)
+            img, bd_label, label = item[:3]
+        else:
+            raise UserError(f"{where}: poisoned sample {k} is stored as {type(item).__name__}, not BackdoorBench v2's")
+        arrays.append(_decode_image(img, channels, hw, f"{where}, sample {k}"))
+        bd_labels.append(int(bd_label))
+        labels.append(int(label))
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays else \
+        torch.zeros((0, channels, *hw), dtype=torch.uint8)
+    return x, torch.tensor(bd_labels, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def _v2_state(state, what: str, path: str) -> dict:
+    if isinstance(state, dict) and all(k in state for k in V2_STATE_KEYS):
+        return state
+    if isinstance(state, dict) and "x" in state and "y" in state:
+        raise UserError(f"'{path}' is a BackdoorBench v1 attack result ({what} holds x/y tensors); this reader "
+                        "supports the v2 layout (BackdoorBench 2.x, bd_dataset_v2): re-run the attack with v2")
+    found = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
+    raise UserError(f"'{path}': {what} is not BackdoorBench v2's prepro_cls_DatasetBD_v2 state (found: {found})")
+
+
+def _clean_split(name: str, data_root: str, train: bool) -> ImageSet:
+    """The clean split BackdoorBench only names: rebuilt by torchvision from ``data_root``, never downloaded."""
+    try:
+        return load_split(name, data_root, train, download=False)
+    except UserError as e:
+        raise UserError(f"the attack's clean {name} set is needed and missing: {e}") from None
+
+
+def _original_labels_match(clean_y: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor, name: str, what: str):
+    bad = torch.nonzero(clean_y[idx] != labels).flatten()
+    if len(bad):
+        i = int(idx[bad[0]])
+        raise UserError(f"the {name} {what} set under data_root is not the attack's: sample {i} has label "
+                        f"{int(clean_y[i])} there, {int(labels[bad[0]])} in attack_result.pt (another copy or order?)")
+
+
+def read_backdoorbench(path: str, data_root: str) -> BackdoorBenchRun:
+    """Read a BackdoorBench v2 ``attack_result.pt`` (save_attack_result) into a ``BackdoorBenchRun``.
+
+    The file stores the model, the dataset's name and only the poisoned samples (as pickled PIL images, or
+    as PNG paths in ``bd_train_dataset/`` / ``bd_test_dataset/`` beside it); the clean CIFAR-10 / GTSRB
+    splits are rebuilt from ``data_root`` and the poisoned samples put in place, as BackdoorBench's
+    load_attack_result does. Loaded with weights_only=True and only numpy/PIL globals allowed.
+    """
+    hint = "it is not a BackdoorBench v2 attack_result.pt, or holds objects this reader does not load"
+    with torch.serialization.safe_globals(_backdoorbench_safe_globals()):
+        obj = _torch_load(path, "BackdoorBench result", hint)
+    if not isinstance(obj, dict) or any(k not in obj for k in BACKDOORBENCH_KEYS):
+        found = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"'{path}' is not a BackdoorBench attack_result.pt (expected keys "
+                        f"{', '.join(BACKDOORBENCH_KEYS)}; found: {found})")
+    model_name, name = str(obj["model_name"]), str(obj["clean_data"])
+    if model_name not in BACKDOORBENCH_ARCHS:
+        raise UserError(f"'{path}' holds a BackdoorBench '{model_name}'; supported: {', '.join(BACKDOORBENCH_ARCHS)}")
+    if name not in BACKDOORBENCH_DATASETS:
+        raise UserError(f"'{path}' was attacked on '{name}'; supported: {', '.join(BACKDOORBENCH_DATASETS)}")
+    size = obj["img_size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 3):
+        raise UserError(f"'{path}': img_size is {size!r}; expected (height, width, channels)")
+    h, w, c = (int(s) for s in size)
+    arch, num_classes = BACKDOORBENCH_ARCHS[model_name], int(obj["num_classes"])
+    mean, std = BACKDOORBENCH_NORMALIZATION[name]
+    if not _is_state_dict(obj["model"]):
+        raise UserError(f"'{path}': 'model' is not a state dict")
+    state = fit_state_dict(obj["model"], arch, num_classes, c, mean, std)
+    if obj["bd_test"] is None:
+        raise UserError(f"'{path}' holds no triggered test set (bd_test is None: a clean, benign run)")
+    result_dir = os.path.dirname(os.path.abspath(path))
+
+    train, test = _clean_split(name, data_root, True), _clean_split(name, data_root, False)
+    if tuple(train.x.shape[1:]) != (c, h, w):
+        raise UserError(f"the {name} images under data_root are {tuple(train.x.shape[1:])} (C, H, W), the attack's "
+                        f"img_size {(c, h, w)}")
+    train = ImageSet(train.x.clone(), train.y.clone(), num_classes)
+    poison = torch.zeros(0, dtype=torch.long)
+    if obj["bd_train"] is not None:  # None: the attack poisons during training only (e.g. LIRA, Blind)
+        st = _v2_state(obj["bd_train"], "bd_train", path)
+        indicator = np.asarray(st["poison_indicator"]).reshape(-1)
+        if len(indicator) != len(train):
+            raise UserError(f"'{path}' poisons a training set of {len(indicator)} samples, the {name} training set "
+                            f"under data_root has {len(train)}")
+        keys = np.flatnonzero(indicator == 1)
+        x, bd_y, y0 = _read_container(st, keys, c, (h, w), result_dir, f"'{path}' bd_train")
+        idx = torch.from_numpy(keys).long()
+        _original_labels_match(train.y, idx, y0, name, "training")
+        train.x[idx], train.y[idx] = x, bd_y
+        order = torch.from_numpy(np.asarray(st["original_index_array"]).astype(np.int64).reshape(-1))
+        if not torch.equal(order, torch.arange(len(train))):  # the attack trained on a subset: keep its order
+            train = train.subset(order)
+            poison = torch.nonzero(torch.from_numpy(indicator == 1)[order]).flatten()
+        else:
+            poison = idx
+    st = _v2_state(obj["bd_test"], "bd_test", path)
+    bd_idx = np.asarray(st["original_index_array"]).astype(np.int64).reshape(-1)
+    if len(bd_idx) == 0 or int(bd_idx.max()) >= len(test) or int(bd_idx.min()) < 0:
+        raise UserError(f"'{path}': bd_test indexes {len(bd_idx)} test samples outside the {name} test set "
+                        f"of {len(test)}")
+    x, bd_y, y0 = _read_container(st, bd_idx, c, (h, w), result_dir, f"'{path}' bd_test")
+    test_bd_indices = torch.from_numpy(bd_idx)
+    _original_labels_match(test.y, test_bd_indices, y0, name, "test")
+    return BackdoorBenchRun(state, arch, num_classes, (c, h, w), mean, std, name, train, poison,
+                            ImageSet(test.x, test.y, num_classes), ImageSet(x, bd_y, num_classes), test_bd_indices)
