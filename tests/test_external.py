@@ -1,4 +1,4 @@
-"""utils.external: other code's weights, tensor files, image folders, poison lists and BackdoorBench results.
+"""utils.data.external: other code's weights, tensor files, image folders, poison lists and BackdoorBench results.
 
 Every file is written by the test itself; nothing is downloaded.
 """
@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import utils.external as ext
+import utils.data.external as ext
 from models import build_model
-from utils.datasets import ImageSet
-from utils.errors import UserError
-from utils.external import (fit_state_dict, load_weights, read_backdoorbench, read_image_folder,
+from utils.data.datasets import ImageSet
+from utils.run.errors import UserError
+from utils.data.external import (fit_state_dict, load_weights, read_backdoorbench, read_image_folder,
                             read_poison_indices, read_tensor_file)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from models import build_model
-from utils.datasets import ImageSet, load_split
-from utils.errors import UserError
+from utils.data.datasets import ImageSet, load_split
+from utils.run.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "netC")  # common {"<key>": state_dict} wrappers
@@ -409,7 +409,7 @@ BACKDOORBENCH_NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 BACKDOORBENCH_ARCHS = {"preactresnet18": "preactresnet18", "resnet18": "resnet18"}  # their model_name -> ours
-BACKDOORBENCH_DATASETS = ("cifar10", "gtsrb")  # clean sets rebuilt from data_root (utils.datasets.load_split)
+BACKDOORBENCH_DATASETS = ("cifar10", "gtsrb")  # clean sets rebuilt from data_root (utils.data.datasets.load_split)
 BACKDOORBENCH_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
 V2_STATE_KEYS = ("bd_data_container", "original_index_array", "poison_indicator")
 # Pillow classes a pickled poisoned image may carry; each is read into _PickledImage, no Pillow code runs.
