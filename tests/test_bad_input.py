@@ -62,7 +62,7 @@ CASES = [
     (A, ("--resume", "--out_dir", "{empty}"), "holds no saved state (state.pt), so there is nothing to resume"),
     (A, ("--resume", "--out_dir", "{finished}"), "the run in '{finished}' is finished"),
     (A, ("--resume", "--out_dir", "{torn_state}"), "state.pt' is unreadable or truncated"),
-    (A, ("--resume", "--out_dir", "{old_state}"), "has format version 0, this toolkit reads version 1"),
+    (A, ("--resume", "--out_dir", "{old_state}"), "has format version 0, this toolkit reads versions 1 and 2"),
     (A, ("--n_iters", "3", "--resume", "--out_dir", "{interrupted}"), "arguments differ from the interrupted run"),
     # pbe_main.py
     (P, ("--out_dir", "{out}"), "no checkpoint given; pass --model_path"),
