@@ -10,7 +10,6 @@ that. Every user-fixable problem is a one-line ``UserError``. The formats are in
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 
 from models import build_model
 from utils.data.datasets import ImageSet, load_split
+from utils.run.checkpoint import safe_load
 from utils.run.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")
@@ -29,29 +29,11 @@ _FEW = 4  # how many mismatched keys an error names
 
 # ----- torch files --------------------------------------------------------------------------------
 
-def _pickle_culprit(err: Exception) -> str | None:
-    """The object a weights_only load refused, as torch names it; None when the bytes are no pickle at all."""
-    for pattern in (r"GLOBAL ([\w.]+)", r"got <class '([\w.]+)'>", r"unrecognized function (\S+)"):
-        m = re.search(pattern, str(err))
-        if m:
-            return m.group(1)
-    return None
-
-
-def _torch_load(path: str, what: str, hint: str):
-    """``torch.load`` with weights_only=True; a refused pickle or an unreadable file becomes one UserError."""
+def _torch_load(path: str, what: str, hint: str, allowed: tuple = ()):
+    """``safe_load`` (weights_only=True, exactly ``allowed`` extra globals); a missing file is one UserError too."""
     if not os.path.isfile(path):
         raise UserError(f"{what} '{path}' does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if _pickle_culprit(e) is None:  # garbage also fails inside the weights-only unpickler
-            raise UserError(f"{what} '{path}' is not a torch file (its bytes are no pickle torch can read)") from None
-        raise UserError(f"{what} '{path}' holds pickled Python objects ({_pickle_culprit(e)}), "
-                        f"not only tensors; {hint}") from None
-    except Exception as e:  # torch raises RuntimeError/EOFError/... for truncated or foreign files
-        raise UserError(f"{what} '{path}' is not a readable torch file "
-                        f"({e.__class__.__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})") from None
+    return safe_load(path, what, hint, "pass a file written by torch.save", allowed)
 
 
 def _is_state_dict(obj) -> bool:
@@ -92,8 +74,7 @@ def load_weights(path: str, allow_pickle: bool = False) -> dict[str, torch.Tenso
     A whole pickled ``nn.Module`` (or any other pickle) is read only with ``allow_pickle=True``, because
     unpickling runs code the file names; without it such a file is refused before anything in it runs.
     """
-    hint = ("loading it runs code from the file: only for a file you trust, pass --allow_pickle "
-            "(or save model.state_dict() instead)")
+    hint = "if you trust the file, pass --allow_pickle (or save model.state_dict() instead)"
     if allow_pickle:
         if not os.path.isfile(path):
             raise UserError(f"weights file '{path}' does not exist")
@@ -285,53 +266,97 @@ def _size_hw(size) -> tuple[int, int] | None:
     return int(h), int(w)
 
 
-def read_image_folder(root: str, size=None) -> tuple[ImageSet, list[str], list[str]]:
-    """``root/<class>/<image>`` as (ImageSet, image paths, class names); labels follow the sorted class names.
+def _folder_labels(root: str, names: list[str], classes: list[str] | None) -> tuple[list[int], list[str]]:
+    """Each class folder's label and the class list (``classes[label]`` = folder name).
 
-    Images are decoded to RGB, or to one channel when every image is grayscale. They must share one size
-    unless ``size`` (an int or (H, W)) is given, which resizes the others (bilinear). The paths, in the
-    set's order, let a later report name the files.
+    Integer folder names are their labels (``0/``, ``1/``, ..., as BackdoorBench saves images); other names
+    are numbered in sorted order. ``classes`` (another folder's list, e.g. the training set's) fixes the
+    labels instead, so a test folder that lacks a class still labels the others alike.
+    """
+    if classes is not None:
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            raise UserError(f"image folder '{root}' has class folders {', '.join(unknown[:4])} that the training "
+                            f"set does not have (its classes: {', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
+        return [classes.index(n) for n in names], list(classes)
+    if all(n.isdigit() for n in names):
+        top = max(int(n) for n in names)
+        return [int(n) for n in names], [str(i) for i in range(top + 1)]
+    return list(range(len(names))), list(names)
+
+
+def read_image_folder(root: str, size=None, classes: list[str] | None = None) -> tuple[ImageSet, list[str], list[str]]:
+    """``root/<class>/<image>`` as (ImageSet, image paths, class names); ``class names[label]`` is a folder name.
+
+    Labels: ``_folder_labels``. Order: by file stem as a number when every stem in the tree is a distinct
+    integer (``<class>/<index>.png``: the stem is the sample's index, which keeps a training set in the order
+    its poisoned indices refer to), else class by class, files sorted. Images are decoded to RGB, or to one
+    channel when every image is grayscale. They must share one size unless ``size`` (an int or (H, W)) is
+    given, which resizes the others (bilinear). The paths, in the set's order, name the files in reports.
     """
     from PIL import Image
 
     if not os.path.isdir(root):
         raise UserError(f"image folder '{root}' does not exist")
-    classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
-    if not classes:
+    names = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    if not names:
         raise UserError(f"image folder '{root}' has no class folders; expected root/<class>/<image>")
-    want = _size_hw(size)
-    arrays, labels, paths, gray = [], [], [], []
-    first = None  # (path, (w, h)) of the first image: the size every other must have without `size`
-    for label, name in enumerate(classes):
+    labels_of, class_list = _folder_labels(root, names, classes)
+    entries = []  # (path, label)
+    for label, name in zip(labels_of, names):
         folder = os.path.join(root, name)
         files = sorted(f for f in os.listdir(folder)
                        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
         if not files:
             raise UserError(f"class folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        for f in files:
-            p = os.path.join(folder, f)
-            try:
-                with Image.open(p) as im:
-                    gray.append(im.mode in ("1", "L", "I", "I;16", "F"))
-                    rgb = im.convert("RGB")
-            except Exception as e:  # PIL raises UnidentifiedImageError/OSError/... for broken files
-                raise UserError(f"image '{p}' cannot be decoded ({e.__class__.__name__})") from None
-            if want is not None:
-                if rgb.size != (want[1], want[0]):
-                    rgb = rgb.resize((want[1], want[0]), Image.BILINEAR)
-            elif first is None:
-                first = (p, rgb.size)
-            elif rgb.size != first[1]:
-                (w0, h0), (w1, h1) = first[1], rgb.size
-                raise UserError(f"image '{p}' is {w1}x{h1} but '{first[0]}' is {w0}x{h0}; all images need one "
-                                "size, or pass --image_size to resize them")
-            arrays.append(np.asarray(rgb, dtype=np.uint8))
-            labels.append(label)
-            paths.append(p)
+        entries += [(os.path.join(folder, f), label) for f in files]
+    stems = [os.path.splitext(os.path.basename(p))[0] for p, _ in entries]
+    if all(st.isdigit() for st in stems) and len(set(map(int, stems))) == len(stems):
+        entries = [e for _, e in sorted(zip(map(int, stems), entries), key=lambda t: t[0])]
+    want = _size_hw(size)
+    arrays, gray = [], []
+    first = None  # (path, (w, h)) of the first image: the size every other must have without `size`
+    for p, _ in entries:
+        try:
+            with Image.open(p) as im:
+                gray.append(im.mode in ("1", "L", "I", "I;16", "F"))
+                rgb = im.convert("RGB")
+        except Exception as e:  # PIL raises UnidentifiedImageError/OSError/... for broken files
+            raise UserError(f"image '{p}' cannot be decoded ({e.__class__.__name__})") from None
+        if want is not None:
+            if rgb.size != (want[1], want[0]):
+                rgb = rgb.resize((want[1], want[0]), Image.BILINEAR)
+        elif first is None:
+            first = (p, rgb.size)
+        elif rgb.size != first[1]:
+            (w0, h0), (w1, h1) = first[1], rgb.size
+            raise UserError(f"image '{p}' is {w1}x{h1} but '{first[0]}' is {w0}x{h0}; all images need one "
+                            "size, or pass --image_size to resize them")
+        arrays.append(np.asarray(rgb, dtype=np.uint8))
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     if all(gray):
         x = x[:, :1]
-    return ImageSet(x.contiguous(), torch.tensor(labels, dtype=torch.long), len(classes)), paths, classes
+    y = torch.tensor([label for _, label in entries], dtype=torch.long)
+    return ImageSet(x.contiguous(), y, len(class_list)), [p for p, _ in entries], class_list
+
+
+def read_images(path: str, num_classes: int | None = None, classes: list[str] | None = None, size=None):
+    """(ImageSet, paths or None, class names or None) from an image folder or a ``.pt``/``.npz`` tensor file.
+
+    ``num_classes`` bounds the labels (folder labels too); ``classes`` and ``size`` are for folders only.
+    """
+    if os.path.isdir(path):
+        data, paths, names = read_image_folder(path, size, classes)
+        if num_classes is not None and int(data.y.max()) >= num_classes:
+            bad = names[int(data.y.max())]
+            raise UserError(f"image folder '{path}': class folder '{bad}' is label {int(data.y.max())}, outside "
+                            f"[0, {num_classes}); check the class folders or --num_classes")
+        k = num_classes if num_classes is not None else data.num_classes
+        return ImageSet(data.x, data.y, k), paths, names
+    if not os.path.exists(path):
+        raise UserError(f"'{path}' does not exist; give an image folder (root/<class>/<image>) or a .pt/.npz "
+                        "tensor file with 'x' and 'y'")
+    return read_tensor_file(path, num_classes), None, None
 
 
 # ----- ground-truth poisoned indices ---------------------------------------------------------------
@@ -574,8 +599,7 @@ def read_backdoorbench(path: str, data_root: str) -> BackdoorBenchRun:
     load_attack_result does. Loaded with weights_only=True and only numpy/PIL globals allowed.
     """
     hint = "it is not a BackdoorBench v2 attack_result.pt, or holds objects this reader does not load"
-    with torch.serialization.safe_globals(_backdoorbench_safe_globals()):
-        obj = _torch_load(path, "BackdoorBench result", hint)
+    obj = _torch_load(path, "BackdoorBench result", hint, tuple(_backdoorbench_safe_globals()))
     if not isinstance(obj, dict) or any(k not in obj for k in BACKDOORBENCH_KEYS):
         found = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise UserError(f"'{path}' is not a BackdoorBench attack_result.pt (expected keys "
@@ -597,6 +621,9 @@ def read_backdoorbench(path: str, data_root: str) -> BackdoorBenchRun:
     if obj["bd_test"] is None:
         raise UserError(f"'{path}' holds no triggered test set (bd_test is None: a clean, benign run)")
     result_dir = os.path.dirname(os.path.abspath(path))
+    # the layout first: an unsupported file fails before the clean data is read
+    train_state = None if obj["bd_train"] is None else _v2_state(obj["bd_train"], "bd_train", path)
+    test_state = _v2_state(obj["bd_test"], "bd_test", path)
 
     train, test = _clean_split(name, data_root, True), _clean_split(name, data_root, False)
     if tuple(train.x.shape[1:]) != (c, h, w):
@@ -604,8 +631,8 @@ def read_backdoorbench(path: str, data_root: str) -> BackdoorBenchRun:
                         f"img_size {(c, h, w)}")
     train = ImageSet(train.x.clone(), train.y.clone(), num_classes)
     poison = torch.zeros(0, dtype=torch.long)
-    if obj["bd_train"] is not None:  # None: the attack poisons during training only (e.g. LIRA, Blind)
-        st = _v2_state(obj["bd_train"], "bd_train", path)
+    if train_state is not None:  # None: the attack poisons during training only (e.g. LIRA, Blind)
+        st = train_state
         indicator = np.asarray(st["poison_indicator"]).reshape(-1)
         if len(indicator) != len(train):
             raise UserError(f"'{path}' poisons a training set of {len(indicator)} samples, the {name} training set "
@@ -621,7 +648,7 @@ def read_backdoorbench(path: str, data_root: str) -> BackdoorBenchRun:
             poison = torch.nonzero(torch.from_numpy(indicator == 1)[order]).flatten()
         else:
             poison = idx
-    st = _v2_state(obj["bd_test"], "bd_test", path)
+    st = test_state
     bd_idx = np.asarray(st["original_index_array"]).astype(np.int64).reshape(-1)
     if len(bd_idx) == 0 or int(bd_idx.max()) >= len(test) or int(bd_idx.min()) < 0:
         raise UserError(f"'{path}': bd_test indexes {len(bd_idx)} test samples outside the {name} test set "
