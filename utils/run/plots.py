@@ -31,16 +31,21 @@ def plot_curves(records: list[dict], path: str, panels: dict[str, list[str]], x_
     fig, axes = plt.subplots(len(rows), ncols, figsize=(4.5 * ncols, 3.4 * len(rows)), squeeze=False)
     for row, (recs, row_panels, xk) in zip(axes, rows):
         for ax, (title, keys) in zip(row, row_panels.items()):
+            drawn = 0
             for k in keys:
                 pts = [(r[xk], r[k]) for r in recs if k in r and r.get(k) is not None and xk in r]
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=k)
+                    drawn += 1
             ax.set_title(title)
             ax.set_xlabel(xk)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, steps and rounds are counts
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if drawn:
+                ax.legend(fontsize=8)
+            else:  # e.g. ASR or detection figures of a run that cannot measure them
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="grey")
         for ax in row[len(row_panels):]:
             ax.axis("off")
     fig.tight_layout()
