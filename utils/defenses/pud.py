@@ -26,8 +26,9 @@ from models import frozen_copy
 from utils.adversarial import PGD
 from utils.defenses.class_split import split_target_class
 from utils.defenses.mean_teacher import ema_update, softmax_consistency
-from utils.defenses.selection import (POISON_CANDIDATES, bottom_fraction, clean_indices, consistency_scores,
-                                      detection_stats, poison_candidates, poison_share, top_fraction)
+from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, bottom_fraction, clean_indices,
+                                      consistency_scores, detection_stats, poison_candidates, poison_count,
+                                      poison_share, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.spectre import layer_representations, spectre_filter
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
@@ -143,21 +144,25 @@ class PUDSettings(Settings):
 
 @dataclass(frozen=True, kw_only=True)
 class PUDJob(DefenseJob):
-    """Purify a backdoor-infected model written by train_blend.py without clean data: PUD filters the target
-    class (SPECTRE and a class split), fine-tunes progressively on PGD examples of a growing, re-scored extra
-    set, unlearns the identified poisons and ends with a mean-teacher stage."""
+    """Purify a backdoor-infected model without clean data (a model.pt written by train_blend.py, a model and
+    training set of other code with --train_data, or --from_backdoorbench): PUD filters the target class
+    (SPECTRE and a class split), fine-tunes progressively on PGD examples of a growing, re-scored extra set,
+    unlearns the identified poisons and ends with a mean-teacher stage; suspects.csv lists what it flagged."""
 
     KEY = "pud"
     target: TargetSettings
     pud: PUDSettings
 
-    def check_for_checkpoint(self, ck: dict) -> None:
-        if ck["poisoned_indices"] is None:
+    def check_for_input(self, src) -> None:
+        if src.ck is not None and src.ck["poisoned_indices"] is None:
             raise UserError(NO_POISON_INDICES)
-        self.target.check_for(self.infected.num_classes, self.infected.dataset)
+        require(not self.pud.model_repair or src.clean_known,
+                f"--model_repair draws step 0's extra set from the clean training samples, but {NO_CLEAN_KNOWN}; pass "
+                "--poison_indices or drop --model_repair")
+        self.target.check_for(self.infected.num_classes, self.infected.dataset or src.origin)
 
-    def for_checkpoint(self, ck: dict) -> "PUDJob":
-        job = super().for_checkpoint(ck)
+    def for_input(self, src) -> "PUDJob":
+        job = super().for_input(src)
         if job.pud.spectre_layer is not None:
             return job
         return job.replace(pud=job.pud.replace(spectre_layer=SPECTRE_LAYERS.get(job.infected.arch, "net")))
@@ -193,6 +198,7 @@ class PUDState:
     reference: dict | None = None  # the frozen copy's weights, taken when unlearning began
     teacher: dict | None = None
     gstep: int = 0  # EMA steps of the teacher
+    removed: dict = field(default_factory=dict)  # the initial filtering's removals per stage, for suspects.csv
 
 
 def run_pud(job: PUDJob) -> dict:
@@ -230,15 +236,16 @@ def run_pud(job: PUDJob) -> dict:
         return s.finish(settings, {"target": st.target, "spectre_initial": st.spectre_initial, "steps": st.steps,
                                    "unlearning": st.unlearning, "mt_refresh": st.mt_refresh},
                         panels={"accuracy": ["clean_acc", "robust_acc"], "attack success": ["asr"]},
-                        more_rows=[(step_records(st.steps, st.spectre_initial), STEP_PANELS, "step")])
+                        more_rows=[(step_records(st.steps, st.spectre_initial), STEP_PANELS, "step")],
+                        suspects={**st.removed, "poison_set": st.poison_set})
 
 
 # ----- 1. the target ------------------------------------------------------------------------------------------
 
 def find_target(s: DefenseSession) -> dict:
     inf, job = s.inf, s.job
-    return choose_target(job.target, inf.backdoor, lambda: estimate_target(
-        inf.reference, inf.poisoned.data, job.target, inf.backdoor.num_classes, job.run.eval_bs, s.gen, s.cl))
+    return choose_target(job.target, inf.true_target, lambda: estimate_target(
+        inf.reference, inf.poisoned, job.target, inf.num_classes, job.run.eval_bs, s.gen, s.cl))
 
 
 # ----- 2. the initial filtering of the target class ----------------------------------------------------------
@@ -257,14 +264,14 @@ def spectre_remove(s: DefenseSession, indices: torch.Tensor, fraction: float,
     return dist.broadcast(indices[res.flagged_mask.cpu()].sort().values)  # torchrun: rank 0's (a fixed count)
 
 
-def spectre_record(removed: torch.Tensor, considered: int, truth: torch.Tensor) -> dict:
+def spectre_record(removed: torch.Tensor, considered: int, truth: torch.Tensor | None) -> dict:
     return {"considered": considered, "removed": len(removed),
             "precision": poison_share(removed, truth) if len(removed) else None,
-            "removed_poison": int(truth[removed].sum()) if len(removed) else 0}
+            "removed_poison": poison_count(removed, truth)}
 
 
 def split_remove(s: DefenseSession, indices: torch.Tensor, target: int, reps: torch.Tensor,
-                 truth: torch.Tensor) -> tuple:
+                 truth: torch.Tensor | None) -> tuple:
     """The target class's suspicious cluster (``class_split``): its indices and a record for the summary."""
     pud = s.job.pud
     logits = all_logits(s.inf.reference, s.inf.poisoned, s.job.run.eval_bs, s.cl)[indices]  # the same on every rank
@@ -284,7 +291,7 @@ def filter_target_class(s: DefenseSession, st: PUDState) -> None:
     """SPECTRE (and the class split) on the target-labelled samples; the rest is the pool. Draws step 0's extra set."""
     pud, inf = s.job.pud, s.inf
     n = len(inf.poisoned)
-    truth = inf.poisoned.is_poison.cpu()
+    truth = inf.truth
     target = st.target["used"]
     tidx = torch.nonzero(inf.poisoned.train_labels.cpu() == target).flatten()
     removed, reps = torch.zeros(0, dtype=torch.long), None
@@ -292,17 +299,19 @@ def filter_target_class(s: DefenseSession, st: PUDState) -> None:
         reps = representations(s, tidx)  # read once: SPECTRE and the class split use the same representations
         removed = spectre_remove(s, tidx, pud.spectre_remove, reps)
     record = {**spectre_record(removed, len(tidx), truth), "recall": detection_stats(removed, truth)["recall"]}
+    st.removed = {"spectre": removed}
     print(f"initial SPECTRE: removed {len(removed)} of {len(tidx)} target-labelled samples "
-          f"({record['removed_poison']} truly poisoned)", flush=True)
+          f"({shown(record['removed_poison'], 'd')} truly poisoned)", flush=True)
     if pud.class_split and reps is not None:
         split, record["class_split"] = split_remove(s, tidx, target, reps, truth)
         sp = record["class_split"]
         print(f"target-class split: clusters {sp['cluster_sizes']}, non-target confidence {sp['cluster_confidence']}, "
               f"spread over {sp['cluster_spread']} classes; " + (
                   f"removed cluster {sp['suspicious_cluster']}: {sp['removed']} samples "
-                  f"({sp['removed_poison']} truly poisoned)"
+                  f"({shown(sp['removed_poison'], 'd')} truly poisoned)"
                   if sp["applied"] else "not applied (the more confident cluster does not spread over more classes)"),
               flush=True)
+        st.removed["class_split"] = split
         removed = torch.unique(torch.cat([removed, split]))
     keep = torch.ones(n, dtype=torch.bool)
     keep[removed] = False
@@ -311,8 +320,9 @@ def filter_target_class(s: DefenseSession, st: PUDState) -> None:
     st.spectre_initial = {**record, "filtered": len(removed), "filtered_precision": poison_share(removed, truth),
                           "filtered_recall": detection_stats(removed, truth)["recall"],
                           "pool_size": len(pool), "pool_poison_share": poison_share(pool, truth)}
-    print(f"pool {len(pool)} samples, {st.spectre_initial['pool_poison_share']:.3%} truly poisoned", flush=True)
-    pick = clean_indices(inf.poisoned) if pud.model_repair else pool
+    print(f"pool {len(pool)} samples, {shown(st.spectre_initial['pool_poison_share'], '.3%')} truly poisoned",
+          flush=True)
+    pick = clean_indices(inf.poisoned, "--model_repair") if pud.model_repair else pool
     k0 = max(1, int(round(pud.init_ratio * len(pick))))
     st.extra = pick[torch.randperm(len(pick), generator=s.gen)[:k0]].sort().values
 
@@ -322,7 +332,7 @@ def filter_target_class(s: DefenseSession, st: PUDState) -> None:
 def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
     """The steps from the cursor (step, epoch within the step); ``step_info`` marks a started step."""
     pud, inf = s.job.pud, s.inf
-    truth = inf.poisoned.is_poison.cpu()
+    truth = inf.truth
     labels = inf.poisoned.train_labels.cpu()
     ref_logits = all_logits(inf.reference, inf.poisoned, s.job.run.eval_bs, s.cl)
     candidates = poison_candidates(pud.poison_candidates, labels, st.target["used"], st.filtered)
@@ -336,7 +346,7 @@ def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
             s.save(f"pud step {step}", st, **objects)
 
 
-def start_step(s: DefenseSession, st: PUDState, step: int, truth: torch.Tensor, labels: torch.Tensor) -> None:
+def start_step(s: DefenseSession, st: PUDState, step: int, truth: torch.Tensor | None, labels: torch.Tensor) -> None:
     """A step's start: from step 1 on, SPECTRE on the extra set's target part removes its most suspicious share."""
     pud = s.job.pud
     extra, target = st.extra, st.target["used"]
@@ -352,7 +362,8 @@ def start_step(s: DefenseSession, st: PUDState, step: int, truth: torch.Tensor, 
         info["extra_size_after_spectre"] = len(extra)
         info["extra_poison_share_after_spectre"] = poison_share(extra, truth)
     st.extra, st.step_info = extra, info
-    print(f"step {step}: extra set {len(extra)} samples, {poison_share(extra, truth):.3%} truly poisoned", flush=True)
+    print(f"step {step}: extra set {len(extra)} samples, {shown(poison_share(extra, truth), '.3%')} truly poisoned",
+          flush=True)
 
 
 def train_step(s: DefenseSession, st: PUDState, step: int, objects: dict) -> None:
@@ -397,8 +408,8 @@ def score_step(s: DefenseSession, st: PUDState, step: int, ref_logits, candidate
         info["next_extra_poison_share"] = poison_share(st.extra, truth)
     st.steps.append(info)
     s.run.log({"step_summary": info, "epoch": st.epoch_global})
-    print(f"step {step}: poison set {len(st.poison_set)} precision {det['precision']:.3f} recall {det['recall']:.3f}",
-          flush=True)
+    print(f"step {step}: poison set {len(st.poison_set)} precision {shown(det['precision'])} recall "
+          f"{shown(det['recall'])}", flush=True)
 
 
 STEP_PANELS = {"per step: accuracy and attack": ["clean_acc", "robust_acc", "asr"],
@@ -484,7 +495,7 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
     record["clipped"] = record["clipped_batches"] > 0
 
 
-def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor, target: int,
+def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor | None, target: int,
                   predictions: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Drop the target-labelled extra samples the model (``predictions`` of every training sample) no longer calls
     the target; returns the kept extra set and a record.
@@ -494,7 +505,7 @@ def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Te
     genuine target-class images keep it. Without this the mean-teacher epochs re-learn the backdoor from them.
     """
     drop = (labels[extra] == target) & (predictions[extra] != target)
-    info = {"dropped": int(drop.sum()), "dropped_poison": int(is_poison[extra[drop]].sum()),
+    info = {"dropped": int(drop.sum()), "dropped_poison": poison_count(extra[drop], is_poison),
             "extra_poison_share_before": poison_share(extra, is_poison)}
     kept = extra[~drop]
     info["extra_poison_share_after"] = poison_share(kept, is_poison)
@@ -504,10 +515,11 @@ def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Te
 def refresh_before_teacher(s: DefenseSession, st: PUDState) -> dict:
     inf = s.inf
     preds = all_logits(inf.model, inf.poisoned, s.job.run.eval_bs, s.cl).argmax(1)
-    st.extra, info = refresh_extra(st.extra, inf.poisoned.train_labels.cpu(), inf.poisoned.is_poison.cpu(),
+    st.extra, info = refresh_extra(st.extra, inf.poisoned.train_labels.cpu(), inf.truth,
                                    st.target["used"], preds)
     print(f"mean-teacher set: dropped {info['dropped']} target-labelled samples no longer predicted as the target "
-          f"({info['dropped_poison']} truly poisoned); {info['extra_poison_share_after']:.3%} poisoned remain", flush=True)
+          f"({shown(info['dropped_poison'], 'd')} truly poisoned); {shown(info['extra_poison_share_after'], '.3%')} "
+          "poisoned remain", flush=True)
     return info
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 
 from utils.adversarial import PGD
-from utils.data.poison import BackdoorSpec
 from utils.run import distributed as dist, interrupt
 from utils.settings import Settings, fraction, opt, require
 
@@ -63,9 +62,10 @@ def vote_result(counts: torch.Tensor) -> dict:
 def estimate_target(reference, data, settings: TargetSettings, num_classes: int, batch_size: int,
                     generator: torch.Generator, channels_last: bool) -> dict:
     """Most frequent prediction of ``reference`` (the infected model) on untargeted PGD examples of
-    ``settings.target_images`` random training images of ``data`` (an ``ImageSet``; clean images)."""
-    n = min(settings.target_images, len(data.y))
-    idx = torch.randperm(len(data.y), generator=generator)[:n].sort().values
+    ``settings.target_images`` random training samples of ``data``: the training set as the defender has it
+    (poisoned samples with their trigger and training label), not the clean images the attack started from."""
+    n = min(settings.target_images, len(data))
+    idx = torch.randperm(len(data), generator=generator)[:n].sort().values
     attack = settings.pgd()
     counts = torch.zeros(num_classes, dtype=torch.long)
     for b, (_, x, y) in enumerate(data.batches(batch_size, shuffle=False, indices=idx)):
@@ -80,10 +80,10 @@ def estimate_target(reference, data, settings: TargetSettings, num_classes: int,
     return {**vote_result(dist.all_reduce_sum(counts)), "images": n, "pgd": attack.settings()}
 
 
-def choose_target(settings: TargetSettings, backdoor: BackdoorSpec, estimate) -> dict:
+def choose_target(settings: TargetSettings, true_target: int | None, estimate) -> dict:
     """The target class record: ``--target_label`` if given, else ``estimate()`` (``estimate_target``'s record).
 
-    ``true`` is the attack's target where it has one (all2one), for the summary only."""
+    ``true`` is the attack's all2one target where it is known (``InfectedRun.true_target``), for the summary only."""
     if settings.target_label == "auto":
         target = estimate()
         t = target["estimate"]
@@ -91,7 +91,7 @@ def choose_target(settings: TargetSettings, backdoor: BackdoorSpec, estimate) ->
         target = {"estimate": None, "vote_share": None, "given": int(settings.target_label)}
         t = int(settings.target_label)
     target["used"] = t
-    target["true"] = backdoor.target_label if backdoor.attack_mode == "all2one" else None
+    target["true"] = true_target
     print(f"target class {t}" + (f" (estimated, vote share {target['vote_share']:.1%})"
                                  if settings.target_label == "auto" else ""), flush=True)
     if target.get("weak"):

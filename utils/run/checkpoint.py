@@ -141,11 +141,14 @@ def atomic_write(path: str, write) -> None:
 def checkpoint_payload(meta: dict, model, backdoor, poisoned, train_indices, metrics: dict,
                        extra: dict | None = None) -> dict:
     """The one-file checkpoint: ``meta`` (arch, dataset, classes, input size, seed, args), weights, the trigger's
-    state, the poisoned indices (``poisoned``: a ``PoisonedTrainSet``) and metrics."""
+    state, the poisoned indices (``poisoned``: a ``PoisonedTrainSet``) and metrics. A model defended on data of
+    other code has no trigger (``backdoor`` None): trigger, mode, target and indices are None."""
     fixed = poisoned is not None and poisoned.mode == "fixed"
     payload = {
         **meta, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "trigger": backdoor.trigger.state(), "attack_mode": backdoor.attack_mode, "target_label": backdoor.target_label,
+        "trigger": backdoor.trigger.state() if backdoor is not None else None,
+        "attack_mode": backdoor.attack_mode if backdoor is not None else None,
+        "target_label": backdoor.target_label if backdoor is not None else None,
         "poison_mode": poisoned.mode if poisoned is not None else None,
         "poisoned_indices": poisoned.poison_idx.clone() if fixed else None,
         "noise_indices": poisoned.noise_idx.clone() if fixed else None,
