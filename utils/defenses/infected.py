@@ -191,8 +191,9 @@ def _same_shape(data: ImageSet, shape: tuple, what: str, path: str) -> None:
 
 
 def _first_conv_channels(state: dict) -> tuple[str, int] | None:
+    """(name, input channels) of the first convolution's weight (our normalisation buffers are 4-D too)."""
     for k, v in state.items():
-        if v.dim() == 4:
+        if v.dim() == 4 and not k.startswith("normalize."):
             return k, int(v.shape[1])
     return None
 
@@ -202,7 +203,7 @@ def _normalisation(inp: DefenseInput, weights: dict, channels: int, spec) -> tup
     fit_state_dict), else --dataset's; one of them must say it."""
     own = "normalize.mean" in weights and "normalize.std" in weights
     if inp.mean is not None:
-        require(len(inp.mean) == channels, f"--mean/--std give {len(inp.mean)} values but the images have {channels} "
+        require(len(inp.mean) == channels, f"--mean/--std give {len(inp.mean)} value(s) but the images have {channels} "
                                            "channel(s); give one per channel")
         if own:
             m, s = weights["normalize.mean"].flatten().tolist(), weights["normalize.std"].flatten().tolist()
