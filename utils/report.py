@@ -61,6 +61,8 @@ def read_run(folder: str) -> dict:
     final = summary["final"]
     precision, recall = _detection(summary)
     attack = " ".join(str(args[k]) for k in ("trigger_type", "attack_mode") if args.get(k))
+    if not attack and (args.get("from_backdoorbench") or args.get("train_data")):  # a model and data of other code
+        attack = "backdoorbench" if args.get("from_backdoorbench") else "other code"
     return {"run": os.path.basename(os.path.normpath(folder)), "dataset": args.get("dataset", ""), "attack": attack,
             "defense": summary.get("defense", "none"), "acc": final.get("clean_acc"), "asr": final.get("asr"),
             "ra": final.get("robust_acc"), "det_precision": precision, "det_recall": recall,
