@@ -128,11 +128,19 @@ def load_state(out_dir: str) -> dict:
     return state
 
 
-def _differences(saved: dict, now: dict) -> list[str]:
+def default_args(job) -> dict:
+    """``comparable_args`` of the job's parts at their defaults."""
+    return comparable_args(type(job)(**{name: cls() for name, cls in job.part_types()}))
+
+
+def _differences(saved: dict, now: dict, defaults: dict) -> list[str]:
+    """The settings that differ; a setting the saved run does not know (added to the toolkit since) counts as
+    its default."""
     out = []
     for k in sorted(set(saved) | set(now)):
-        if saved.get(k) != now.get(k):
-            out.append(f"--{k} {now.get(k)} (the run used {saved.get(k)})")
+        was = saved[k] if k in saved else defaults.get(k)
+        if was != now.get(k):
+            out.append(f"--{k} {now.get(k)} (the run used {was})")
     return out
 
 
@@ -155,7 +163,7 @@ def prepare_out_dir(script: str, job) -> dict | None:
     if state.get("script") != script:
         raise UserError(f"--resume: '{out_dir}' holds a {SCRIPT_FILES.get(state.get('script'), '?')} run, "
                         f"not a {SCRIPT_FILES[script]} run")
-    diff = _differences(state["args"], comparable_args(job))
+    diff = _differences(state["args"], comparable_args(job), default_args(job))
     if diff:
         shown = ", ".join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else "")
         raise UserError(f"--resume: arguments differ from the interrupted run in '{out_dir}': {shown}; "
