@@ -112,6 +112,32 @@ def test_the_exported_files_read_back_as_the_native_run(attack, exported):
     assert ext_run.paths[5].endswith(os.path.join(str(int(y1[5])), "5.png"))
 
 
+def test_kuangliu_weights_and_a_folder_of_other_sizes_load_without_edits(tmp_path):
+    """A kuangliu-style {'net': DataParallel state dict} PreActResNet18 with BackdoorBench's CIFAR-10 normalisation
+    from --dataset, a folder of 36x36 images resized by --image_size, a test subset."""
+    torch.manual_seed(0)
+    ours = build_model("preactresnet18", 10, 3, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+    torch.save({"net": foreign_preact(ours, "module."), "acc": 93.0, "epoch": 10}, tmp_path / "ckpt.pth")
+    g = torch.Generator().manual_seed(1)
+    for i in range(12):
+        os.makedirs(tmp_path / "train" / f"class_{i % 3}", exist_ok=True)
+        img = torch.randint(0, 256, (36, 36, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(img).save(tmp_path / "train" / f"class_{i % 3}" / f"img{i}.png")
+    torch.save({"x": torch.zeros(30, 3, 32, 32, dtype=torch.uint8), "y": torch.arange(30) % 3}, tmp_path / "test.pt")
+    inp = DefenseInput(model_path=str(tmp_path / "ckpt.pth"), train_data=str(tmp_path / "train"),
+                       test_data=str(tmp_path / "test.pt"), dataset="cifar10", image_size=32)
+    inp.check()
+    src = DataSource(test_subset=10)
+    source = read_infected(inp, src)
+    run = load_infected(source, src, SpeedSettings(channels_last="off"), torch.device("cpu"))
+    assert inp.resolve(source).input_shape == (3, 32, 32) and run.meta["arch"] == "preactresnet18"
+    for k, v in ours.state_dict().items():
+        assert torch.equal(run.model.state_dict()[k], v), k
+    assert run.poisoned.data.x.shape == (12, 3, 32, 32) and run.poisoned.data.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert len(run.test) == 10 and run.truth is None and run.backdoor is None and run.augment.flip  # cifar10's
+    assert set(run.not_measurable()) == {"asr", "detection"}
+
+
 def test_suspects_rank_agreeing_stages_first_then_the_most_changed():
     consistency = torch.tensor([1.0, -0.5, 0.9, 0.2, 1.0, 0.6])
     order, scores, members = suspect_scores({"a": torch.tensor([1, 2, 3]), "b": torch.tensor([3, 5]),
