@@ -22,6 +22,9 @@ NO_OUT = "<no --out_dir>"
 BASE = {"train_blend.py": (*TINY_ATTACK, "--n_iters", "1"), "pbe_main.py": ("--device", "cpu"), "PUD.py": ("--device", "cpu")}
 
 A, P, U = "train_blend.py", "pbe_main.py", "PUD.py"
+# a model and data of other code (the tiny attack exported as files); later flags win
+EXT = ("--model_path", "{ext_w}", "--train_data", "{ext_train}", "--test_data", "{ext_test}", "--arch", "cnn",
+       "--num_classes", "10")
 CASES = [
     # train_blend.py: names and ranges
     (A, ("--dataset", "svhn"), "unknown dataset 'svhn'"),
@@ -66,7 +69,7 @@ CASES = [
     (A, ("--resume", "--out_dir", "{empty}"), "holds no saved state (state.pt), so there is nothing to resume"),
     (A, ("--resume", "--out_dir", "{finished}"), "the run in '{finished}' is finished"),
     (A, ("--resume", "--out_dir", "{torn_state}"), "state.pt' is unreadable or truncated"),
-    (A, ("--resume", "--out_dir", "{old_state}"), "has format version 0, this toolkit reads version 1"),
+    (A, ("--resume", "--out_dir", "{old_state}"), "has format version 0, this toolkit reads versions 1 and 2"),
     (A, ("--n_iters", "3", "--resume", "--out_dir", "{interrupted}"), "arguments differ from the interrupted run"),
     # pbe_main.py
     (P, ("--out_dir", "{out}"), "no checkpoint given; pass --model_path"),
@@ -115,6 +118,42 @@ CASES = [
     (U, ("--model_path", "{ck}", "--ema_decay", "2"), "--ema_decay must be in [0, 1]"),
     (U, ("--model_path", "{ck}", "--pud_lr", "0"), "--pud_lr must be positive"),
     (U, ("--model_path", "{ck}", "--class_split_tie", "1"), "--class_split_tie must be in [0, 1)"),
+    # a model and data of other code (--train_data), BackdoorBench (--from_backdoorbench)
+    (U, ("--model_path", "{ck}", "--test_data", "{ext_test}"), "--test_data is for a model and data of other code: it needs --train_data"),
+    (U, ("--model_path", "{ck}", "--allow_pickle"), "--allow_pickle is for a model and data of other code"),
+    (U, ("--from_backdoorbench", "{bb_v1}", "--model_path", "{ck}"), "--from_backdoorbench reads the model and data from the attack result; drop --model_path"),
+    (U, ("--model_path", "{ext_w}", "--train_data", "{ext_train}", "--arch", "cnn", "--num_classes", "10"), "--train_data needs a clean test set: pass --test_data"),
+    (U, ("--train_data", "{ext_train}", "--test_data", "{ext_test}"), "--train_data needs the model it trained: pass --model_path"),
+    (U, ("--model_path", "{ext_w}", "--train_data", "{ext_train}", "--test_data", "{ext_test}", "--num_classes", "10"), "a model of other code needs --arch"),
+    (U, ("--model_path", "{ext_w}", "--train_data", "{ext_train}", "--test_data", "{ext_test}", "--arch", "cnn"), "a model of other code needs --num_classes"),
+    (U, (*EXT, "--arch", "preactresnet18"), "the weights do not fit arch 'preactresnet18': keys"),
+    (U, (*EXT, "--num_classes", "43"), "pass --num_classes 10"),
+    (U, (*EXT, "--model_path", "{ext_w_nonorm}"), "the model's input normalisation is unknown: pass --mean and --std"),
+    (U, (*EXT, "--mean", "0.5", "0.5", "0.5"), "pass --mean and --std together"),
+    (U, (*EXT, "--mean", "0", "0", "0", "--std", "1", "1", "1"), "the weights carry their own normalisation"),
+    (U, (*EXT, "--model_path", "{ext_w_nonorm}", "--mean", "0", "--std", "1"), "--mean/--std give 1 value(s) but the images have 3 channel(s)"),
+    (U, (*EXT, "--std", "0", "1", "1"), "'0' is not a positive number"),
+    (U, (*EXT, "--model_path", "{ext_module}"), "holds pickled Python objects (models.normalize.NormalizedModel)"),
+    (U, (*EXT, "--model_path", "{ext_module}"), "if you trust the file, pass --allow_pickle"),
+    (U, (*EXT, "--train_data", "{ext_gray}"), "the training images have 1 channel(s) but the model's first layer (net.features.0.0.weight) takes 3"),
+    (U, (*EXT, "--test_data", "{ext_small}"), "holds 3x16x16 images (C x H x W), the model's are 3x32x32"),
+    (U, (*EXT, "--test_bd_data", "{ext_small}"), "--test_bd_data '{ext_small}' holds 3x16x16 images"),
+    (U, (*EXT, "--dataset", "mnist"), "--train_data holds 3x32x32 images, mnist's are 1x28x28"),
+    (U, (*EXT, "--train_data", "{ext_badlabel}"), "labels span [0, 12], outside [0, 10)"),
+    (U, (*EXT, "--train_data", "{ext_wrongkeys}"), "lacks 'x' and 'y' (keys found: images, labels)"),
+    (U, (*EXT, "--train_data", "{ext_floaty}"), "y must be a vector of integer labels, got torch.float32"),
+    (U, (*EXT, "--train_data", "{ext_emptydir}"), "has no class folders; expected root/<class>/<image>"),
+    (U, (*EXT, "--train_data", "{nodata}"), "does not exist; give an image folder"),
+    (U, (*EXT, "--poison_indices", "{ext_badidx}"), "indices span [0, 300], outside the training set's [0, 300)"),
+    (U, (*EXT, "--model_repair"), "--model_repair draws step 0's extra set from the clean training samples"),
+    (U, ("--model_path", "{ext_defended}"), "is a model defended on data of other code"),
+    (U, ("--from_backdoorbench", "{bb_v1}"), "is a BackdoorBench v1 attack result"),
+    (U, ("--from_backdoorbench", "{bb_vgg}"), "holds a BackdoorBench 'vgg19_bn'; supported: preactresnet18, resnet18"),
+    (U, ("--from_backdoorbench", "{ext_train}"), "is not a BackdoorBench attack_result.pt"),
+    (P, EXT, "AFT needs a clean extra set, and which training samples are clean is unknown"),
+    (P, (*EXT, "--progressive", "--extra_data", "{ext_test}"), "--extra_data is AFT's clean set; progressive PBE"),
+    (P, (*EXT, "--extra_data", "{ext_small}"), "--extra_data '{ext_small}' holds 3x16x16 images"),
+    (P, (*EXT, "--extra_data", "{ext_emptydir}"), "has no class folders"),
 ]
 
 
@@ -153,7 +192,48 @@ def inputs(tiny_attack_run, tmp_path_factory):
     open(state, "wb").write(data[:len(data) // 3])
     p["old_state"] = str(shutil.copytree(p["interrupted"], root / "old_state"))
     state = os.path.join(p["old_state"], "state.pt")
-    torch.save(dict(torch.load(state, weights_only=False), version=0), state)
+    torch.save(dict(torch.load(state, weights_only=True), version=0), state)
+    p.update(external_inputs(c, root))
+    return p
+
+
+def external_inputs(c: dict, root) -> dict:
+    """The tiny attack's model and data as files of other code, and broken variants of them."""
+    from models import build_model
+    from test_external import write_attack_result
+    from utils.data.datasets import ImageSet
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (300, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (300,), generator=g)
+    files = {
+        "ext_w": c["state_dict"],
+        "ext_w_nonorm": {k: v for k, v in c["state_dict"].items() if not k.startswith("normalize.")},
+        "ext_train": {"x": x, "y": y},
+        "ext_test": {"x": x[:40], "y": y[:40]},
+        "ext_gray": {"x": x[:, :1], "y": y},
+        "ext_small": {"x": x[:20, :, :16, :16], "y": y[:20]},
+        "ext_badlabel": {"x": x, "y": torch.where(torch.arange(300) == 7, 12, y)},
+        "ext_wrongkeys": {"images": x, "labels": y},
+        "ext_floaty": {"x": x, "y": y.float()},
+        "ext_badidx": torch.tensor([0, 300]),
+        "ext_defended": dict(c, trigger=None, attack_mode=None, target_label=None, poison_mode="given"),
+    }
+    p = {}
+    for name, obj in files.items():
+        p[name] = str(root / f"{name}.pt")
+        torch.save(obj, p[name])
+    model = build_model("cnn", 10)
+    model.load_state_dict(c["state_dict"])
+    p["ext_module"] = str(root / "module.pt")
+    torch.save(model, p["ext_module"])  # a whole pickled nn.Module
+    p["ext_emptydir"] = str(root / "emptydir")
+    os.makedirs(p["ext_emptydir"])
+    clean = (ImageSet(x[:24], y[:24], 10), ImageSet(x[:12], torch.arange(12) % 10, 10))
+    preact = build_model("preactresnet18", 10)
+    p["bb_v1"] = str(write_attack_result(root / "bb_v1", clean, preact, on_disk=False, bd_train={
+        "x": torch.zeros(4, 3, 32, 32), "y": torch.zeros(4), "original_index": None})[0])
+    p["bb_vgg"] = str(write_attack_result(root / "bb_vgg", clean, preact, on_disk=False, model_name="vgg19_bn")[0])
     return p
 
 

@@ -46,6 +46,22 @@ def test_pud_runs_end_to_end_and_writes_its_outputs(infected_run, tmp_path):
     model = model_from_checkpoint(ck, "cpu")
     assert ck["defense"]["name"] == "pud" and model is not None
 
+    # suspects.csv: the planted poisons (the attack's poisoned indices) come first
+    import csv
+
+    planted = set(load_checkpoint(str(infected_run / "model.pt"))["poisoned_indices"].tolist())
+    with open(out / "suspects.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
+    hit = [int(r["index"]) in planted for r in rows]
+    agreed = [h for r, h in zip(rows, hit) if ";" in r["stages"]]  # flagged by two stages or more: ranked first
+    assert len(agreed) >= 50 and all(agreed) and all(hit[:len(agreed)]), "".join("P" if h else "." for h in hit)
+    assert s["suspects"]["count"] == len(rows) and s["suspects"]["recall"] > 0.9
+    assert {r["stages"] for r in rows} <= {";".join(c) for c in (("spectre",), ("class_split",), ("poison_set",),
+            ("spectre", "class_split"), ("spectre", "poison_set"), ("class_split", "poison_set"),
+            ("spectre", "class_split", "poison_set"))}
+
 
 def test_poison_set_is_drawn_from_target_labelled_samples_by_default():
     """The bottom fraction counts over all samples but picks from the target-labelled ones (``all``: paper code)."""

@@ -131,3 +131,13 @@ def test_report_runs_as_a_module_without_torch(runs):
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") == 6
+
+
+def test_runs_on_models_and_data_of_other_code_are_labelled(tmp_path):
+    files = make_run(tmp_path / "files", {"defense": "pud", "final": {"clean_acc": 0.5, "robust_acc": 0.1}},
+                     {"dataset": None, "train_data": "train.pt", "trigger_type": None, "attack_mode": None})
+    bb = make_run(tmp_path / "bb", DEFENSE_SUMMARIES["aft"],
+                  {"dataset": "cifar10", "from_backdoorbench": "attack_result.pt", "trigger_type": None})
+    a, b = report.read_run(str(files)), report.read_run(str(bb))
+    assert (a["dataset"], a["attack"], a["asr"]) == (None, "other code", None)
+    assert (b["dataset"], b["attack"]) == ("cifar10", "backdoorbench")

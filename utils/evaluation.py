@@ -2,8 +2,10 @@
 
 ASR counts triggered test images predicted as their backdoor label, excluding images whose true
 label already is that label (the standard definition); ``asr_incl_target`` includes them, as the
-original PBE code did. All accuracies are fractions in [0,1]. ``all_logits`` is the model's view of
-every training sample, in index order (the defenses score and select samples by it).
+original PBE code did. Without a trigger (a model and data of other code) ASR comes from a triggered test
+set (``triggered``: images that carry the trigger, labelled with their backdoor labels): the share predicted
+as that label; without either, ASR is not measured. All accuracies are fractions in [0,1]. ``all_logits`` is
+the model's view of every training sample, in index order (the defenses score and select samples by it).
 """
 from __future__ import annotations
 
@@ -26,12 +28,20 @@ def log_line(prefix: str, rec: dict) -> str:
 
 def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch_size: int = 512,
              generator: torch.Generator | None = None, channels_last: bool = False,
-             indices: torch.Tensor | None = None) -> dict:
+             indices: torch.Tensor | None = None, triggered=None) -> dict:
     """Evaluate ``model`` on a test split (anything with ``batches``); returns a dict of fractions.
 
     Counts are summed on the device (one host sync at the end). ``indices`` restricts the pass to
     those test images (a rank's shard); under ``torchrun`` the counts of all ranks are summed.
+    ``triggered`` (only without ``backdoor``) is a triggered test set: its ``asr`` is the share of its images
+    predicted as their (backdoor) label.
     """
+    if triggered is not None:
+        if backdoor is not None:
+            raise ValueError("ASR comes from the trigger or from a triggered test set, not both")
+        out = evaluate(model, test, None, batch_size, generator, channels_last, indices)
+        hits = evaluate(model, triggered, None, batch_size, generator, channels_last)["clean_acc"]
+        return {**out, "asr": hits}
     if indices is None and dist.world_size() > 1:  # torchrun: same weights and BN statistics everywhere, own shard
         dist.sync_buffers(model)
         indices = dist.eval_shard(len(test))

@@ -185,7 +185,7 @@ def _gtsrb(spec: DatasetSpec, root: str, train: bool, download: bool) -> ImageSe
     split = "train" if train else "test"
     cache = os.path.join(root, "gtsrb", f"gtsrb_{split}_{spec.size}x{spec.size}.pt")
     if os.path.exists(cache):
-        d = torch.load(cache)
+        d = torch.load(cache, weights_only=True)  # our own cache: tensors only
         return ImageSet(d["x"], d["y"], spec.num_classes)
     hint = f"run 'bash gtsrb_download.sh {root}' on a connected machine or copy the GTSRB folder to '{root}/gtsrb'"
     try:

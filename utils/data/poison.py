@@ -9,6 +9,9 @@ For WaNet, ``cross_ratio * pc`` further images get the noise-mode warp with thei
 Clean-label poisoning (``among``: the target class's images, all2one) draws the poisoned images from
 those only, so the backdoor label is the image's own label: the labels are kept, as Barni et al.'s SIG
 and BackdoorBench run it.
+
+``GivenTrainSet`` is a training set someone else poisoned (images and labels as given, no trigger known): it
+has the same interface, so the defenses run on either without a special case.
 """
 from __future__ import annotations
 
@@ -86,6 +89,17 @@ class PoisonedTrainSet:
     def __len__(self) -> int:
         return len(self.data.y)
 
+    @property
+    def truth(self) -> torch.Tensor | None:
+        """The poisoned samples (a CPU bool mask) for detection metrics; None with ``batch`` poisoning, which
+        poisons other images in every epoch."""
+        return self.is_poison.cpu() if self.mode == "fixed" else None
+
+    def untouched(self) -> torch.Tensor | None:
+        """Indices of the images the attack left as they were (not poisoned, not WaNet noise-mode): the clean
+        images a model-repair defense may use. With ``batch`` poisoning the stored images are all clean."""
+        return torch.nonzero(~(self.is_poison | self.is_noise).cpu()).flatten()
+
     def batches(self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None, indices=None,
                 augment=None):
         """Yield poisoned (idx, x, y) batches from the underlying split.
@@ -117,3 +131,36 @@ class PoisonedTrainSet:
         if nmask.any():
             x[nmask] = self.backdoor.trigger.apply_noise(x[nmask], generator)
         return x, y
+
+
+class GivenTrainSet:
+    """A training set as another tool left it: the images already carry whatever trigger it used, the labels
+    are the ones it trained on. ``truth`` is the ground truth of the poisoned samples when the user gives it
+    (for detection metrics and the model-repair simulation only), else None: nothing here knows which they are.
+    """
+
+    mode = "given"
+    backdoor = None
+
+    def __init__(self, data: ImageSet, truth: torch.Tensor | None = None):
+        self.data = data
+        self.train_labels = data.y
+        self._truth = None if truth is None else truth.cpu().bool()
+
+    def __len__(self) -> int:
+        return len(self.data.y)
+
+    @property
+    def truth(self) -> torch.Tensor | None:
+        return self._truth
+
+    def untouched(self) -> torch.Tensor | None:
+        """The samples the ground truth calls clean; None without a ground truth."""
+        return None if self._truth is None else torch.nonzero(~self._truth).flatten()
+
+    def batches(self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None, indices=None,
+                augment=None):
+        """(idx, x, y) batches of the images as given; ``augment`` as for ``PoisonedTrainSet`` (there is no trigger
+        to apply after it)."""
+        for idx, x, y in self.data.batches(batch_size, shuffle=shuffle, generator=generator, indices=indices):
+            yield idx, (augment(x, generator) if augment is not None else x), y

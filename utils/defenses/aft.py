@@ -1,5 +1,7 @@
 """AFT: repair an infected model by fine-tuning it on a small clean extra set, the first epochs on PGD examples.
 
+The clean extra set is ``--extra_data`` (a set the defender holds) or a seeded ``--extra_ratio`` share of the
+training set's clean samples (the research simulation; it needs the ground truth of which those are).
 ``FinetuneSettings`` is the fine-tuning (learning rate and the PGD that makes its adversarial examples);
 PBE fine-tunes with the same settings. ``--adv_window`` (this toolkit's option; 0, the default, is the
 paper's whole-image PGD) confines each example to one random k x k window: with ``--adv_eps 1`` a
@@ -67,7 +69,12 @@ class FinetuneSettings(Settings):
 @dataclass(frozen=True)
 class AFTSettings(Settings):
     GROUP = "AFT (the default of pbe_main.py: a clean extra set)"
-    extra_ratio: float = opt(0.05, "size of the clean extra set, as a fraction of the training set", type=fraction)
+    extra_ratio: float = opt(0.05, "size of the clean extra set, as a fraction of the training set (drawn from its "
+                                   "clean samples: known for a model.pt of train_blend.py or with --poison_indices)",
+                             type=fraction)
+    extra_data: str | None = opt(None, "a clean extra set you hold instead (the model-repair setting): an image "
+                                       "folder or a .pt/.npz tensor file, used whole", metavar="PATH",
+                                 shown="--extra_ratio of the training set")
     aft_epochs: int = opt(20, "fine-tuning epochs", type=int)
     adv_epochs: int = opt(3, "how many of the first epochs fine-tune on PGD examples", type=int)
 
@@ -89,16 +96,20 @@ class AFTState:
 def run_aft(s, aft: AFTSettings, ft: FinetuneSettings) -> dict:
     """AFT on the session ``s``: fine-tune on a seeded clean extra set, the first ``adv_epochs`` epochs on PGD examples."""
     inf, bs = s.inf, s.job.run.bs
-    clean = clean_indices(inf.poisoned)
-    n_extra = max(1, int(round(aft.extra_ratio * len(inf.poisoned))))
-    if n_extra > len(clean):
-        raise UserError(f"--extra_ratio asks for {n_extra} clean images but only {len(clean)} training images are "
-                        "unpoisoned; lower --extra_ratio")
-    extra = clean[torch.randperm(len(clean), generator=s.gen)[:n_extra]].sort().values
+    if inf.extra is not None:  # the defender's own clean set (--extra_data), whole
+        data, n_extra = inf.extra, len(inf.extra)
+        extra = torch.arange(n_extra)
+    else:  # the model-repair simulation: a seeded share of the training set's clean samples
+        clean = clean_indices(inf.poisoned, "AFT without --extra_data")
+        n_extra = max(1, int(round(aft.extra_ratio * len(inf.poisoned))))
+        if n_extra > len(clean):
+            raise UserError(f"--extra_ratio asks for {n_extra} clean images but only {len(clean)} training images are "
+                            "unpoisoned; lower --extra_ratio")
+        extra = clean[torch.randperm(len(clean), generator=s.gen)[:n_extra]].sort().values
+        data = inf.poisoned.data  # the images as stored: extra indices were never poisoned
     opt = make_optimizer(inf.model, ft.ft_lr)
     objects = {"model": inf.model, "opt": opt}
     attack = ft.pgd()
-    data = inf.poisoned.data  # the clean images themselves: extra indices were never poisoned
     with s.ctl:
         st = s.start(AFTState(extra=extra), **objects)
         for epoch in range(st.epoch + 1, aft.aft_epochs + 1):
@@ -110,7 +121,8 @@ def run_aft(s, aft: AFTSettings, ft: FinetuneSettings) -> dict:
             s.log(rec, f"aft epoch {epoch}/{aft.aft_epochs}{' (adv)' if adv else ''}")
             st.epoch = epoch
             s.save(f"aft epoch {epoch}", st, **objects)
-        settings = {"extra_size": n_extra, "extra_ratio": aft.extra_ratio, "aft_epochs": aft.aft_epochs,
+        settings = {"extra_size": n_extra, "extra_ratio": aft.extra_ratio if inf.extra is None else None,
+                    "extra_data": aft.extra_data, "aft_epochs": aft.aft_epochs,
                     "adv_epochs": aft.adv_epochs, "lr": ft.ft_lr, "pgd": attack.settings(),
                     "clean_weight": ft.clean_weight}
         return s.finish(settings)

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from utils.defenses.class_split import split_target_class
-from utils.defenses.selection import detection_stats, poison_share
+from utils.defenses.selection import detection_stats, poison_count, poison_share, shown
 from utils.defenses.spectre import layer_representations, spectre_filter
-from utils.run.progress import n_batches, progress
 from utils.evaluation import all_logits
 from utils.run import distributed as dist
+from utils.run.progress import n_batches, progress
 from utils.settings import Settings, fraction, opt, require
 
 DECISIVE_LEAD = 2.0  # a decisive vote: the winner has at least this many times the runner-up's votes (and is not weak)
@@ -75,10 +75,11 @@ def spectre_flags(reps: torch.Tensor, indices: torch.Tensor, fraction: float) ->
     return dist.broadcast(indices[res.flagged_mask.cpu()].sort().values)
 
 
-def removed_record(removed: torch.Tensor, considered: int, truth: torch.Tensor) -> dict:
+def removed_record(removed: torch.Tensor, considered: int, truth: torch.Tensor | None) -> dict:
+    """What a filter removed; precision and the poison count are None without a ground truth."""
     return {"considered": considered, "removed": len(removed),
             "precision": poison_share(removed, truth) if len(removed) else None,
-            "removed_poison": int(truth[removed].sum()) if len(removed) else 0}
+            "removed_poison": poison_count(removed, truth)}
 
 
 def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits: torch.Tensor | None, seed: int,
@@ -86,7 +87,7 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
     """SPECTRE and (if ``settings.class_split``) the split on the training samples labelled ``cls``: their flagged
     indices and the records. ``spectre``/``split`` False skip that filter (the decision needs only the splits)."""
     layer, split = settings.spectre_layer, split and bool(settings.class_split)
-    truth = poisoned.is_poison.cpu()
+    truth = poisoned.truth  # None: no ground truth (data of other code without --poison_indices)
     idx = torch.nonzero(poisoned.train_labels.cpu() == cls).flatten()
     out = {"class": cls, "indices": idx, "spectre": torch.zeros(0, dtype=torch.long),
            "split": torch.zeros(0, dtype=torch.long), "split_applied": False}
@@ -158,6 +159,7 @@ class FilterOutcome:
     removed: torch.Tensor  # the samples the filter removed (sorted indices)
     pool: torch.Tensor  # the rest
     record: dict  # for summary.json: what was removed, with what precision, per class; the pool's purity
+    stages: dict  # filter name -> what it removed (for suspects.csv)
 
 
 def filter_classes_and_decide(reference, poisoned, filt: FilterSettings, target: dict, seed: int, batch_size: int,
@@ -166,7 +168,7 @@ def filter_classes_and_decide(reference, poisoned, filt: FilterSettings, target:
     ``target`` record as ``used`` and ``decision``): with a confirmed target only that class's flags are removed
     (the paper's target-class filtering, plus the split), without one every class's."""
     n = len(poisoned)
-    truth = poisoned.is_poison.cpu()
+    truth = poisoned.truth  # None: no ground truth (data of other code without --poison_indices)
     classes = range(poisoned.data.num_classes)
     none = torch.zeros(0, dtype=torch.long)
     per_class = [{"class": c, "indices": torch.nonzero(poisoned.train_labels.cpu() == c).flatten(), "spectre": none,
@@ -190,7 +192,7 @@ def filter_classes_and_decide(reference, poisoned, filt: FilterSettings, target:
     record = {**removed_record(spectre, considered, truth), "recall": detection_stats(spectre, truth)["recall"]}
     where = "every class" if decision["target"] is None else f"class {decision['target']}"
     print(f"initial SPECTRE: removed {len(spectre)} of {considered} samples of {where} "
-          f"({record['removed_poison']} truly poisoned)", flush=True)
+          f"({shown(record['removed_poison'], 'd')} truly poisoned)", flush=True)
     removed = spectre
     if filt.class_split:
         split = torch.cat([f["split"] for f in chosen]).unique()
@@ -201,7 +203,7 @@ def filter_classes_and_decide(reference, poisoned, filt: FilterSettings, target:
             print(f"target-class split: clusters {sp['cluster_sizes']}, non-target confidence "
                   f"{sp['cluster_confidence']}, spread over {sp['cluster_spread']} classes; " + (
                       f"removed cluster {sp['suspicious_cluster']}: {sp['removed']} samples "
-                      f"({sp['removed_poison']} truly poisoned)" if sp["applied"]
+                      f"({shown(sp['removed_poison'], 'd')} truly poisoned)" if sp["applied"]
                       else "not applied (the more confident cluster does not spread over more classes)"), flush=True)
         else:
             record["class_split"] = {**removed_record(split, considered, truth), "applied_in": split_classes,
@@ -214,5 +216,6 @@ def filter_classes_and_decide(reference, poisoned, filt: FilterSettings, target:
               "filtered_recall": detection_stats(removed, truth)["recall"],
               "pool_size": len(pool), "pool_poison_share": poison_share(pool, truth),
               "classes": [f["record"] for f in per_class]}
-    print(f"pool {len(pool)} samples, {record['pool_poison_share']:.3%} truly poisoned", flush=True)
-    return FilterOutcome(removed, pool, record)
+    print(f"pool {len(pool)} samples, {shown(record['pool_poison_share'], '.3%')} truly poisoned", flush=True)
+    stages = {"spectre": spectre, **({"class_split": split} if filt.class_split else {})}
+    return FilterOutcome(removed, pool, record, stages)

@@ -22,7 +22,7 @@ import torch
 from utils.defenses.aft import AFTSettings, FinetuneSettings, run_aft
 from utils.defenses.filtering import FilterSettings, filter_classes_and_decide
 from utils.defenses.selection import (INIT_POOLS, bottom_fraction, consistency_scores, detection_stats,
-                                      poison_candidates, poison_share, top_fraction)
+                                      poison_candidates, poison_share, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.evaluation import all_logits
@@ -82,9 +82,11 @@ class PBESettings(Settings):
 
 @dataclass(frozen=True, kw_only=True)
 class PBEJob(DefenseJob):
-    """Repair a backdoor-infected model written by train_blend.py: AFT fine-tunes it on a small clean extra set,
-    the first epochs on PGD examples (the default); --progressive runs PBE, which needs no clean data and
-    re-selects its extra set by consistency round by round."""
+    """Repair a backdoor-infected model (a model.pt written by train_blend.py, a model and training set of other
+    code with --train_data, or --from_backdoorbench): AFT fine-tunes it on a small clean extra set (--extra_data,
+    or a share of the training set's known-clean samples), the first epochs on PGD examples (the default);
+    --progressive runs PBE, which needs no clean data, re-selects its extra set by consistency round by round
+    and lists its detections in suspects.csv."""
 
     KEY = "pbe"
     finetune: FinetuneSettings
@@ -96,14 +98,22 @@ class PBEJob(DefenseJob):
     def check(self) -> None:
         super().check()
         self.pbe.check_for(self.finetune)
+        require(not (self.pbe.progressive and self.aft.extra_data),
+                "--extra_data is AFT's clean set; progressive PBE (--progressive) uses no clean data: drop one of them")
 
-    def check_for_checkpoint(self, ck: dict) -> None:
+    def check_for_input(self, src) -> None:
         inp = self.infected
         self.finetune.check_for(inp.input_shape)
-        self.target.check_for(inp.num_classes, inp.dataset)
+        self.target.check_for(inp.num_classes, inp.dataset or src.origin)
+        require(self.pbe.progressive or self.aft.extra_data or src.clean_known,
+                "AFT needs a clean extra set, and which training samples are clean is unknown: pass --extra_data "
+                "(clean images you hold, a folder or tensor file), or --poison_indices, or run --progressive PBE")
 
-    def for_checkpoint(self, ck: dict) -> "PBEJob":
-        job = super().for_checkpoint(ck)
+    def extra_data(self) -> str | None:
+        return self.aft.extra_data
+
+    def for_input(self, src) -> "PBEJob":
+        job = super().for_input(src)
         return job.replace(filter=job.filter.for_arch(job.infected.arch))
 
     def check_model(self, model) -> None:
@@ -132,6 +142,7 @@ class PBEState:
     extra: torch.Tensor | None = None
     quarantine: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     rounds: list = field(default_factory=list)
+    flagged: list = field(default_factory=list)  # each round's detected poison (indices), for suspects.csv
 
 
 def round_lr(ft_lr: float, later_lr: float | None, r: int) -> float:
@@ -161,9 +172,10 @@ def top_share_outside(scores: torch.Tensor, fraction: float, excluded: torch.Ten
     return sel[~torch.isin(sel, excluded)]
 
 
-def backdoor_hit_rate(logits: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor) -> float | None:
-    """Share of the truly poisoned training samples the model still gives their backdoor label (a diagnostic)."""
-    if not bool(is_poison.any()):
+def backdoor_hit_rate(logits: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor | None) -> float | None:
+    """Share of the truly poisoned training samples the model still gives their backdoor label (a diagnostic);
+    None without a ground truth."""
+    if is_poison is None or not bool(is_poison.any()):
         return None
     return float((logits.argmax(1)[is_poison] == labels[is_poison]).float().mean())
 
@@ -177,7 +189,7 @@ def run_pbe(job: PBEJob) -> dict:
     s = DefenseSession(job, "pbe")
     job, inf = s.job, s.inf
     ft, pbe = job.finetune, job.pbe
-    truth = inf.poisoned.is_poison.cpu()
+    truth = inf.truth
     labels = inf.poisoned.train_labels.cpu()
     opt = make_optimizer(inf.model, ft.ft_lr)  # one optimizer across rounds, as in the paper code
     objects = {"model": inf.model, "opt": opt}
@@ -186,8 +198,8 @@ def run_pbe(job: PBEJob) -> dict:
     with s.ctl:
         st = s.start(PBEState(), **objects)
         if st.target is None:
-            st.target = choose_target(job.target, inf.backdoor, lambda: estimate_target(
-                inf.reference, inf.poisoned.data, job.target, inf.backdoor.num_classes, eval_bs, s.gen, s.cl),
+            st.target = choose_target(job.target, inf.true_target, lambda: estimate_target(
+                inf.reference, inf.poisoned, job.target, inf.num_classes, eval_bs, s.gen, s.cl),
                 always_vote=True)
             out = filter_classes_and_decide(inf.reference, inf.poisoned, job.filter, st.target, job.run.seed, eval_bs,
                                             s.cl)
@@ -206,7 +218,7 @@ def run_pbe(job: PBEJob) -> dict:
         for r in range(st.round, pbe.rounds):
             purity = poison_share(st.extra, truth)
             if st.epoch == 0:
-                print(f"round {r}: extra set {len(st.extra)} samples, {purity:.3%} truly poisoned", flush=True)
+                print(f"round {r}: extra set {len(st.extra)} samples, {shown(purity, '.3%')} truly poisoned", flush=True)
             lr = round_lr(ft.ft_lr, pbe.later_lr, r)
             for e in range(st.epoch, pbe.round_epochs):
                 st.epoch_global += 1
@@ -240,7 +252,8 @@ def run_pbe(job: PBEJob) -> dict:
                     "target_label": job.target.target_label, "init_pool": pbe.init_pool,
                     "argmax_penalty": pbe.argmax_penalty, "quarantine": pbe.quarantine,
                     "poison_candidates": pbe.poison_candidates}
-        return s.finish(settings, {"target": st.target, "filtering": st.filtering, "rounds": st.rounds})
+        return s.finish(settings, {"target": st.target, "filtering": st.filtering, "rounds": st.rounds},
+                        suspects={f"round {r}": idx for r, idx in enumerate(st.flagged)})
 
 
 def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logits, candidates, truth, labels) -> dict:
@@ -249,6 +262,7 @@ def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logi
     cur_logits = all_logits(s.inf.model, s.inf.poisoned, s.job.run.eval_bs, s.cl)
     scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=bool(pbe.argmax_penalty))
     flagged = bottom_fraction(scores, pbe.detect_fraction, candidates)
+    st.flagged.append(flagged)
     det = detection_stats(flagged, truth)
     if pbe.quarantine:
         st.quarantine = torch.cat([st.quarantine, flagged]).unique()
@@ -265,11 +279,10 @@ def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logi
         info["next_extra_poison_share"] = poison_share(st.extra, truth)
     if pbe.quarantine:
         print(f"round {r}: quarantine {info['quarantine_flagged']} samples, precision "
-              f"{info['quarantine_precision']:.3f} recall {info['quarantine_recall']:.3f}", flush=True)
-    hit = info["poison_still_backdoor"]
-    nxt = (f"; next extra set {len(st.extra)} ({info['next_extra_poison_share']:.3%} poisoned)"
+              f"{shown(info['quarantine_precision'])} recall {shown(info['quarantine_recall'])}", flush=True)
+    nxt = (f"; next extra set {len(st.extra)} ({shown(info['next_extra_poison_share'], '.3%')} poisoned)"
            if "next_extra_size" in info else "")
-    print(f"round {r}: lowest {pbe.detect_fraction:.0%} as poison -> precision {det['precision']:.3f} "
-          f"recall {det['recall']:.3f}; poisoned samples still given the backdoor label "
-          f"{'-' if hit is None else f'{hit:.3f}'}{nxt}", flush=True)
+    print(f"round {r}: lowest {pbe.detect_fraction:.0%} as poison -> precision {shown(det['precision'])} "
+          f"recall {shown(det['recall'])}; poisoned samples still given the backdoor label "
+          f"{shown(info['poison_still_backdoor'])}{nxt}", flush=True)
     return info

@@ -31,8 +31,9 @@ from utils.adversarial import PGD
 from utils.defenses.filtering import (FilterSettings, class_representations, filter_classes_and_decide,
                                       removed_record, spectre_flags)
 from utils.defenses.mean_teacher import ema_update, softmax_consistency
-from utils.defenses.selection import (POISON_CANDIDATES, bottom_fraction, clean_indices, consistency_scores,
-                                      detection_stats, poison_candidates, poison_share, top_fraction)
+from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, bottom_fraction, clean_indices,
+                                      consistency_scores, detection_stats, poison_candidates, poison_count,
+                                      poison_share, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import unlearning_loss
@@ -134,22 +135,26 @@ class PUDSettings(Settings):
 
 @dataclass(frozen=True, kw_only=True)
 class PUDJob(DefenseJob):
-    """Purify a backdoor-infected model written by train_blend.py without clean data: PUD filters the target
-    class (SPECTRE and a class split), fine-tunes progressively on PGD examples of a growing, re-scored extra
-    set, unlearns the identified poisons and ends with a mean-teacher stage."""
+    """Purify a backdoor-infected model without clean data (a model.pt written by train_blend.py, a model and
+    training set of other code with --train_data, or --from_backdoorbench): PUD filters the target class
+    (SPECTRE and a class split), fine-tunes progressively on PGD examples of a growing, re-scored extra set,
+    unlearns the identified poisons and ends with a mean-teacher stage; suspects.csv lists what it flagged."""
 
     KEY = "pud"
     target: TargetSettings
     filter: FilterSettings
     pud: PUDSettings
 
-    def check_for_checkpoint(self, ck: dict) -> None:
-        if ck["poisoned_indices"] is None:
+    def check_for_input(self, src) -> None:
+        if src.ck is not None and src.ck["poisoned_indices"] is None:
             raise UserError(NO_POISON_INDICES)
-        self.target.check_for(self.infected.num_classes, self.infected.dataset)
+        require(not self.pud.model_repair or src.clean_known,
+                f"--model_repair draws step 0's extra set from the clean training samples, but {NO_CLEAN_KNOWN}; pass "
+                "--poison_indices or drop --model_repair")
+        self.target.check_for(self.infected.num_classes, self.infected.dataset or src.origin)
 
-    def for_checkpoint(self, ck: dict) -> "PUDJob":
-        job = super().for_checkpoint(ck)
+    def for_input(self, src) -> "PUDJob":
+        job = super().for_input(src)
         return job.replace(filter=job.filter.for_arch(job.infected.arch))
 
     def check_model(self, model) -> None:
@@ -180,6 +185,7 @@ class PUDState:
     reference: dict | None = None  # the frozen copy's weights, taken when unlearning began
     teacher: dict | None = None
     gstep: int = 0  # EMA steps of the teacher
+    removed: dict = field(default_factory=dict)  # the initial filtering's removals per stage, for suspects.csv
 
 
 def run_pud(job: PUDJob) -> dict:
@@ -212,10 +218,11 @@ def run_pud(job: PUDJob) -> dict:
             s.save("unlearning", st, **objects)
         if st.stage == "mean_teacher":
             mean_teacher(s, st, objects)
-        settings = {**s.job.target.as_dict(), **pud.as_dict()}
+        settings = {**s.job.target.as_dict(), **s.job.filter.as_dict(), **pud.as_dict()}
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
         return s.finish(settings, {"target": st.target, "spectre_initial": st.spectre_initial, "steps": st.steps,
-                                   "unlearning": st.unlearning, "mt_refresh": st.mt_refresh})
+                                   "unlearning": st.unlearning, "mt_refresh": st.mt_refresh},
+                        suspects={**st.removed, "poison_set": st.poison_set})
 
 
 # ----- 1. the target ------------------------------------------------------------------------------------------
@@ -223,8 +230,8 @@ def run_pud(job: PUDJob) -> dict:
 def find_target(s: DefenseSession) -> dict:
     """The PGD vote (also when a target is given: it is evidence for the decision after the filtering)."""
     inf, job = s.inf, s.job
-    return choose_target(job.target, inf.backdoor, lambda: estimate_target(
-        inf.reference, inf.poisoned.data, job.target, inf.backdoor.num_classes, job.run.eval_bs, s.gen, s.cl),
+    return choose_target(job.target, inf.true_target, lambda: estimate_target(
+        inf.reference, inf.poisoned, job.target, inf.num_classes, job.run.eval_bs, s.gen, s.cl),
         always_vote=True)
 
 
@@ -236,8 +243,8 @@ def filter_training_set(s: DefenseSession, st: PUDState) -> None:
     pud, inf = s.job.pud, s.inf
     out = filter_classes_and_decide(inf.reference, inf.poisoned, s.job.filter, st.target, s.job.run.seed,
                                     s.job.run.eval_bs, s.cl)
-    st.pool, st.filtered, st.spectre_initial = out.pool, out.removed, out.record
-    pick = clean_indices(inf.poisoned) if pud.model_repair else out.pool
+    st.pool, st.filtered, st.spectre_initial, st.removed = out.pool, out.removed, out.record, out.stages
+    pick = clean_indices(inf.poisoned, "--model_repair") if pud.model_repair else out.pool
     k0 = max(1, int(round(pud.init_ratio * len(pick))))
     st.extra = pick[torch.randperm(len(pick), generator=s.gen)[:k0]].sort().values
 
@@ -247,7 +254,7 @@ def filter_training_set(s: DefenseSession, st: PUDState) -> None:
 def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
     """The steps from the cursor (step, epoch within the step); ``step_info`` marks a started step."""
     pud, inf = s.job.pud, s.inf
-    truth = inf.poisoned.is_poison.cpu()
+    truth = inf.truth
     labels = inf.poisoned.train_labels.cpu()
     ref_logits = all_logits(inf.reference, inf.poisoned, s.job.run.eval_bs, s.cl)
     target = st.target["used"]
@@ -263,7 +270,7 @@ def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
             s.save(f"pud step {step}", st, **objects)
 
 
-def start_step(s: DefenseSession, st: PUDState, step: int, truth: torch.Tensor, labels: torch.Tensor) -> None:
+def start_step(s: DefenseSession, st: PUDState, step: int, truth: torch.Tensor | None, labels: torch.Tensor) -> None:
     """A step's start: from step 1 on, SPECTRE on the extra set's target part removes its most suspicious share."""
     pud = s.job.pud
     extra, target = st.extra, st.target["used"]
@@ -285,7 +292,8 @@ def start_step(s: DefenseSession, st: PUDState, step: int, truth: torch.Tensor, 
         info["extra_size_after_spectre"] = len(extra)
         info["extra_poison_share_after_spectre"] = poison_share(extra, truth)
     st.extra, st.step_info = extra, info
-    print(f"step {step}: extra set {len(extra)} samples, {poison_share(extra, truth):.3%} truly poisoned", flush=True)
+    print(f"step {step}: extra set {len(extra)} samples, {shown(poison_share(extra, truth), '.3%')} truly poisoned",
+          flush=True)
 
 
 def train_step(s: DefenseSession, st: PUDState, step: int, objects: dict) -> None:
@@ -330,8 +338,8 @@ def score_step(s: DefenseSession, st: PUDState, step: int, ref_logits, candidate
         info["next_extra_poison_share"] = poison_share(st.extra, truth)
     st.steps.append(info)
     s.run.log({"step_summary": info, "epoch": st.epoch_global})
-    print(f"step {step}: poison set {len(st.poison_set)} precision {det['precision']:.3f} recall {det['recall']:.3f}",
-          flush=True)
+    print(f"step {step}: poison set {len(st.poison_set)} precision {shown(det['precision'])} recall "
+          f"{shown(det['recall'])}", flush=True)
 
 
 # ----- 4. unlearning ------------------------------------------------------------------------------------------
@@ -388,7 +396,7 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
     record["clipped"] = record["clipped_batches"] > 0
 
 
-def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor, target: int | None,
+def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor | None, target: int | None,
                   predictions: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Drop the target-labelled extra samples the model (``predictions`` of every training sample) no longer calls
     the target (with no confirmed target, ``None``: every extra sample it no longer gives its label); returns the
@@ -402,7 +410,7 @@ def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Te
         drop = predictions[extra] != labels[extra]
     else:
         drop = (labels[extra] == target) & (predictions[extra] != target)
-    info = {"dropped": int(drop.sum()), "dropped_poison": int(is_poison[extra[drop]].sum()),
+    info = {"dropped": int(drop.sum()), "dropped_poison": poison_count(extra[drop], is_poison),
             "extra_poison_share_before": poison_share(extra, is_poison)}
     kept = extra[~drop]
     info["extra_poison_share_after"] = poison_share(kept, is_poison)
@@ -412,12 +420,12 @@ def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Te
 def refresh_before_teacher(s: DefenseSession, st: PUDState) -> dict:
     inf = s.inf
     preds = all_logits(inf.model, inf.poisoned, s.job.run.eval_bs, s.cl).argmax(1)
-    st.extra, info = refresh_extra(st.extra, inf.poisoned.train_labels.cpu(), inf.poisoned.is_poison.cpu(),
+    st.extra, info = refresh_extra(st.extra, inf.poisoned.train_labels.cpu(), inf.truth,
                                    st.target["used"], preds)
     what = "target-labelled samples no longer predicted as the target" if st.target["used"] is not None else \
         "samples no longer predicted as their label"
-    print(f"mean-teacher set: dropped {info['dropped']} {what} ({info['dropped_poison']} truly poisoned); "
-          f"{info['extra_poison_share_after']:.3%} poisoned remain", flush=True)
+    print(f"mean-teacher set: dropped {info['dropped']} {what} ({shown(info['dropped_poison'], 'd')} truly poisoned); "
+          f"{shown(info['extra_poison_share_after'], '.3%')} poisoned remain", flush=True)
     return info
 
 

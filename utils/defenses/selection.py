@@ -3,21 +3,27 @@
 ``consistency_scores`` is PBE's cosine similarity of the infected and current models' logits (PUD
 subtracts 0.5 where the arg-max changed): high means the sample kept its meaning while the backdoor was
 weakened, i.e. likely clean. ``POISON_CANDIDATES`` and ``INIT_POOLS`` are the registries of where a
-poison set and PBE's round-0 extra set are drawn from.
+poison set and PBE's round-0 extra set are drawn from. Without a ground truth (a training set of other code
+given without its poisoned indices) ``truth`` is None and every detection figure is None: not measurable.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from utils.data.poison import PoisonedTrainSet
 from utils.run.errors import UserError
 
+NO_CLEAN_KNOWN = ("which training samples are clean is unknown (a training set of other code without "
+                  "--poison_indices)")
 
-def clean_indices(poisoned: PoisonedTrainSet) -> torch.Tensor:
-    """Indices of training images the attack left untouched (not poisoned, not WaNet noise-mode)."""
-    bad = (poisoned.is_poison | poisoned.is_noise).cpu()
-    return torch.nonzero(~bad).flatten()
+
+def clean_indices(poisoned, why: str) -> torch.Tensor:
+    """Indices of training images the attack left untouched (the model-repair simulation's clean data); ``why``
+    names what needs them, for the error when no ground truth says which they are."""
+    idx = poisoned.untouched()
+    if idx is None:
+        raise UserError(f"{why} needs clean training samples, but {NO_CLEAN_KNOWN}; {why} cannot run on it")
+    return idx
 
 
 def consistency_scores(ref_logits: torch.Tensor, cur_logits: torch.Tensor, argmax_penalty: bool = False) -> torch.Tensor:
@@ -55,8 +61,11 @@ def bottom_fraction(scores: torch.Tensor, fraction: float, among: torch.Tensor |
     return idx[torch.argsort(scores[idx], stable=True)[:k]].sort().values
 
 
-def detection_stats(flagged: torch.Tensor, is_poison: torch.Tensor) -> dict:
-    """Precision / recall / FPR of ``flagged`` indices as a poison detector against the ground truth."""
+def detection_stats(flagged: torch.Tensor, is_poison: torch.Tensor | None) -> dict:
+    """Precision / recall / FPR of ``flagged`` indices as a poison detector against the ground truth (None
+    without one)."""
+    if is_poison is None:
+        return {"precision": None, "recall": None, "fpr": None, "flagged": len(torch.unique(flagged))}
     truth = is_poison.cpu()
     mask = torch.zeros_like(truth)
     mask[flagged.cpu()] = True
@@ -68,11 +77,23 @@ def detection_stats(flagged: torch.Tensor, is_poison: torch.Tensor) -> dict:
             "flagged": int(mask.sum())}
 
 
-def poison_share(indices: torch.Tensor, is_poison: torch.Tensor) -> float:
-    """Share of truly poisoned samples in a set of indices (the extra set's impurity)."""
+def poison_share(indices: torch.Tensor, is_poison: torch.Tensor | None) -> float | None:
+    """Share of truly poisoned samples in a set of indices (the extra set's impurity); None without a ground truth."""
+    if is_poison is None:
+        return None
     if len(indices) == 0:
         return 0.0
     return float(is_poison.cpu()[indices.cpu()].float().mean())
+
+
+def poison_count(indices: torch.Tensor, is_poison: torch.Tensor | None) -> int | None:
+    """How many of ``indices`` are truly poisoned; None without a ground truth."""
+    return None if is_poison is None else int(is_poison.cpu()[indices.cpu()].sum())
+
+
+def shown(value, spec: str = ".3f") -> str:
+    """A figure for a progress line: formatted, or ``n/a`` where it is not measurable (None)."""
+    return "n/a" if value is None else format(value, spec)
 
 
 # Where a poison set / poison detector picks its samples from, given the training labels, the (estimated) target and
@@ -105,3 +126,22 @@ INIT_POOLS = {
     "filtered": lambda labels, target, kept: kept,  # what SPECTRE and the class split kept, every class
     "all": lambda labels, target, kept: torch.arange(len(labels)),  # the paper code
 }
+
+
+def suspect_scores(stages: dict, consistency: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The samples any stage flagged, most suspicious first: (indices, their scores, stage -> flagged set).
+
+    score = the number of stages that flagged the sample + (1 - consistency) / 1.5, where ``consistency``
+    is ``consistency_scores`` of the infected and the defended model with the arg-max penalty (in [-0.5, 1]):
+    the integer part counts the defense's detectors that agree, the fraction (in [0, 1]) is how far the
+    defense moved the model's view of the sample (above 1/3 its prediction changed). Ties by index.
+    """
+    flagged = {name: idx.cpu().long().unique() for name, idx in stages.items() if idx is not None}
+    n = len(consistency)
+    votes = torch.zeros(n)
+    for idx in flagged.values():
+        votes[idx] += 1
+    union = torch.nonzero(votes > 0).flatten()
+    score = votes + (1 - consistency.cpu().float()).clamp(0, 1.5) / 1.5
+    order = union[torch.argsort(-score[union], stable=True)]
+    return order, score[order], {name: set(idx.tolist()) for name, idx in flagged.items()}

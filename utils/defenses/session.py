@@ -1,25 +1,30 @@
 """A defense run's set-up, evaluation, outputs and resumable state (AFT, PBE and PUD all use one ``DefenseSession``).
 
-The session reads the infected checkpoint once, resolves the job's checkpoint-derived settings and checks
-them (all before any output), takes the run folder, and rebuilds the infected run. A defense keeps its
+The session reads the infected model and its data once (a toolkit checkpoint, files of other code or a
+BackdoorBench result: ``utils.defenses.infected``), resolves the job's source-derived settings and checks
+them (all before any output), takes the run folder, and builds the infected run. A defense keeps its
 loop cursor and loop-carried values in one typed state object, starts with ``state = s.start(state,
 **objects)`` (a fresh run evaluates the infected model and saves the first state; a resumed run gets the
 saved state back) and calls ``s.save(position, state, **objects)`` at its epoch and stage boundaries. The
-work runs inside ``with s.ctl:`` (signals, failure record).
+work runs inside ``with s.ctl:`` (signals, failure record). ``finish`` writes model.pt, summary.json, the
+curves and, for a defense that flags samples, ``suspects.csv``.
 """
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass, fields
 
 from models.speed import SpeedSettings
 from utils.adversarial import RobustEvalSettings, robust_eval
 from utils.autoattack import final_robustness
 from utils.data.build import DataSource
-from utils.defenses.infected import DefenseInput, InfectedRun, load_infected
-from utils.evaluation import evaluate, log_line
+from utils.defenses.infected import DefenseInput, InfectedRun, InfectedSource, load_infected, read_infected
+from utils.defenses.selection import consistency_scores, detection_stats, suspect_scores
+from utils.evaluation import all_logits, evaluate, log_line
 from utils.figures import write_figures
 from utils.run import distributed as dist
-from utils.run.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from utils.run.checkpoint import checkpoint_payload, save_checkpoint
 from utils.run.resume import RunControl, prepare_out_dir
 from utils.run.runlog import RunDir, default_out_dir
 from utils.run.runtime import RunSettings, pick_device, seed_everything
@@ -28,6 +33,8 @@ from utils.settings import Job
 SCRIPT_OF = {"aft": "pbe", "pbe": "pbe", "pud": "pud"}
 SUMMARY_KEYS = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "robust_acc", "autoattack_acc", "noise_acc")
 META_KEYS = ("arch", "arch_kwargs", "dataset", "num_classes", "input_size", "seed")
+SUSPECTS_FILE = "suspects.csv"
+SUSPECTS_COLUMNS = ("rank", "index", "path", "label", "score", "stages")
 
 
 def late_asr(history: list[dict]) -> dict:
@@ -49,14 +56,14 @@ class DefenseSession:
     """Set-up, evaluation, outputs and resumable state shared by the defense scripts (AFT, PBE, PUD)."""
 
     def __init__(self, job, name: str):
-        ck = load_checkpoint(job.infected.model_path)  # the one read of the checkpoint
-        self.job = job = job.for_checkpoint(ck)  # checkpoint-derived settings, checked before any output
+        src = read_infected(job.infected, job.source)  # the one read of the model and data files
+        self.job = job = job.for_input(src)  # source-derived settings, checked before any output
         self.name = name
         job.run.apply_threads()
         self.device = dist.init(pick_device(job.run.device))  # torchrun: join the group, this rank's device
         loaded = prepare_out_dir(SCRIPT_OF[name], job)
         self.gen = seed_everything(job.run.seed)
-        self.inf: InfectedRun = load_infected(ck, job.source, job.speed, self.device)
+        self.inf: InfectedRun = load_infected(src, job.source, job.speed, self.device, job.extra_data())
         job.check_model(self.inf.model)
         self.train_model = dist.wrap(self.inf.model, self.device)  # DDP under torchrun, else the model itself
         self.cl = job.speed.use_channels_last
@@ -72,9 +79,9 @@ class DefenseSession:
             self.initial, self.history = saved["initial"], saved["history"]
             return type(state)(**saved["loop"])
         self.run.start(dict(self.job.flat(), defense=self.name, device_used=str(self.device)))
-        ck = self.inf.ck
-        print(f"{self.name}: {ck['trigger']['type']} {ck['attack_mode']} {ck['dataset']} model from "
-              f"{self.job.infected.model_path} on {self.device}; writing to {self.job.run.out_dir}", flush=True)
+        print(f"{self.name}: {self.inf.describe()} on {self.device}; writing to {self.job.run.out_dir}", flush=True)
+        for what, why in self.inf.not_measurable().items():
+            print(f"note: {'ASR' if what == 'asr' else 'poison detection'} is not measurable: {why}", flush=True)
         self.initial = self.evaluate(robust=True)
         print(log_line("initial", self.initial), flush=True)
         self.save("the initial evaluation", state, **objects)
@@ -87,7 +94,8 @@ class DefenseSession:
     def evaluate(self, robust: bool = False, final: bool = False) -> dict:
         """Clean accuracy and ASR; with ``robust`` the PGD robust accuracy; ``final`` adds AutoAttack if asked."""
         m, run = self.inf.model, self.job.run
-        out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, generator=self.gen, channels_last=self.cl)
+        out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, generator=self.gen, channels_last=self.cl,
+                       triggered=self.inf.test_bd)
         if final:
             out.update(final_robustness(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
         elif robust:
@@ -101,24 +109,52 @@ class DefenseSession:
         print(log_line(prefix, rec), flush=True)
 
     def checkpoint_meta(self) -> dict:
-        """The infected checkpoint's model and data fields; ``args`` with the data read from where this run read it."""
-        ck, data = self.inf.ck, self.inf.data
-        where = {k: getattr(data, k) for k in ("data_root", "download", "num_workers", "test_subset")}
-        return {**{k: ck[k] for k in META_KEYS}, "args": {**ck["args"], **where}}
+        """The infected model's and data's fields; a toolkit checkpoint's ``args`` with the data read from where this
+        run read it."""
+        inf = self.inf
+        if inf.origin != "toolkit":
+            return {**{k: inf.meta[k] for k in META_KEYS}, "args": {}}
+        where = {k: getattr(inf.data, k) for k in ("data_root", "download", "num_workers", "test_subset")}
+        return {**{k: inf.meta[k] for k in META_KEYS}, "args": {**inf.meta["args"], **where}}
 
-    def finish(self, settings: dict, extra_summary: dict | None = None) -> dict:
-        """Final evaluation (AutoAttack too if asked), model.pt, the figures (``utils.figures``), summary.json."""
+    def write_suspects(self, stages: dict) -> dict:
+        """``suspects.csv``: every training sample a stage flagged (``stages``: name -> indices), most suspicious
+        first (``suspect_scores``: the stages that agree, then how far the defense moved the model's view of the
+        sample); returns the summary's record of it."""
+        inf, bs = self.inf, self.job.run.eval_bs
+        consistency = consistency_scores(all_logits(inf.reference, inf.poisoned, bs, self.cl),
+                                         all_logits(inf.model, inf.poisoned, bs, self.cl), argmax_penalty=True)
+        order, scores, members = suspect_scores(stages, consistency)
+        labels = inf.poisoned.train_labels.cpu().tolist()
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(SUSPECTS_COLUMNS)
+        for rank, (i, score) in enumerate(zip(order.tolist(), scores.tolist()), 1):
+            w.writerow([rank, i, inf.paths[i] if inf.paths else "", labels[i], f"{score:.6f}",
+                        ";".join(name for name, m in members.items() if i in m)])
+        self.run.write_text(SUSPECTS_FILE, out.getvalue())
+        det = detection_stats(order, inf.truth)
+        return {"file": SUSPECTS_FILE, "count": len(order), "stages": {k: len(v) for k, v in members.items()},
+                "precision": det["precision"], "recall": det["recall"]}
+
+    def finish(self, settings: dict, extra_summary: dict | None = None, suspects: dict | None = None) -> dict:
+        """Final evaluation (AutoAttack too if asked), model.pt, the figures (``utils.figures``), summary.json and,
+        with ``suspects`` (stage name -> flagged training indices), suspects.csv."""
         final = self.evaluate(final=True)
+        inf = self.inf
         summary = {"defense": self.name, "initial": {k: self.initial[k] for k in SUMMARY_KEYS if k in self.initial},
                    "final": {k: final[k] for k in SUMMARY_KEYS if k in final}, "robust_eval": final.get("robust_eval"),
                    **({"autoattack_eval": final["autoattack_eval"]} if "autoattack_eval" in final else {}),
                    "settings": settings, "seconds": self.ctl.elapsed(), **late_asr(self.history),
+                   "input": {"origin": inf.origin, "files": inf.files}, "not_measurable": inf.not_measurable(),
                    **(extra_summary or {})}
-        inf = self.inf
+        if suspects is not None:
+            summary["suspects"] = self.write_suspects(suspects)
         defense = {"name": self.name, "settings": settings, "history": self.history,
-                   "source": self.job.infected.model_path}
+                   "source": inf.files.get("model") or inf.files.get("backdoorbench")}
+        extra = {"defense": defense} if inf.origin == "toolkit" else {"defense": defense, "external": inf.files}
         payload = checkpoint_payload(self.checkpoint_meta(), inf.model, inf.backdoor, inf.poisoned,
-                                     inf.ck["train_indices"], summary["final"], {"defense": defense})
+                                     inf.train_indices, summary["final"], extra)
         save_checkpoint(self.run.file("model.pt"), payload)
         write_figures(self.job.run.out_dir, self.run.records(), summary, self.job.flat(), inf.test, inf.backdoor,
                       {"infected": inf.reference, "repaired": inf.model}, self.cl)
@@ -140,18 +176,23 @@ class DefenseJob(Job):
     speed: SpeedSettings
     robust: RobustEvalSettings
 
-    def for_checkpoint(self, ck: dict) -> "DefenseJob":
-        """The job with the checkpoint's dataset, arch, classes and input shape, checked against them (and the
+    def for_input(self, src: InfectedSource) -> "DefenseJob":
+        """The job with the source's dataset, arch, classes and input shape, checked against them (and the
         default run folder, named after the attack)."""
-        job = self.replace(infected=self.infected.resolve(ck))
-        job.check_for_checkpoint(ck)
+        job = self.replace(infected=self.infected.resolve(src))
+        job.check_for_input(src)
         if job.run.out_dir is None:
-            out = default_out_dir(self.KEY, ck["dataset"], ck["trigger"]["type"], ck["attack_mode"])
+            inp = job.infected
+            out = default_out_dir(self.KEY, inp.dataset or src.origin, inp.trigger_type, inp.attack_mode)
             job = job.replace(run=job.run.replace(out_dir=out))
         return job
 
-    def check_for_checkpoint(self, ck: dict) -> None:
-        """Checks that need the checkpoint's classes or image size (a defense adds its own)."""
+    def check_for_input(self, src: InfectedSource) -> None:
+        """Checks that need the source's classes, image size or ground truth (a defense adds its own)."""
+
+    def extra_data(self) -> str | None:
+        """A clean extra set the defender holds (AFT's ``--extra_data``); None for the others."""
+        return None
 
     def check_model(self, model) -> None:
         """Checks that need the loaded model (e.g. a layer name)."""

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 
 from utils.adversarial import PGD
-from utils.data.poison import BackdoorSpec
 from utils.run import distributed as dist, interrupt
 from utils.run.progress import n_batches, progress
 from utils.settings import Settings, fraction, opt, require
@@ -64,9 +63,10 @@ def vote_result(counts: torch.Tensor) -> dict:
 def estimate_target(reference, data, settings: TargetSettings, num_classes: int, batch_size: int,
                     generator: torch.Generator, channels_last: bool) -> dict:
     """Most frequent prediction of ``reference`` (the infected model) on untargeted PGD examples of
-    ``settings.target_images`` random training images of ``data`` (an ``ImageSet``; clean images)."""
-    n = min(settings.target_images, len(data.y))
-    idx = torch.randperm(len(data.y), generator=generator)[:n].sort().values
+    ``settings.target_images`` random training samples of ``data``: the training set as the defender has it
+    (poisoned samples with their trigger and training label), not the clean images the attack started from."""
+    n = min(settings.target_images, len(data))
+    idx = torch.randperm(len(data), generator=generator)[:n].sort().values
     attack = settings.pgd()
     counts = torch.zeros(num_classes, dtype=torch.long)
     batches = progress(data.batches(batch_size, shuffle=False, indices=idx), "target estimate (PGD)",
@@ -83,17 +83,17 @@ def estimate_target(reference, data, settings: TargetSettings, num_classes: int,
     return {**vote_result(dist.all_reduce_sum(counts)), "images": n, "pgd": attack.settings()}
 
 
-def choose_target(settings: TargetSettings, backdoor: BackdoorSpec, estimate, always_vote: bool = False) -> dict:
+def choose_target(settings: TargetSettings, true_target: int | None, estimate, always_vote: bool = False) -> dict:
     """The target class record: ``--target_label`` if given, else ``estimate()`` (``estimate_target``'s record).
 
     ``always_vote`` takes the vote also when a target is given (as evidence: PUD's decision weighs both).
-    ``true`` is the attack's target where it has one (all2one), for the summary only."""
+    ``true`` is the attack's all2one target where it is known (``InfectedRun.true_target``), for the summary only."""
     given = None if settings.target_label == "auto" else int(settings.target_label)
     target = estimate() if given is None or always_vote else {"estimate": None, "vote_share": None}
     target["given"] = given
     t = given if given is not None else target["estimate"]
     target["used"] = t
-    target["true"] = backdoor.target_label if backdoor.attack_mode == "all2one" else None
+    target["true"] = true_target
     vote = (f"the PGD vote: class {target['estimate']} with {target['vote_share']:.1%}"
             if target["estimate"] is not None else "")
     print(f"target class {t} " + (f"(given; {vote})" if given is not None and vote else "(given)" if given is not None

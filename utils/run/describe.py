@@ -24,8 +24,12 @@ def defense_label(summary: dict) -> str:
 
 
 def attack_label(args: dict) -> str:
-    """``blend all2one`` (trigger and label map), from the run's args.json."""
-    return " ".join(str(args[k]) for k in ("trigger_type", "attack_mode") if args.get(k))
+    """``blend all2one`` (trigger and label map), from the run's args.json; ``backdoorbench`` or ``other code``
+    for a model and data this toolkit did not make."""
+    attack = " ".join(str(args[k]) for k in ("trigger_type", "attack_mode") if args.get(k))
+    if not attack and (args.get("from_backdoorbench") or args.get("train_data")):
+        attack = "backdoorbench" if args.get("from_backdoorbench") else "other code"
+    return attack
 
 
 def run_title(run: str, args: dict, summary: dict) -> str:

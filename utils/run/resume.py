@@ -8,7 +8,10 @@ number of metrics.jsonl lines written so far. ``--resume`` rebuilds the run from
 loads that state and continues from the cursor; an interrupted epoch is redone from its start, so the
 result equals an uninterrupted run of the same seed (bit-exact on CPU; on a GPU as exact as the
 kernels are deterministic). The state file is removed when the run finishes (summary.json is then
-the mark of a finished run).
+the mark of a finished run). It holds only tensors, numbers, strings, lists and dicts and is read with
+``weights_only=True``: the numpy and python RNG states and the scheduler's Counter of milestones are
+converted both ways (``rng_state``/``set_rng_state``, ``object_state``/``load_object_state``); a version-1
+state (numpy arrays, tuples, a Counter) is still read, with exactly the numpy globals it holds allowed.
 
 ``RunControl`` is used as a context manager around a run's work: it installs the SIGINT/SIGTERM
 flag (``utils.run.interrupt``), and on the way out turns an ``Interrupted`` into a message with the
@@ -21,19 +24,21 @@ import os
 import random
 import shlex
 import time
+from collections import Counter
 
 import numpy as np
 import torch
 
 from utils.run import interrupt
-from utils.run.checkpoint import atomic_write
+from utils.run.checkpoint import atomic_write, check_plain, safe_load
 from utils.run.distributed import is_main
 from utils.run.errors import DivergenceError, Interrupted, UserError
 from utils.run.runlock import lock_run_folder, release_all
 from utils.run.runlog import FAILURE_FILE, STATE_FILE, RunDir, check_out_dir, check_writable
 
 FORMAT = "pud-toolkit-run-state"
-VERSION = 1
+VERSION = 2  # 2: only plain values (weights_only); 1: numpy RNG state as an array, tuples, a Counter
+READABLE = (1, 2)
 SCRIPT_FILES = {"attack": "train_blend.py", "pbe": "pbe_main.py", "pud": "PUD.py"}
 # Arguments a resumed run may change: where it runs and how it is told to resume, not what it computes.
 NOT_COMPARED = ("resume", "overwrite", "out_dir", "device", "num_workers", "threads", "command")
@@ -52,9 +57,22 @@ def resume_command(script: str, job) -> str:
     return "python " + shlex.join([SCRIPT_FILES[script], *argv, "--resume"])
 
 
+def _legacy_state_globals() -> tuple:
+    """Exactly what a version-1 state.pt pickles besides torch's own types: numpy's MT19937 key (a uint32 array),
+    under numpy 2's module name and numpy 1's."""
+    ma = np._core.multiarray if int(np.__version__.split(".")[0]) >= 2 else np.core.multiarray
+    return (np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+            *((ma._reconstruct, f"{m}._reconstruct") for m in ("numpy.core.multiarray", "numpy._core.multiarray")))
+
+
 def rng_state(gen: torch.Generator) -> dict:
-    out = {"generator": gen.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-           "python": random.getstate()}
+    """Every RNG a run draws from, as plain values (numpy's key as an int64 tensor, python's state as a list)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    out = {"generator": gen.get_state(), "torch": torch.get_rng_state(),
+           "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+           "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state_all()
     return out
@@ -63,10 +81,31 @@ def rng_state(gen: torch.Generator) -> dict:
 def set_rng_state(state: dict, gen: torch.Generator) -> None:
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npst, pyst = state["numpy"], state["python"]
+    if isinstance(npst, dict):
+        np.random.set_state((npst["name"], npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                             npst["cached_gaussian"]))
+        random.setstate((pyst["version"], tuple(pyst["internal"]), pyst["gauss_next"]))
+    else:  # a version-1 state: numpy's own tuple and python's
+        np.random.set_state(npst)
+        random.setstate(pyst)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def object_state(obj) -> dict:
+    """``obj.state_dict()`` as plain values: MultiStepLR's ``milestones`` Counter becomes a dict."""
+    sd = obj.state_dict()
+    if isinstance(sd.get("milestones"), Counter):
+        sd = {**sd, "milestones": dict(sd["milestones"])}
+    return sd
+
+
+def load_object_state(obj, sd: dict) -> None:
+    """The inverse of ``object_state``: the scheduler gets its Counter back (its closed form calls ``elements()``)."""
+    if isinstance(getattr(obj, "milestones", None), Counter):
+        sd = {**sd, "milestones": Counter(sd["milestones"])}
+    obj.load_state_dict(sd)
 
 
 def load_state(out_dir: str) -> dict:
@@ -77,24 +116,31 @@ def load_state(out_dir: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"--resume: '{out_dir}' holds no saved state ({STATE_FILE}), so there is nothing to resume; "
                         "run without --resume")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"run state '{path}' is unreadable or truncated ({e.__class__.__name__}); the run cannot be "
-                        "resumed, start it over with --overwrite instead of --resume") from None
+    start_over = "start the run over with --overwrite instead of --resume"
+    state = safe_load(path, "run state", start_over, f"the run cannot be resumed, {start_over}",
+                      _legacy_state_globals())
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"'{path}' is not a run state of this toolkit; start the run over with --overwrite")
-    if state.get("version") != VERSION:
-        raise UserError(f"run state '{path}' has format version {state.get('version')}, this toolkit reads version "
-                        f"{VERSION}; finish it with the toolkit version that wrote it, or start over with --overwrite")
+    if state.get("version") not in READABLE:
+        raise UserError(f"run state '{path}' has format version {state.get('version')}, this toolkit reads versions "
+                        f"{' and '.join(map(str, READABLE))}; finish it with the toolkit version that wrote it, or "
+                        "start over with --overwrite")
     return state
 
 
-def _differences(saved: dict, now: dict) -> list[str]:
+def default_args(job) -> dict:
+    """``comparable_args`` of the job's parts at their defaults."""
+    return comparable_args(type(job)(**{name: cls() for name, cls in job.part_types()}))
+
+
+def _differences(saved: dict, now: dict, defaults: dict) -> list[str]:
+    """The settings that differ; a setting the saved run does not know (added to the toolkit since) counts as
+    its default."""
     out = []
     for k in sorted(set(saved) | set(now)):
-        if saved.get(k) != now.get(k):
-            out.append(f"--{k} {now.get(k)} (the run used {saved.get(k)})")
+        was = saved[k] if k in saved else defaults.get(k)
+        if was != now.get(k):
+            out.append(f"--{k} {now.get(k)} (the run used {was})")
     return out
 
 
@@ -117,7 +163,7 @@ def prepare_out_dir(script: str, job) -> dict | None:
     if state.get("script") != script:
         raise UserError(f"--resume: '{out_dir}' holds a {SCRIPT_FILES.get(state.get('script'), '?')} run, "
                         f"not a {SCRIPT_FILES[script]} run")
-    diff = _differences(state["args"], comparable_args(job))
+    diff = _differences(state["args"], comparable_args(job), default_args(job))
     if diff:
         shown = ", ".join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else "")
         raise UserError(f"--resume: arguments differ from the interrupted run in '{out_dir}': {shown}; "
@@ -145,8 +191,9 @@ class RunControl:
     def save(self, position: str, carry: dict, **objects) -> None:
         """Save the state after ``position`` (e.g. "epoch 3"); then stop here if a signal is pending."""
         payload = {"format": FORMAT, "version": VERSION, "script": self.script, "args": comparable_args(self.job),
-                   "position": position, "carry": carry, "objects": {k: o.state_dict() for k, o in objects.items()},
+                   "position": position, "carry": carry, "objects": {k: object_state(o) for k, o in objects.items()},
                    "rng": rng_state(self.gen), "log_lines": self.run.n_lines, "elapsed": time.time() - self.t0}
+        check_plain(payload, "state.pt")
         atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
         self.saved_position = position
         interrupt.check(f"the end of {position} (state saved)")
@@ -155,7 +202,7 @@ class RunControl:
         """Load the saved objects, RNG states and log position; returns the saved ``carry``."""
         st = self.loaded
         for name, obj in objects.items():
-            obj.load_state_dict(st["objects"][name])
+            load_object_state(obj, st["objects"][name])
         set_rng_state(st["rng"], self.gen)
         self.run.resume(st["log_lines"])
         if is_main() and os.path.exists(self.run.file(FAILURE_FILE)):

@@ -18,7 +18,8 @@ from utils.run.errors import UserError
 STATE_FILE = "state.pt"  # written by utils.run.resume; here because check_out_dir must know it
 FAILURE_FILE = "failure.json"
 # What a fresh run (or --overwrite) clears, so a new run never mixes with an old one's results.
-RUN_FILES = ("summary.json", STATE_FILE, FAILURE_FILE, "model.pt", "curves.png", "samples.png", "rounds.png")
+RUN_FILES = ("summary.json", STATE_FILE, FAILURE_FILE, "model.pt", "curves.png", "samples.png", "rounds.png",
+             "suspects.csv")
 
 
 def _dump(obj) -> str:
@@ -68,6 +69,9 @@ class RunDir:
 
     def write_json(self, name: str, obj) -> None:
         _write_text(self.file(name), _dump(obj) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        _write_text(self.file(name), text)
 
     def log(self, record: dict) -> None:
         self._lines.append(json.dumps(record, sort_keys=True, default=str))
