@@ -4,7 +4,6 @@ import pty
 import struct
 import subprocess
 import sys
-import types
 
 import fcntl
 import pytest
@@ -20,7 +19,7 @@ from utils.adversarial import PGD, robust_accuracy
 from utils.data.build import DataSettings, build_backdoor, build_poisoned_train
 from utils.data.datasets import make_synthetic
 from utils.data.triggers import TriggerSettings
-from utils.defenses import pud, target
+from utils.defenses import filtering, target
 from utils.defenses.target import TargetSettings, estimate_target
 from utils.evaluation import all_logits, evaluate
 from utils.run import distributed as dist
@@ -42,7 +41,7 @@ def bars(monkeypatch):
             yield item
             opened[-1][2] += 1  # counted when the loop comes back for the next one: an item it broke off at is not
 
-    for module in (training, evaluation, adversarial, target, pud):
+    for module in (training, evaluation, adversarial, target, filtering):
         monkeypatch.setattr(module, "progress", spy)
     return opened
 
@@ -61,10 +60,7 @@ def test_every_long_loop_has_a_bar_with_its_total(bars):
     robust_accuracy(model, test, PGD(eps=8 / 255, alpha=2 / 255, steps=1), batch_size=16, max_images=40)
     estimate_target(model, train, TargetSettings(target_images=40), 10, 16, gen, False)
     all_logits(model, poisoned, 32)
-    session = types.SimpleNamespace(inf=types.SimpleNamespace(poisoned=poisoned, reference=model),
-                                    job=types.SimpleNamespace(run=types.SimpleNamespace(eval_bs=16),
-                                                              pud=types.SimpleNamespace(spectre_layer="net.features")))
-    pud.representations(session, torch.arange(35))
+    filtering.class_representations(model, poisoned, "net.features", torch.arange(35), 16)
     assert bars == [["epoch 1", 3, 3], ["evaluate", 4, 4], ["robust accuracy (PGD-1)", 3, 3],
                     ["target estimate (PGD)", 3, 3], ["training-set logits", 3, 3], ["SPECTRE representations", 3, 3]]
 

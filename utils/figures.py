@@ -304,6 +304,19 @@ def pick_samples(test, backdoor, n: int = 8, batch_size: int = 256):
     return x, backdoor.trigger(x), y.cpu(), backdoor.labels(y).cpu()
 
 
+def clean_samples_figure(clean, labels, preds: dict[str, torch.Tensor], title: str):
+    """One row of test images titled ``label | prediction(s)``: a run on data of other code knows no trigger."""
+    names = list(preds)
+    fig, rows = plots.rows_figure(f"{title}\nlabel | prediction of the " + " → ".join(names)
+                                  + " model (no trigger known: clean test images only)", [clean.shape[0]],
+                                  panel_size=(1.35, 1.55))
+    for i, ax in enumerate(rows[0]):
+        p = [int(preds[m][i]) for m in names]
+        plots.image(ax, clean[i], "clean\n(true label)" if i == 0 else None, f"{int(labels[i])} | " + "→".join(map(str, p)),
+                    "black" if p[-1] == int(labels[i]) else "tab:orange")
+    return fig
+
+
 def samples_figure(clean, triggered, labels, bd_labels, preds: dict[str, tuple], title: str, amplify: float = 5.0):
     """Rows: clean, triggered, |difference| x ``amplify``. ``preds``: model name -> (clean, triggered) predictions;
     each image's title is ``label | prediction`` (``label | infected→repaired`` for two models), red where the
@@ -331,7 +344,14 @@ def samples_figure(clean, triggered, labels, bd_labels, preds: dict[str, tuple],
 
 
 def write_samples(path: str, title: str, test, backdoor, models: dict, channels_last: bool) -> object:
-    """samples.png of the given models (name -> model; the infected one first)."""
+    """samples.png of the given models (name -> model; the infected one first); without a trigger (``backdoor``
+    None: data of other code) the clean test images only."""
+    if backdoor is None:
+        x, y = next(iter(test.batches(8, shuffle=False)))[1:]
+        fig = clean_samples_figure(x.cpu(), y.cpu(), {name: predictions(m, x, channels_last) for name, m in models.items()},
+                                   title)
+        plots.save(fig, path)
+        return fig
     clean, triggered, labels, bd_labels = pick_samples(test, backdoor)
     preds = {name: (predictions(m, clean, channels_last), predictions(m, triggered, channels_last))
              for name, m in models.items()}
