@@ -142,8 +142,12 @@ def test_suspects_rank_agreeing_stages_first_then_the_most_changed():
     consistency = torch.tensor([1.0, -0.5, 0.9, 0.2, 1.0, 0.6])
     order, scores, members = suspect_scores({"a": torch.tensor([1, 2, 3]), "b": torch.tensor([3, 5]),
                                              "c": None}, consistency)
-    assert order.tolist() == [3, 1, 5, 2]  # 3: two stages; then 1 (prediction changed), 5, 2
-    assert scores.tolist() == pytest.approx([2 + 0.8 / 1.5, 1 + 1.0, 1 + 0.4 / 1.5, 1 + 0.1 / 1.5])
+    # weights: a 1/3 of its flags confirmed by b, b 1/2; 3: both stages; then 1 (prediction changed), 5, 2
+    assert order.tolist() == [3, 1, 5, 2]
+    assert scores.tolist() == pytest.approx([1 / 3 + 1 / 2 + 0.25 * 0.8 / 1.5, 1 / 3 + 0.25, 1 / 2 + 0.25 * 0.4 / 1.5,
+                                             1 / 3 + 0.25 * 0.1 / 1.5])
+    lone, _, _ = suspect_scores({"a": torch.tensor([1, 2])}, consistency)  # a lone stage weighs 1: movement orders
+    assert lone.tolist() == [1, 2]
     assert members == {"a": {1, 2, 3}, "b": {3, 5}}
 
 

@@ -276,7 +276,7 @@ def start_step(s: DefenseSession, st: PUDState, step: int, truth: torch.Tensor |
     extra, target = st.extra, st.target["used"]
     info = {"step": step, "extra_size": len(extra), "extra_poison_share": poison_share(extra, truth), "spectre": None}
     if step > 0:
-        classes = [target] if target is not None else list(range(s.inf.backdoor.num_classes))
+        classes = [target] if target is not None else list(range(s.inf.num_classes))
         parts = [extra[labels[extra] == c] for c in classes]
         parts = [p for p in parts if len(p) >= pud.spectre_min]
         considered = sum(len(p) for p in parts)

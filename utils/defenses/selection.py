@@ -131,17 +131,28 @@ INIT_POOLS = {
 def suspect_scores(stages: dict, consistency: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The samples any stage flagged, most suspicious first: (indices, their scores, stage -> flagged set).
 
-    score = the number of stages that flagged the sample + (1 - consistency) / 1.5, where ``consistency``
-    is ``consistency_scores`` of the infected and the defended model with the arg-max penalty (in [-0.5, 1]):
-    the integer part counts the defense's detectors that agree, the fraction (in [0, 1]) is how far the
-    defense moved the model's view of the sample (above 1/3 its prediction changed). Ties by index.
+    score = the sum of the weights of the stages that flagged the sample + 0.25 x how far the defense moved the
+    model's view of it. A stage's weight is the share of its flags that another stage also raised (1 for a lone
+    stage): without a ground truth, agreement is the only evidence of a detector's precision, so a stage that
+    flags many samples nothing else confirms (SPECTRE's fixed share of a class of clean images) counts less.
+    The movement is ``(1 - consistency) / 1.5`` in [0, 1] (``consistency_scores`` of the infected and the
+    defended model with the arg-max penalty; above 1/3 the prediction changed). Ties by index.
     """
     flagged = {name: idx.cpu().long().unique() for name, idx in stages.items() if idx is not None}
     n = len(consistency)
+    masks = {}
+    for name, idx in flagged.items():
+        masks[name] = torch.zeros(n, dtype=torch.bool)
+        masks[name][idx] = True
     votes = torch.zeros(n)
-    for idx in flagged.values():
-        votes[idx] += 1
-    union = torch.nonzero(votes > 0).flatten()
-    score = votes + (1 - consistency.cpu().float()).clamp(0, 1.5) / 1.5
+    for name, mask in masks.items():
+        others = torch.zeros(n, dtype=torch.bool)
+        for other, m in masks.items():
+            if other != name:
+                others |= m
+        weight = float((mask & others).sum()) / max(int(mask.sum()), 1) if len(masks) > 1 else 1.0
+        votes[mask] += weight
+    union = torch.nonzero(torch.stack(list(masks.values())).any(0)).flatten() if masks else torch.zeros(0, dtype=torch.long)
+    score = votes + 0.25 * (1 - consistency.cpu().float()).clamp(0, 1.5) / 1.5
     order = union[torch.argsort(-score[union], stable=True)]
     return order, score[order], {name: set(idx.tolist()) for name, idx in flagged.items()}
