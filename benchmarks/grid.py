@@ -277,10 +277,28 @@ def autoattack_pass(preset: Preset, dataset: str, root: str, images: int, thread
 
 # ----- the table and the figure -------------------------------------------------------------------------------
 
-COLUMNS = ("cell", "defense", "acc", "asr", "asr_late_max", "ra", "aa", "tca", "det_precision", "det_recall", "seconds")
+COLUMNS = ("cell", "defense", "acc", "asr", "asr_late_max", "ra", "aa", "tca", "det_precision", "det_recall", "seconds",
+           "misses")
 HEADERS = {"cell": "attack", "defense": "defense", "acc": "ACC %", "asr": "ASR %", "asr_late_max": "ASR late max %",
            "ra": "RA % (PGD-20)", "aa": "RA % (AutoAttack)", "tca": "target-class ACC %",
-           "det_precision": "det. precision %", "det_recall": "det. recall %", "seconds": "seconds"}
+           "det_precision": "det. precision %", "det_recall": "det. recall %", "seconds": "seconds",
+           "misses": "misses"}
+# A defended cell meets the targets when: ASR and its late maximum <= 10 %, ACC at most 5 points below the
+# infected model's, RA above it, target-class ACC at most 10 points below it (all2one), detection precision
+# >= 80 % where the defense identifies poisons. ``misses`` names the ones it does not meet.
+TARGETS = (("ASR", lambda r, inf: r["asr"] is None or r["asr"] <= 0.10),
+           ("late ASR", lambda r, inf: r["asr_late_max"] is None or r["asr_late_max"] <= 0.10),
+           ("ACC", lambda r, inf: r["acc"] >= inf["acc"] - 0.05),
+           ("RA", lambda r, inf: r["ra"] is None or inf["ra"] is None or r["ra"] > inf["ra"]),
+           ("target ACC", lambda r, inf: r["tca"] is None or inf["tca"] is None or r["tca"] >= inf["tca"] - 0.10),
+           ("precision", lambda r, inf: r["det_precision"] is None or r["det_precision"] >= 0.8))
+
+
+def misses(row: dict, infected: dict | None) -> str | None:
+    """The targets a defended cell misses ("" = meets all; None for the attack row or a cell not finished)."""
+    if row["defense"] == "none" or row["status"] != "done" or not infected or infected["status"] != "done":
+        return None
+    return ", ".join(name for name, ok in TARGETS if not ok(row, infected))
 
 
 def table_rows(preset: Preset, dataset: str, root: str) -> list:
@@ -307,6 +325,9 @@ def table_rows(preset: Preset, dataset: str, root: str) -> list:
         else:
             row["status"] = "failed" if cell.name in failures else "not run"
         rows.append(row)
+    infected = {r["cell"]: r for r in rows if r["defense"] == "none"}
+    for r in rows:
+        r["misses"] = misses(r, infected.get(r["cell"]))
     return rows
 
 
@@ -315,7 +336,9 @@ def _cell_text(row: dict, key: str, percent: bool) -> str:
     if key in ("cell", "defense"):
         return str(v) + ("" if row["status"] == "done" or key == "cell" else f" ({row['status'].upper()})")
     if v is None:
-        return "–" if percent else ""
+        return "–" if percent and key != "misses" else ""
+    if key == "misses":
+        return v if v or not percent else "none"
     if key == "seconds":
         return f"{v:.0f}" if percent else f"{v:g}"
     return f"{100 * v:.1f}" if percent else f"{v:.6g}"
@@ -376,6 +399,26 @@ def heatmap(rows: list, path: str, title: str) -> None:
     plt.close(fig)
 
 
+README_START = "<!-- grid {key}: written by python -m benchmarks.grid {args} --readme README.md -->"
+README_END = "<!-- /grid {key} -->"
+
+
+def write_readme(path: str, key: str, args: str, text: str) -> None:
+    """Put ``text`` between the grid's markers for ``key`` in ``path`` (appended at the end the first time)."""
+    start, end = README_START.format(key=key, args=args), README_END.format(key=key)
+    with open(path) as f:
+        doc = f.read()
+    head = doc.find(f"<!-- grid {key}:")
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if head >= 0 and end in doc[head:]:
+        doc = doc[:head] + block + doc[doc.index(end, head) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    with open(path + ".tmp", "w") as f:
+        f.write(doc)
+    os.replace(path + ".tmp", path)
+
+
 def write_outputs(preset: Preset, dataset: str, root: str) -> list:
     rows = table_rows(preset, dataset, root)
     os.makedirs(root, exist_ok=True)
@@ -385,6 +428,10 @@ def write_outputs(preset: Preset, dataset: str, root: str) -> list:
         f.write(to_csv(rows))
     heatmap(rows, os.path.join(root, "grid.png"), f"{preset.name} grid, {dataset}")
     return rows
+
+
+def default_root(preset: str, dataset: str) -> str:
+    return os.path.join(ROOT, "runs", f"grid-{preset}-{dataset}")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -400,12 +447,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", default=(), metavar="PATTERN",
                    help="run only the cells matching these patterns (and their attacks), e.g. '*/attack' 'patch-*/pud'")
     p.add_argument("--report_only", action="store_true", help="only rebuild the table and the figure")
+    p.add_argument("--readme", default=None, metavar="PATH",
+                   help="also put the table between this file's grid markers (the README's results)")
     a = p.parse_args(argv)
     preset = PRESETS[a.preset]
     a.dataset = a.dataset or next(iter(preset.datasets))
     if a.dataset not in preset.datasets:
         p.error(f"the {a.preset} preset has no dataset '{a.dataset}'; choose one of {', '.join(preset.datasets)}")
-    a.root = os.path.abspath(a.root or os.path.join(ROOT, "runs", f"grid-{a.preset}-{a.dataset}"))
+    a.root = os.path.abspath(a.root or default_root(a.preset, a.dataset))
     return a
 
 
@@ -422,6 +471,15 @@ def main(argv=None) -> int:
             print(f"[grid] AutoAttack pass: {seconds:.0f}s", flush=True)
     rows = write_outputs(preset, a.dataset, a.root)
     sys.stdout.write(markdown(rows))
+    if a.readme:
+        done = [r for r in rows if r["status"] == "done"]
+        total = sum(r["seconds"] or 0 for r in done)
+        note = (f"\n{len(done)} of {len(rows)} cells finished; the cells' own seconds sum to {total / 60:.0f} min "
+                f"(run {a.jobs} at a time). Table: `{os.path.relpath(os.path.join(a.root, 'grid.md'), ROOT)}`, "
+                f"figure: `{os.path.relpath(os.path.join(a.root, 'grid.png'), ROOT)}`.\n")
+        write_readme(a.readme, f"{a.preset}-{a.dataset}", f"--preset {a.preset} --dataset {a.dataset}"
+                     + (f" --root {os.path.relpath(a.root, ROOT)}" if a.root != default_root(a.preset, a.dataset) else ""),
+                     markdown(rows) + note)
     print(f"[grid] table: {os.path.join(a.root, 'grid.md')} (and .csv); figure: {os.path.join(a.root, 'grid.png')}")
     return 0 if all(r["status"] == "done" for r in rows) or a.report_only else 1
 

@@ -99,3 +99,29 @@ def test_a_defense_reports_autoattack_beside_pgd_on_the_same_images(tiny_attack_
     s = json.loads((out / "summary.json").read_text())
     assert s["autoattack_eval"]["images"] == 20 and s["autoattack_eval"]["reference_strength"]
     assert s["final"]["autoattack_acc"] <= s["final"]["robust_acc"]
+
+
+def test_a_defended_cell_names_the_targets_it_misses():
+    infected = {"defense": "none", "status": "done", "acc": 0.97, "asr": 0.98, "asr_late_max": None, "ra": 0.01,
+                "tca": 0.96, "det_precision": None}
+    good = {"defense": "pud", "status": "done", "acc": 0.95, "asr": 0.05, "asr_late_max": 0.08, "ra": 0.10,
+            "tca": 0.90, "det_precision": 0.9}
+    assert grid.misses(good, infected) == ""
+    bad = dict(good, asr_late_max=0.2, tca=0.80, acc=0.90, ra=0.01, det_precision=0.5)
+    assert grid.misses(bad, infected) == "late ASR, ACC, RA, target ACC, precision"
+    assert grid.misses(dict(good, asr=0.11), infected) == "ASR"
+    assert grid.misses(infected, infected) is None and grid.misses(dict(good, status="failed"), infected) is None
+    assert grid._cell_text({"misses": "", "status": "done"}, "misses", True) == "none"
+
+
+def test_the_readme_block_is_written_once_and_replaced_in_place(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n## Results\n\nintro\n")
+    grid.write_readme(str(readme), "quick-synthetic", "--preset quick", "| a |\n|---|\n| 1 |\n")
+    first = readme.read_text()
+    assert first.startswith("# title\n\n## Results\n\nintro\n\n<!-- grid quick-synthetic:") and "| 1 |" in first
+    readme.write_text(first + "\n## More\n\ntail\n")
+    grid.write_readme(str(readme), "quick-synthetic", "--preset quick", "| a |\n|---|\n| 2 |\n")
+    second = readme.read_text()
+    assert "| 1 |" not in second and "| 2 |" in second and second.endswith("<!-- /grid quick-synthetic -->\n\n## More\n\ntail\n")
+    assert second.count("<!-- grid quick-synthetic:") == 1
