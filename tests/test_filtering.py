@@ -1,4 +1,7 @@
 """The evidence a defense weighs before it relies on one backdoor target (utils/defenses/filtering.py)."""
+import json
+
+import pytest
 import torch
 
 from utils.defenses.filtering import decide_target, decisive
@@ -28,3 +31,33 @@ def test_the_target_is_confirmed_by_the_split_or_a_decisive_vote_else_the_defens
     assert (d["mode"], d["target"]) == ("target", 0) and "given target 3 is not confirmed" in d["why"]
     d = decide_target(3, spread, [])  # all2all-like: nothing confirmed
     assert (d["mode"], d["target"]) == ("agnostic", None) and d["given"] == 3 and not d["vote_decisive"]
+
+
+@pytest.mark.slow
+def test_the_43_class_set_runs_attack_aft_and_pud_end_to_end(tmp_path):
+    """synthetic43 (GTSRB's class count and imbalance): the many-class path through the attack, AFT and PUD."""
+    import PUD
+    import pbe_main
+    import train_blend
+    from conftest import cli
+
+    common = ("--device", "cpu", "--bs", "64", "--eval_steps", "1", "--test_subset", "100")
+    attack = tmp_path / "attack"
+    assert cli(train_blend.main, "--dataset", "synthetic43", "--arch", "cnn", "--trigger_type", "patch",
+               "--train_subset", "900", "--n_iters", "1", "--lr_C", "0.05", *common, "--out_dir", attack) == 0
+    ck = torch.load(attack / "model.pt", weights_only=True)
+    assert ck["num_classes"] == 43 and ck["dataset"] == "synthetic43"
+    model = ("--model_path", attack / "model.pt", *common)
+    assert cli(pbe_main.main, *model, "--aft_epochs", "1", "--adv_epochs", "1", "--adv_steps", "1",
+               "--out_dir", tmp_path / "aft") == 0
+    assert cli(PUD.main, *model, "--steps", "2", "--step_epochs", "1", "1", "--step_adv_epochs", "1", "0",
+               "--step_partial", "0", "0", "--step_eps", "6/255", "4/255", "--step_alpha_div", "5", "6",
+               "--step_pgd_steps", "1", "--top_rates", "0.5", "--init_ratio", "0.3", "--unlearn_epochs", "1",
+               "--mt_epochs", "1", "--target_images", "86",
+               "--out_dir", tmp_path / "pud") == 0
+    s = json.loads((tmp_path / "pud" / "summary.json").read_text())
+    assert len(s["target"]["votes"]) == 43 and s["target"]["decision"]["mode"] in ("target", "agnostic")
+    assert len(s["spectre_initial"]["classes"]) == 43  # the split ran on every one of the 43 classes
+    for d in ("aft", "pud"):
+        f = json.loads((tmp_path / d / "summary.json").read_text())["final"]
+        assert {"clean_acc", "asr", "robust_acc"} <= set(f), d
