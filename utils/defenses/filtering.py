@@ -25,6 +25,7 @@ from utils.defenses.spectre import layer_representations, spectre_filter
 from utils.evaluation import all_logits
 from utils.run import distributed as dist
 from utils.run.progress import n_batches, progress
+from utils.run.stagetimer import stage
 from utils.settings import Settings, fraction, opt, require
 
 DECISIVE_LEAD = 2.0  # a decisive vote: the winner has at least this many times the runner-up's votes (and is not weak)
@@ -167,6 +168,11 @@ def filter_classes_and_decide(reference, poisoned, filt: FilterSettings, target:
     """SPECTRE and the class split on every class, then the decision (``decide_target``, written into the
     ``target`` record as ``used`` and ``decision``): with a confirmed target only that class's flags are removed
     (the paper's target-class filtering, plus the split), without one every class's."""
+    with stage("filtering"):
+        return _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_size, channels_last)
+
+
+def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_size, channels_last) -> FilterOutcome:
     n = len(poisoned)
     truth = poisoned.truth  # None: no ground truth (data of other code without --poison_indices)
     classes = range(poisoned.data.num_classes)

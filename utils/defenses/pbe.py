@@ -28,6 +28,7 @@ from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.evaluation import all_logits
 from utils.run import distributed as dist
 from utils.run.errors import UserError
+from utils.run.stagetimer import stage
 from utils.settings import Settings, fraction, opt, require
 from utils.training import finetune_epoch, make_optimizer
 
@@ -214,7 +215,8 @@ def run_pbe(job: PBEJob) -> dict:
                                                                               else "filtered")
         candidates = poison_candidates(mode, labels, target, st.filtered)
         st.filtering["poison_candidates"] = mode
-        ref_logits = all_logits(inf.reference, inf.poisoned, eval_bs, s.cl)
+        with stage("scoring"):
+            ref_logits = all_logits(inf.reference, inf.poisoned, eval_bs, s.cl)
         for r in range(st.round, pbe.rounds):
             purity = poison_share(st.extra, truth)
             if st.epoch == 0:
@@ -240,7 +242,8 @@ def run_pbe(job: PBEJob) -> dict:
                 s.log(rec, f"pbe round {r} epoch {e + 1}/{pbe.round_epochs}")
                 st.epoch = e + 1
                 s.save(f"pbe round {r} epoch {e + 1}", st, **objects)
-            info = score_round(s, st, r, purity, ref_logits, candidates, truth, labels)
+            with stage("scoring"):
+                info = score_round(s, st, r, purity, ref_logits, candidates, truth, labels)
             st.rounds.append(info)
             s.run.log({"round_summary": info, "epoch": st.epoch_global})
             st.round, st.epoch = r + 1, 0

@@ -40,6 +40,7 @@ from utils.defenses.unlearning import unlearning_loss
 from utils.evaluation import all_logits
 from utils.run import distributed as dist
 from utils.run.errors import UserError
+from utils.run.stagetimer import stage
 from utils.settings import Settings, fraction, opt, require
 from utils.training import finetune_epoch, make_optimizer, train_epoch
 
@@ -213,7 +214,8 @@ def run_pud(job: PUDJob) -> dict:
         if st.stage == "unlearning":
             unlearn(s, st, objects)
             if pud.mt_refresh:
-                st.mt_refresh = refresh_before_teacher(s, st)
+                with stage("scoring"):
+                    st.mt_refresh = refresh_before_teacher(s, st)
             st.stage, st.epoch, st.reference = "mean_teacher", 0, None
             s.save("unlearning", st, **objects)
         if st.stage == "mean_teacher":
@@ -256,15 +258,18 @@ def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
     pud, inf = s.job.pud, s.inf
     truth = inf.truth
     labels = inf.poisoned.train_labels.cpu()
-    ref_logits = all_logits(inf.reference, inf.poisoned, s.job.run.eval_bs, s.cl)
+    with stage("scoring"):
+        ref_logits = all_logits(inf.reference, inf.poisoned, s.job.run.eval_bs, s.cl)
     target = st.target["used"]
     mode = pud.poison_candidates if pud.poison_candidates != "auto" else ("target" if target is not None else "filtered")
     candidates = poison_candidates(mode, labels, target, st.filtered)
     for step in range(st.step, pud.steps):
         if st.step_info is None:
-            start_step(s, st, step, truth, labels)
+            with stage("filtering"):
+                start_step(s, st, step, truth, labels)
         train_step(s, st, step, objects)
-        score_step(s, st, step, ref_logits, candidates, truth, labels)
+        with stage("scoring"):
+            score_step(s, st, step, ref_logits, candidates, truth, labels)
         st.step, st.epoch, st.step_info = step + 1, 0, None
         if step < pud.steps - 1:
             s.save(f"pud step {step}", st, **objects)
@@ -384,7 +389,7 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
 
         batches = dist.epoch_batches(inf.poisoned, bs, s.gen, inf.augment, indices=extra)
         stats = train_epoch(s.train_model, opt, batches, loss_fn=loss_fn, desc=f"unlearn {e + 1}",
-                            stage="pud unlearning", epoch=ep, what="unlearning")
+                            stage="pud unlearning", epoch=ep, what="unlearning", timing="unlearning")
         record["batches"] += nb
         parts_mean = dist.mean_over_ranks({k: v / max(nb, 1) for k, v in parts_sum.items()})
         rec = {"epoch": ep, "stage": "unlearning", **parts_mean, "images": stats["images"], **s.evaluate()}
@@ -444,7 +449,8 @@ def mean_teacher(s: DefenseSession, st: PUDState, objects: dict) -> None:
 
         def loss_fn(i, x, y):
             if pud.mt_adv:
-                x = attack(teacher, x, y, generator=s.gen)
+                with stage("train_pgd"):
+                    x = attack(teacher, x, y, generator=s.gen)
             logits = s.train_model(x)
             with torch.no_grad():
                 t_logits = teacher(x)
@@ -459,7 +465,8 @@ def mean_teacher(s: DefenseSession, st: PUDState, objects: dict) -> None:
 
         batches = dist.epoch_batches(inf.poisoned, s.job.run.bs, s.gen, inf.augment, indices=st.extra)
         stats = train_epoch(s.train_model, opt, batches, channels_last=s.cl, loss_fn=loss_fn, after_step=after_step,
-                            desc=f"mean teacher {e + 1}", stage="pud mean teacher", epoch=ep, what="mean-teacher")
+                            desc=f"mean teacher {e + 1}", stage="pud mean teacher", epoch=ep, what="mean-teacher",
+                            timing="mean_teacher")
         dist.sync_buffers(teacher)  # its EMA of the student's per-rank BatchNorm statistics
         rec = {"epoch": ep, "stage": "mean_teacher", **dist.mean_over_ranks({"loss": seen["loss"] / max(seen["n"], 1)}),
                "images": stats["images"], **s.evaluate()}

@@ -13,6 +13,7 @@ import torch
 from utils.adversarial import PGD
 from utils.run import distributed as dist, interrupt
 from utils.run.progress import n_batches, progress
+from utils.run.stagetimer import stage
 from utils.settings import Settings, fraction, opt, require
 
 
@@ -65,22 +66,23 @@ def estimate_target(reference, data, settings: TargetSettings, num_classes: int,
     """Most frequent prediction of ``reference`` (the infected model) on untargeted PGD examples of
     ``settings.target_images`` random training samples of ``data``: the training set as the defender has it
     (poisoned samples with their trigger and training label), not the clean images the attack started from."""
-    n = min(settings.target_images, len(data))
-    idx = torch.randperm(len(data), generator=generator)[:n].sort().values
-    attack = settings.pgd()
-    counts = torch.zeros(num_classes, dtype=torch.long)
-    batches = progress(data.batches(batch_size, shuffle=False, indices=idx), "target estimate (PGD)",
-                       n_batches(n, batch_size))
-    for b, (_, x, y) in enumerate(batches):
-        interrupt.check(f"the target estimate, batch {b}")
-        if not dist.owns_batch(b):  # torchrun: every N-th batch per rank, the votes summed
-            continue
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x_adv = attack(reference, x, y, generator=generator)
-        with torch.no_grad():
-            counts += torch.bincount(reference(x_adv).argmax(1).cpu(), minlength=len(counts))
-    return {**vote_result(dist.all_reduce_sum(counts)), "images": n, "pgd": attack.settings()}
+    with stage("target_estimate"):
+        n = min(settings.target_images, len(data))
+        idx = torch.randperm(len(data), generator=generator)[:n].sort().values
+        attack = settings.pgd()
+        counts = torch.zeros(num_classes, dtype=torch.long)
+        batches = progress(data.batches(batch_size, shuffle=False, indices=idx), "target estimate (PGD)",
+                           n_batches(n, batch_size))
+        for b, (_, x, y) in enumerate(batches):
+            interrupt.check(f"the target estimate, batch {b}")
+            if not dist.owns_batch(b):  # torchrun: every N-th batch per rank, the votes summed
+                continue
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x_adv = attack(reference, x, y, generator=generator)
+            with torch.no_grad():
+                counts += torch.bincount(reference(x_adv).argmax(1).cpu(), minlength=len(counts))
+        return {**vote_result(dist.all_reduce_sum(counts)), "images": n, "pgd": attack.settings()}
 
 
 def choose_target(settings: TargetSettings, true_target: int | None, estimate, always_vote: bool = False) -> dict:
