@@ -1,0 +1,79 @@
+"""Stage timing: every second of a run charged to one stage, the stages adding up to the run's wall time."""
+import json
+import time
+
+import pytest
+
+import PUD
+import pbe_main
+from conftest import cli
+from utils.run.stagetimer import TRAINING_STAGES, StageTimer, activate, stage
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_nested_stages_are_charged_once_and_resume_from_saved_seconds():
+    clock = Clock()
+    timer = StageTimer(clock=clock)
+    with timer.stage("train"):
+        clock.t += 2
+        with timer.stage("train_pgd"):
+            clock.t += 3
+            with timer.stage("train_pgd"):  # the same name nested: still once
+                clock.t += 1
+        clock.t += 4
+    clock.t += 5  # outside every stage
+    rec = timer.record(wall=clock.t)
+    assert rec["seconds"] == {"train": 6.0, "train_pgd": 4.0}
+    assert rec["unattributed"] == 5.0 and rec["training_share"] == pytest.approx(10 / 15, abs=1e-4)
+    resumed = StageTimer(dict(timer.seconds), clock=clock)  # what state.pt carries
+    with resumed.stage("train"):
+        clock.t += 1
+    assert resumed.seconds == {"train": 7.0, "train_pgd": 4.0}
+
+
+def test_stage_without_an_active_timer_does_nothing():
+    prev = activate(None)
+    try:
+        with stage("scoring"):
+            pass
+    finally:
+        activate(prev)
+
+
+FAST = ("--device", "cpu", "--test_subset", "100", "--eval_steps", "2", "--target_images", "100")
+RUNS = {"aft": (pbe_main.main, "--aft_epochs", "2", "--adv_epochs", "1"),
+        "pbe": (pbe_main.main, "--progressive", "--rounds", "2", "--round_epochs", "1", "--top_rates", "0.5"),
+        "pud": (PUD.main, "--steps", "2", "--step_epochs", "1", "1", "--step_adv_epochs", "1", "0",
+                "--step_partial", "0", "0", "--step_eps", "6/255", "4/255", "--step_alpha_div", "5", "6",
+                "--step_pgd_steps", "1", "--top_rates", "0.5", "--spectre_min", "5", "--unlearn_epochs", "1",
+                "--mt_epochs", "1")}
+EXPECTED = {"aft": {"train", "train_pgd", "eval_clean", "eval_robust", "saving", "figures"},
+            "pbe": {"target_estimate", "filtering", "train", "train_pgd", "scoring", "eval_clean", "eval_robust"},
+            "pud": {"target_estimate", "filtering", "train", "train_pgd", "scoring", "eval_clean", "eval_robust",
+                    "unlearning", "mean_teacher", "saving"}}
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_the_stage_seconds_of_a_defense_add_up_to_its_wall_time(tiny_attack_run, tmp_path, name):
+    main, *extra = RUNS[name]
+    t = time.time()
+    assert cli(main, "--model_path", tiny_attack_run / "model.pt", "--out_dir", tmp_path / name, *FAST, *extra) == 0
+    outside = time.time() - t  # the run's wall time lies inside this
+    st = json.loads((tmp_path / name / "summary.json").read_text())["stages"]
+    assert EXPECTED[name] <= set(st["seconds"]) and all(v >= 0 for v in st["seconds"].values())
+    total = sum(st["seconds"].values())
+    assert st["wall"] <= outside + 0.01
+    assert total <= st["wall"] + 0.01, st  # nothing charged twice
+    # nothing large left out: set-up and logging lines only
+    assert st["unattributed"] <= 0.1 * st["wall"] + 0.5, st
+    train = sum(st["seconds"].get(k, 0.0) for k in TRAINING_STAGES)
+    assert st["training_share"] == pytest.approx(train / st["wall"], abs=1e-3)
