@@ -181,6 +181,7 @@ class RunControl:
         self.saved_position = loaded["position"] if loaded else None
         self.t0 = time.time() - (loaded["elapsed"] if loaded else 0.0)
         self.timer = StageTimer(loaded.get("stages") if loaded else None)  # continued by a resumed run
+        self._entered_from = time.time()
         self._signals = None
         self._timer_before = None
 
@@ -228,6 +229,8 @@ class RunControl:
     def __enter__(self) -> "RunControl":
         self._signals = interrupt.handle_signals()
         self._signals.__enter__()
+        # the seconds between the run's start and its work (optimizer, a first-use import such as torch._dynamo's)
+        self.timer.seconds["setup"] = self.timer.seconds.get("setup", 0.0) + time.time() - self._entered_from
         self._timer_before = activate(self.timer)
         return self
 
