@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from models import build_model
-from models.speed import ModelSettings, prepare_model
+from models.speed import ModelSettings, amp_choice, prepare_model
 from utils.adversarial import RobustEvalSettings
 from utils.autoattack import final_robustness
 from utils.data.build import DataSettings, build_backdoor, build_poisoned_train, load_data
@@ -128,7 +128,7 @@ def run_attack(job: AttackJob) -> dict:
         if ctl.resuming:
             carry = ctl.restore(**objects)
         else:
-            run.start(dict(job.flat(), device_used=str(device)))
+            run.start(dict(job.flat(), device_used=str(device), amp_used=amp_choice(job.model.amp, device)))
             carry = {"epoch": 0, "rec": {}}
             ctl.save("set-up (no epoch done)", carry, **objects)
         print(f"attack: {job.trigger.trigger_type} {job.attack.attack_mode} on {data_s.dataset} ({len(poisoned)} "
@@ -158,7 +158,8 @@ def run_attack(job: AttackJob) -> dict:
             with stage("saving"):
                 save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned,
                                                                          train_indices, final))
-        summary = {"final": final, "epochs": n_iters, "poisoned": len(poisoned.poison_idx),
+        summary = {"final": final, "epochs": n_iters, "amp": amp_choice(job.model.amp, device),
+                   "poisoned": len(poisoned.poison_idx),
                    "train_size": len(poisoned), "test_size": len(test)}
         with stage("figures"):
             write_figures(run_s.out_dir, run.records(), summary, job.flat(), test, backdoor, {"infected": model}, cl)
