@@ -68,7 +68,9 @@ def test_the_stage_seconds_of_a_defense_add_up_to_its_wall_time(tiny_attack_run,
     t = time.time()
     assert cli(main, "--model_path", tiny_attack_run / "model.pt", "--out_dir", tmp_path / name, *FAST, *extra) == 0
     outside = time.time() - t  # the run's wall time lies inside this
-    st = json.loads((tmp_path / name / "summary.json").read_text())["stages"]
+    summary = json.loads((tmp_path / name / "summary.json").read_text())
+    assert summary["amp"]["amp"] in ("bf16", "off") and summary["amp"]["why"]  # the --amp decision, recorded
+    st = summary["stages"]
     assert EXPECTED[name] <= set(st["seconds"]) and all(v >= 0 for v in st["seconds"].values())
     total = sum(st["seconds"].values())
     assert st["wall"] <= outside + 0.01

@@ -37,7 +37,6 @@ from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, bottom_
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import unlearning_loss
-from utils.evaluation import all_logits
 from utils.run import distributed as dist
 from utils.run.errors import UserError
 from utils.run.stagetimer import stage
@@ -63,6 +62,9 @@ class PUDSettings(Settings):
     step_alpha_div: tuple = opt([5, 5, 5, 6, 6], "PGD step = radius / this, per step", type=fraction, nargs="+")
     step_pgd_steps: int = opt(7, "PGD iterations of the fine-tuning attack", type=int)
     partial_batches: int = opt(31, "adversarial batches of a partial adversarial epoch", type=int)
+    step_robust: int = opt(0, "1: also PGD robust accuracy at the end of every progressive step (0: before and "
+                              "after the defense only; it does not change the run's other numbers)", type=int,
+                           choices=(0, 1))
     init_ratio: float = opt(0.05, "step 0's extra set: this random share of the pool", type=fraction)
     top_rates: tuple = opt([0.2, 0.4, 0.7, 0.8], "share of the pool kept as the next extra set after each step but "
                                                  "the last", type=fraction, nargs="*")
@@ -244,7 +246,7 @@ def filter_training_set(s: DefenseSession, st: PUDState) -> None:
     drawn from it (from the known clean images with ``--model_repair``)."""
     pud, inf = s.job.pud, s.inf
     out = filter_classes_and_decide(inf.reference, inf.poisoned, s.job.filter, st.target, s.job.run.seed,
-                                    s.job.run.eval_bs, s.cl)
+                                    s.job.run.eval_bs, s.cl, s.logits(inf.reference))
     st.pool, st.filtered, st.spectre_initial, st.removed = out.pool, out.removed, out.record, out.stages
     pick = clean_indices(inf.poisoned, "--model_repair") if pud.model_repair else out.pool
     k0 = max(1, int(round(pud.init_ratio * len(pick))))
@@ -258,8 +260,7 @@ def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
     pud, inf = s.job.pud, s.inf
     truth = inf.truth
     labels = inf.poisoned.train_labels.cpu()
-    with stage("scoring"):
-        ref_logits = all_logits(inf.reference, inf.poisoned, s.job.run.eval_bs, s.cl)
+    ref_logits = s.logits(inf.reference)
     target = st.target["used"]
     mode = pud.poison_candidates if pud.poison_candidates != "auto" else ("target" if target is not None else "filtered")
     candidates = poison_candidates(mode, labels, target, st.filtered)
@@ -317,12 +318,12 @@ def train_step(s: DefenseSession, st: PUDState, step: int, objects: dict) -> Non
         sched.step()
         last = e == pud.step_epochs[step] - 1
         rec = {"epoch": st.epoch_global, "step": step, "adversarial": adv, "lr": opt.param_groups[0]["lr"], **stats,
-               **s.evaluate(robust=last)}
+               **s.evaluate(robust=last and bool(pud.step_robust))}
         s.log(rec, f"pud step {step} epoch {e + 1}/{pud.step_epochs[step]}{' (adv)' if adv else ''}")
         st.epoch = e + 1
         s.save(f"pud step {step} epoch {e + 1}", st, **objects)
     if pud.step_epochs[step] == 0:
-        rec = {"epoch": st.epoch_global, "step": step, **s.evaluate(robust=True)}
+        rec = {"epoch": st.epoch_global, "step": step, **s.evaluate(robust=bool(pud.step_robust))}
         s.log(rec, f"pud step {step} (no epochs)")
 
 
@@ -330,7 +331,7 @@ def score_step(s: DefenseSession, st: PUDState, step: int, ref_logits, candidate
     """Score every training sample; the poison set from the candidates, the next extra set from the pool."""
     pud, inf = s.job.pud, s.inf
     info = st.step_info
-    scores = consistency_scores(ref_logits, all_logits(inf.model, inf.poisoned, s.job.run.eval_bs, s.cl),
+    scores = consistency_scores(ref_logits, s.logits(inf.model),
                                 argmax_penalty=True)
     st.poison_set = bottom_fraction(scores, pud.poison_fraction, candidates)
     det = detection_stats(st.poison_set, truth)
@@ -424,7 +425,7 @@ def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Te
 
 def refresh_before_teacher(s: DefenseSession, st: PUDState) -> dict:
     inf = s.inf
-    preds = all_logits(inf.model, inf.poisoned, s.job.run.eval_bs, s.cl).argmax(1)
+    preds = s.logits(inf.model).argmax(1)
     st.extra, info = refresh_extra(st.extra, inf.poisoned.train_labels.cpu(), inf.truth,
                                    st.target["used"], preds)
     what = "target-labelled samples no longer predicted as the target" if st.target["used"] is not None else \

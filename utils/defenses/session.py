@@ -15,7 +15,7 @@ import csv
 import io
 from dataclasses import dataclass, fields
 
-from models.speed import SpeedSettings
+from models.speed import SpeedSettings, amp_choice
 from utils.adversarial import RobustEvalSettings, robust_eval
 from utils.autoattack import final_robustness
 from utils.data.build import DataSource
@@ -72,6 +72,7 @@ class DefenseSession:
         self.ctl = RunControl(SCRIPT_OF[name], job, self.run, self.gen, loaded)
         self.history: list[dict] = []
         self.initial: dict = {}
+        self._logits: dict = {}  # id(model) -> (weights' versions, training-set logits)
 
     def start(self, state, **objects):
         """Fresh run: write args.json, evaluate the infected model, save the first state. Resumed: restore."""
@@ -79,7 +80,8 @@ class DefenseSession:
             saved = self.ctl.restore(**objects)
             self.initial, self.history = saved["initial"], saved["history"]
             return type(state)(**saved["loop"])
-        self.run.start(dict(self.job.flat(), defense=self.name, device_used=str(self.device)))
+        self.run.start(dict(self.job.flat(), defense=self.name, device_used=str(self.device),
+                            amp_used=amp_choice(self.job.speed.amp, self.device)))
         print(f"{self.name}: {self.inf.describe()} on {self.device}; writing to {self.job.run.out_dir}", flush=True)
         for what, why in self.inf.not_measurable().items():
             print(f"note: {'ASR' if what == 'asr' else 'poison detection'} is not measurable: {why}", flush=True)
@@ -105,6 +107,19 @@ class DefenseSession:
                 out.update(robust_eval(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
         return out
 
+    def logits(self, model) -> "torch.Tensor":
+        """``all_logits`` of ``model`` on the training set, computed once per state of its weights: the infected
+        reference is scored once per run, and a model scored again without a step in between is not recomputed.
+        The key is the version counter of every parameter and buffer, which any in-place change (an optimizer
+        step, BatchNorm statistics, ``load_state_dict``) advances."""
+        key = tuple(t._version for t in model.state_dict(keep_vars=True).values())
+        hit = self._logits.get(id(model))
+        if hit is None or hit[0] != key:
+            with stage("scoring"):
+                hit = (key, all_logits(model, self.inf.poisoned, self.job.run.eval_bs, self.cl))
+            self._logits[id(model)] = hit
+        return hit[1]
+
     def log(self, rec: dict, prefix: str) -> None:
         rec["seconds"] = self.ctl.elapsed()
         self.history.append(rec)
@@ -125,10 +140,9 @@ class DefenseSession:
         """``suspects.csv``: every training sample a stage flagged (``stages``: name -> indices), most suspicious
         first (``suspect_scores``: the stages that agree, then how far the defense moved the model's view of the
         sample); returns the summary's record of it."""
-        inf, bs = self.inf, self.job.run.eval_bs
+        inf = self.inf
         with stage("scoring"):
-            consistency = consistency_scores(all_logits(inf.reference, inf.poisoned, bs, self.cl),
-                                             all_logits(inf.model, inf.poisoned, bs, self.cl), argmax_penalty=True)
+            consistency = consistency_scores(self.logits(inf.reference), self.logits(inf.model), argmax_penalty=True)
         order, scores, members = suspect_scores(stages, consistency)
         labels = inf.poisoned.train_labels.cpu().tolist()
         out = io.StringIO()
@@ -150,7 +164,7 @@ class DefenseSession:
         summary = {"defense": self.name, "initial": {k: self.initial[k] for k in SUMMARY_KEYS if k in self.initial},
                    "final": {k: final[k] for k in SUMMARY_KEYS if k in final}, "robust_eval": final.get("robust_eval"),
                    **({"autoattack_eval": final["autoattack_eval"]} if "autoattack_eval" in final else {}),
-                   "settings": settings, **late_asr(self.history),
+                   "settings": settings, "amp": amp_choice(self.job.speed.amp, self.device), **late_asr(self.history),
                    "input": {"origin": inf.origin, "files": inf.files}, "not_measurable": inf.not_measurable(),
                    **(extra_summary or {})}
         if suspects is not None:
