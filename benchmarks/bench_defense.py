@@ -26,6 +26,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):  # started as a file: the package lives at the repository root
+    sys.path.insert(0, ROOT)
+
+from benchmarks.output import bench_main  # noqa: E402
 
 # the README's quickstart (synthetic set): the infected blend CNN and the three defenses on it
 ATTACK = ("train_blend.py", "--dataset", "synthetic", "--arch", "cnn", "--trigger_type", "blend", "--attack_mode",
@@ -150,14 +154,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    a = parse(argv)
-    res = run(a)
-    print(table(res), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
-            f.write("\n")
-    return res
+    return bench_main(parse, run, table, argv)
 
 
 if __name__ == "__main__":

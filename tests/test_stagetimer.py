@@ -6,6 +6,7 @@ import pytest
 
 import PUD
 import pbe_main
+from benchmarks.bench_defense import TINY_DEFENSES
 from conftest import cli
 from utils.run.stagetimer import TRAINING_STAGES, StageTimer, activate, stage
 
@@ -49,24 +50,19 @@ def test_stage_without_an_active_timer_does_nothing():
         activate(prev)
 
 
-FAST = ("--device", "cpu", "--test_subset", "100", "--eval_steps", "2", "--target_images", "100")
-RUNS = {"aft": (pbe_main.main, "--aft_epochs", "2", "--adv_epochs", "1"),
-        "pbe": (pbe_main.main, "--progressive", "--rounds", "2", "--round_epochs", "1", "--top_rates", "0.5"),
-        "pud": (PUD.main, "--steps", "2", "--step_epochs", "1", "1", "--step_adv_epochs", "1", "0",
-                "--step_partial", "0", "0", "--step_eps", "6/255", "4/255", "--step_alpha_div", "5", "6",
-                "--step_pgd_steps", "1", "--top_rates", "0.5", "--spectre_min", "5", "--unlearn_epochs", "1",
-                "--mt_epochs", "1")}
+MAINS = {"pbe_main.py": pbe_main.main, "PUD.py": PUD.main}
 EXPECTED = {"aft": {"train", "train_pgd", "eval_clean", "eval_robust", "saving", "figures"},
             "pbe": {"target_estimate", "filtering", "train", "train_pgd", "scoring", "eval_clean", "eval_robust"},
             "pud": {"target_estimate", "filtering", "train", "train_pgd", "scoring", "eval_clean", "eval_robust",
                     "unlearning", "mean_teacher", "saving"}}
 
 
-@pytest.mark.parametrize("name", sorted(RUNS))
+@pytest.mark.parametrize("name", sorted(TINY_DEFENSES))
 def test_the_stage_seconds_of_a_defense_add_up_to_its_wall_time(tiny_attack_run, tmp_path, name):
-    main, *extra = RUNS[name]
+    script, *flags = TINY_DEFENSES[name]  # the defense benchmark's --tiny runs
     t = time.time()
-    assert cli(main, "--model_path", tiny_attack_run / "model.pt", "--out_dir", tmp_path / name, *FAST, *extra) == 0
+    assert cli(MAINS[script], "--model_path", tiny_attack_run / "model.pt", "--out_dir", tmp_path / name, "--device",
+               "cpu", *flags) == 0
     outside = time.time() - t  # the run's wall time lies inside this
     summary = json.loads((tmp_path / name / "summary.json").read_text())
     assert summary["amp"]["amp"] in ("bf16", "off") and summary["amp"]["why"]  # the --amp decision, recorded

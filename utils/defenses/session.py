@@ -107,7 +107,7 @@ class DefenseSession:
                 out.update(robust_eval(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
         return out
 
-    def logits(self, model) -> "torch.Tensor":
+    def logits(self, model):
         """``all_logits`` of ``model`` on the training set, computed once per state of its weights: the infected
         reference is scored once per run, and a model scored again without a step in between is not recomputed.
         The key is the version counter of every parameter and buffer, which any in-place change (an optimizer
