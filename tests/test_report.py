@@ -150,7 +150,8 @@ def test_stages_shows_each_runs_split_and_training_share(runs, tmp_path, capsys)
     assert cli(report.main, runs[0], timed, runs[1], "--stages") == 0
     out = capsys.readouterr().out
     head = out.splitlines()[0]
-    assert head.startswith("| run | defense | wall | training_share | target_estimate | train | train_pgd |")
+    # the real attack run brings "setup"; the columns follow the run order of the stages
+    assert head.startswith("| run | defense | wall | training_share | setup | target_estimate | train | train_pgd |")
     rows = {r[0]: r for r in rows_of(out)}
     cols = [c.strip() for c in head.strip("|").split("|")]
     row = dict(zip(cols, rows["timed"]))

@@ -37,6 +37,7 @@ def assert_same_run(a, b):
         assert torch.equal(sa[k], sb[k]), k
     ja, jb = (json.loads((f / "summary.json").read_text()) for f in (a, b))
     ja.pop("seconds"), jb.pop("seconds")
+    assert ja.pop("stages")["seconds"].keys() == jb.pop("stages")["seconds"].keys()  # the same stages, other seconds
     assert ja == jb
     assert records(a) == records(b)
     assert not (b / "state.pt").exists() and not (b / "failure.json").exists()
