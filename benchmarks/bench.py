@@ -34,7 +34,6 @@ ratios (paired, so drift between repeats cancels).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -63,6 +62,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import reference  # noqa: E402
+from benchmarks.output import bench_main  # noqa: E402
 from models import ARCHS, build_model, eval_mode  # noqa: E402
 from utils.adversarial import PGD  # noqa: E402
 from utils.data.augment import Augment  # noqa: E402
@@ -314,14 +314,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    a = parse(argv)
-    res = run(a)
-    print(table(res), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
-            f.write("\n")
-    return res
+    return bench_main(parse, run, table, argv)
 
 
 if __name__ == "__main__":

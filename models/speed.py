@@ -16,11 +16,46 @@ from utils.run.errors import UserError
 from utils.settings import Settings, opt, require
 
 
+BF16_MATRIX_FLAGS = ("amx_bf16",)  # CPU flags of native bf16 matrix units: --amp auto turns bf16 on there
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # every CPU flag of bf16 arithmetic, for the record
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty where there is none)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def amp_choice(mode: str, device: torch.device) -> dict:
+    """``--amp``, decided for this device: ``{"amp": "bf16" or "off", "why": ...}`` (the run records it).
+
+    auto turns bf16 on for CUDA and for a CPU with native bf16 matrix units (AMX-BF16, found at run time);
+    elsewhere bf16 is emulated in fp32 units and slower than fp32, so auto leaves it off."""
+    if mode in ("on", "off"):
+        return {"amp": "bf16" if mode == "on" else "off", "why": f"--amp {mode}"}
+    if device.type == "cuda":
+        return {"amp": "bf16", "why": "--amp auto on CUDA"}
+    if device.type != "cpu":
+        return {"amp": "off", "why": f"--amp auto: off on {device.type}"}
+    flags = cpu_flags()
+    units = sorted(flags & set(BF16_FLAGS))
+    capability = torch.backends.cpu.get_cpu_capability()
+    if flags & set(BF16_MATRIX_FLAGS):
+        return {"amp": "bf16", "why": f"--amp auto: the CPU has bf16 matrix units ({', '.join(units)})",
+                "cpu_bf16": units, "cpu_capability": capability}
+    return {"amp": "off", "why": "--amp auto: the CPU has no bf16 matrix units (no " + ", ".join(BF16_MATRIX_FLAGS)
+            + " flag; bf16 would be emulated and slower)", "cpu_bf16": units, "cpu_capability": capability}
+
+
 def amp_dtype(mode: str, device: torch.device):
-    """``--amp``: bf16 autocast; auto = on for CUDA only. Returns the autocast dtype or None."""
-    if mode == "on" or (mode == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    """``--amp`` as the autocast dtype or None (``amp_choice``)."""
+    return torch.bfloat16 if amp_choice(mode, device)["amp"] == "bf16" else None
 
 
 def check_compile(device: torch.device) -> None:
@@ -38,7 +73,8 @@ class SpeedSettings(Settings):
     GROUP = "speed switches"
     channels_last: str = opt("auto", "channels_last memory format; auto = on", choices=("auto", "on", "off"))
     amp: str = opt("auto", "bf16 autocast inside the model (logits, losses and PGD steps stay float32); auto = on "
-                           "for CUDA only", choices=("auto", "on", "off"))
+                           "for CUDA and for CPUs with bf16 matrix units (AMX), detected at run time",
+                   choices=("auto", "on", "off"))
     compile: bool = opt(False, "torch.compile the trained model's forward (the first batches are slow while it "
                                "compiles)", action="store_true")
 

@@ -141,3 +141,23 @@ def test_runs_on_models_and_data_of_other_code_are_labelled(tmp_path):
     a, b = report.read_run(str(files)), report.read_run(str(bb))
     assert (a["dataset"], a["attack"], a["asr"]) == (None, "other code", None)
     assert (b["dataset"], b["attack"]) == ("cifar10", "backdoorbench")
+
+
+def test_stages_shows_each_runs_split_and_training_share(runs, tmp_path, capsys):
+    stages = {"seconds": {"train": 40.0, "train_pgd": 20.0, "eval_robust": 25.0, "target_estimate": 5.0},
+              "wall": 100.0, "unattributed": 10.0, "training_share": 0.6}
+    timed = make_run(tmp_path / "timed", {**DEFENSE_SUMMARIES["aft"], "stages": stages})
+    assert cli(report.main, runs[0], timed, runs[1], "--stages") == 0
+    out = capsys.readouterr().out
+    head = out.splitlines()[0]
+    # the real attack run brings "setup"; the columns follow the run order of the stages
+    assert head.startswith("| run | defense | wall | training_share | setup | target_estimate | train | train_pgd |")
+    rows = {r[0]: r for r in rows_of(out)}
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    row = dict(zip(cols, rows["timed"]))
+    assert (row["wall"], row["training_share"], row["train"], row["eval_robust"]) == ("100.0", "0.60", "40.0", "25.0")
+    assert dict(zip(cols, rows["aft"]))["train"] == "–"  # a summary written before stage timing
+    assert float(dict(zip(cols, rows[runs[0].name]))["wall"]) > 0  # the real attack run is timed too
+    assert cli(report.main, timed, "--stages", "--csv") == 0
+    parsed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert parsed[0]["train_pgd"] == "20.0" and parsed[0]["training_share"] == "0.6"

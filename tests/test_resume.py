@@ -37,6 +37,10 @@ def assert_same_run(a, b):
         assert torch.equal(sa[k], sb[k]), k
     ja, jb = (json.loads((f / "summary.json").read_text()) for f in (a, b))
     ja.pop("seconds"), jb.pop("seconds")
+    sa_, sb_ = ja.pop("stages"), jb.pop("stages")
+    assert sa_["seconds"].keys() == sb_["seconds"].keys()  # the same stages, other seconds
+    # the resumed run's stages continue the saved seconds: they still add up to its (continued) wall time
+    assert 0 <= sb_["unattributed"] <= 0.1 * sb_["wall"] + 0.5, sb_
     assert ja == jb
     assert records(a) == records(b)
     assert not (b / "state.pt").exists() and not (b / "failure.json").exists()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from models import build_model
-from models.speed import ModelSettings, prepare_model
+from models.speed import ModelSettings, amp_choice, prepare_model
 from utils.adversarial import RobustEvalSettings
 from utils.autoattack import final_robustness
 from utils.data.build import DataSettings, build_backdoor, build_poisoned_train, load_data
@@ -20,6 +20,7 @@ from utils.run.checkpoint import checkpoint_payload, save_checkpoint
 from utils.run.resume import RunControl, prepare_out_dir
 from utils.run.runlog import RunDir
 from utils.run.runtime import RunSettings, pick_device, seed_everything
+from utils.run.stagetimer import stage
 from utils.settings import Job, Settings, fraction, opt, require
 from utils.training import make_optimizer, train_epoch
 
@@ -127,7 +128,7 @@ def run_attack(job: AttackJob) -> dict:
         if ctl.resuming:
             carry = ctl.restore(**objects)
         else:
-            run.start(dict(job.flat(), device_used=str(device)))
+            run.start(dict(job.flat(), device_used=str(device), amp_used=amp_choice(job.model.amp, device)))
             carry = {"epoch": 0, "rec": {}}
             ctl.save("set-up (no epoch done)", carry, **objects)
         print(f"attack: {job.trigger.trigger_type} {job.attack.attack_mode} on {data_s.dataset} ({len(poisoned)} "
@@ -141,20 +142,29 @@ def run_attack(job: AttackJob) -> dict:
             sched.step()
             rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}
             if epoch % job.attack.eval_every == 0 or epoch == n_iters:
-                rec.update(evaluate(model, test, backdoor, run_s.eval_bs, generator=gen, channels_last=cl))
-            run.log(rec)
+                with stage("eval_clean"):
+                    rec.update(evaluate(model, test, backdoor, run_s.eval_bs, generator=gen, channels_last=cl))
             print(log_line(f"epoch {epoch}/{n_iters}", rec), flush=True)
-            save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned, train_indices, rec))
+            with stage("saving"):
+                run.log(rec)
+                save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned,
+                                                                         train_indices, rec))
             carry = {"epoch": epoch, "rec": rec}
             ctl.save(f"epoch {epoch}", carry, **objects)
         final = {k: v for k, v in carry["rec"].items() if k in FINAL_KEYS}
         if job.attack.eval_robust:
-            final.update(final_robustness(model, test, job.robust, run_s.seed, run_s.eval_bs, cl))
-            save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned, train_indices,
-                                                                     final))
-        summary = {"final": final, "epochs": n_iters, "seconds": ctl.elapsed(),
-                   "poisoned": len(poisoned.poison_idx), "train_size": len(poisoned), "test_size": len(test)}
-        write_figures(run_s.out_dir, run.records(), summary, job.flat(), test, backdoor, {"infected": model}, cl)
+            with stage("eval_robust"):
+                final.update(final_robustness(model, test, job.robust, run_s.seed, run_s.eval_bs, cl))
+            with stage("saving"):
+                save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned,
+                                                                         train_indices, final))
+        summary = {"final": final, "epochs": n_iters, "amp": amp_choice(job.model.amp, device),
+                   "poisoned": len(poisoned.poison_idx),
+                   "train_size": len(poisoned), "test_size": len(test)}
+        with stage("figures"):
+            write_figures(run_s.out_dir, run.records(), summary, job.flat(), test, backdoor, {"infected": model}, cl)
+        summary["stages"] = ctl.stages()
+        summary["seconds"] = summary["stages"]["wall"]
         run.write_json("summary.json", summary)
         ctl.finish()
     print(log_line(f"done in {summary['seconds']:.0f}s", final) + f" | {run_s.out_dir}", flush=True)

@@ -4,6 +4,7 @@
     python -m utils.report runs/* --csv > results.csv
     python -m utils.report runs/* --latex > results.tex
     python -m utils.report runs/* --strict     # an unfinished folder is an error instead of skipped
+    python -m utils.report runs/* --stages     # where each run's time went: seconds per stage, training share
 
 A row is read from the run folder's summary.json (plus args.json for dataset and attack): dataset,
 attack (trigger and mode), defense (``none`` for an attack run; with its distinguishing settings, e.g.
@@ -11,6 +12,10 @@ attack (trigger and mode), defense (``none`` for an attack run; with its disting
 (``initial`` -> ``final``; an attack run has only its final numbers), poison-detection precision and recall
 where the defense reports them (PBE: the last round's lowest-scored share; PUD: the last step's poison set)
 and the run's seconds. Markdown and LaTeX show percentages, CSV keeps fractions (one column per number).
+
+``--stages`` prints instead, per run, its wall time, ``training_share`` (training-epoch seconds / wall
+seconds) and the seconds of each stage (summary.json ``stages``, ``utils.run.stagetimer``); runs written
+before stage timing show dashes.
 
 Folders without a finished run (in progress, interrupted, diverged, not a run folder) are skipped and
 listed on stderr; ``--strict`` makes the first of them an error (exit 2). Only json is read, so the report
@@ -27,6 +32,7 @@ import sys
 from utils.run.describe import attack_label, defense_label
 from utils.run.errors import OneLineParser, UserError, run_cli
 from utils.run.runlock import holder
+from utils.run.stagetimer import STAGE_ORDER
 
 METRICS = (("acc", "clean_acc", "ACC"), ("asr", "asr", "ASR"), ("target_class_acc", "target_class_acc", "target-class ACC"),
            ("ra", "robust_acc", "RA"))  # (column, summary key, header)
@@ -89,7 +95,7 @@ def read_run(folder: str) -> dict:
     precision, recall = _detection(summary)
     row = {"run": os.path.basename(os.path.normpath(folder)), "dataset": args.get("dataset", ""),
            "attack": attack_label(args), "defense": defense_label(summary), "det_precision": precision,
-           "det_recall": recall, "seconds": summary.get("seconds")}
+           "det_recall": recall, "seconds": summary.get("seconds"), "stages": summary.get("stages") or {}}
     for column, key, _ in METRICS:
         row[column], row[f"{column}_before"] = final.get(key), initial.get(key)
     return row
@@ -165,21 +171,50 @@ def latex(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stage_table(rows: list[dict], as_csv: bool) -> str:
+    """One row per run: wall seconds, training share and the seconds of every stage any run has."""
+    seen = {k for r in rows for k in r["stages"].get("seconds", {})}
+    names = [k for k in STAGE_ORDER if k in seen] + sorted(seen - set(STAGE_ORDER))
+    head = ["run", "defense", "wall", "training_share", *names, "unattributed"]
+    table = []
+    for r in rows:
+        st = r["stages"]
+        sec = st.get("seconds", {})
+        table.append([r["run"], r["defense"], st.get("wall"), st.get("training_share"),
+                      *(sec.get(k) for k in names), st.get("unattributed")])
+    if as_csv:
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(head)
+        w.writerows([["" if v is None else v for v in row] for row in table])
+        return out.getvalue()
+    cell = lambda v: "–" if v is None else f"{v:.2f}" if isinstance(v, float) and v < 1 else \
+        f"{v:.1f}" if isinstance(v, (int, float)) else str(v)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> str:
     p = OneLineParser(prog="python -m utils.report", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders (each with a summary.json)")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--csv", action="store_true", help="CSV with fractions instead of a markdown table")
     form.add_argument("--latex", action="store_true", help="a LaTeX (booktabs) table instead of markdown")
+    p.add_argument("--stages", action="store_true", help="where each run's time went (seconds per stage, training "
+                                                         "share) instead of the results (markdown or --csv)")
     p.add_argument("--strict", action="store_true", help="fail on a folder without a finished run instead of "
                                                          "skipping it")
     args = p.parse_args(argv)
+    if args.stages and args.latex:
+        p.error("--stages prints markdown or --csv, not --latex")
     rows, skipped = read_runs(args.runs, args.strict)  # every folder is read before anything is printed
     for folder, reason in skipped:
         print(f"skipped '{folder}': {reason}", file=sys.stderr)
     if not rows:
         raise UserError(f"none of the {len(args.runs)} folder(s) given holds a finished run (see above)")
-    text = to_csv(rows) if args.csv else latex(rows) if args.latex else markdown(rows)
+    text = (stage_table(rows, args.csv) if args.stages else to_csv(rows) if args.csv else latex(rows) if args.latex
+            else markdown(rows))
     sys.stdout.write(text)
     return text
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from utils.run import distributed as dist, interrupt, testhooks
 from utils.run.errors import DivergenceError
 from utils.run.progress import progress
+from utils.run.stagetimer import stage as timed_stage
 
 __all__ = ["DivergenceError", "finetune_epoch", "make_optimizer", "train_epoch"]
 
@@ -44,7 +45,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
                 transform: Callable | None = None, generator: torch.Generator | None = None,
                 channels_last: bool = False, clean_weight: float = 0.0, desc: str = "train", total: int | None = None,
                 stage: str = "train", epoch: int | None = None, check_every: int = CHECK_EVERY,
-                loss_fn: Callable | None = None, after_step: Callable | None = None, what: str = "training") -> dict:
+                loss_fn: Callable | None = None, after_step: Callable | None = None, what: str = "training",
+                timing: str = "train") -> dict:
     """One pass of SGD steps; returns the mean loss and accuracy and the number of images trained on.
 
     Default objective: CE on ``transform(i, x, y)`` (e.g. PGD examples; the batch itself without a transform), and
@@ -53,70 +55,71 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     logits are returned); ``after_step(i)`` runs after each optimizer step. ``stage``, ``epoch`` (the run's epoch
     number) and ``what`` name the position in interrupt and divergence messages. Up to ``check_every - 1``
     steps may run on diverged weights before the check sees it, which does not matter: the run then stops
-    without saving them.
+    without saving them. The epoch's seconds go to the run's stage ``timing`` (``utils.run.stagetimer``).
 
     Under torchrun (``model`` the DDP wrapper, ``batches`` this rank's share) loss and accuracy are averaged
     over ranks (``images`` is this rank's count) and rank 0's BatchNorm statistics are copied to every rank, so
     all ranks go on with the same model.
     """
-    model.train()
-    hooks = testhooks.ACTIVE  # None in normal use
-    pending: list[torch.Tensor] = []  # per-batch losses not yet checked
-    sizes: list[int] = []  # their batch sizes
-    first = 0  # batch index of pending[0]
-    loss_sum = correct = None
-    n = 0
+    with timed_stage(timing):  # the whole epoch, PGD inside it excepted (finetune_epoch: train_pgd)
+        model.train()
+        hooks = testhooks.ACTIVE  # None in normal use
+        pending: list[torch.Tensor] = []  # per-batch losses not yet checked
+        sizes: list[int] = []  # their batch sizes
+        first = 0  # batch index of pending[0]
+        loss_sum = correct = None
+        n = 0
 
-    def check() -> None:
-        nonlocal pending, sizes, first, loss_sum
-        if not pending:
-            return
-        losses = _checked(pending, stage, epoch, first, what)
-        w = torch.tensor(sizes, dtype=losses.dtype, device=losses.device)
-        loss_sum = (losses * w).sum() + (loss_sum if loss_sum is not None else 0)
-        first += len(pending)
-        pending, sizes = [], []
+        def check() -> None:
+            nonlocal pending, sizes, first, loss_sum
+            if not pending:
+                return
+            losses = _checked(pending, stage, epoch, first, what)
+            w = torch.tensor(sizes, dtype=losses.dtype, device=losses.device)
+            loss_sum = (losses * w).sum() + (loss_sum if loss_sum is not None else 0)
+            first += len(pending)
+            pending, sizes = [], []
 
-    def cross_entropy(i, x, y):
-        x_in = transform(i, x, y) if transform is not None else x
-        logits = model(x_in)
-        loss = F.cross_entropy(logits, y)
-        if clean_weight > 0 and x_in is not x:
-            loss = (1 - clean_weight) * loss + clean_weight * F.cross_entropy(model(x), y)
-        return loss, logits
+        def cross_entropy(i, x, y):
+            x_in = transform(i, x, y) if transform is not None else x
+            logits = model(x_in)
+            loss = F.cross_entropy(logits, y)
+            if clean_weight > 0 and x_in is not x:
+                loss = (1 - clean_weight) * loss + clean_weight * F.cross_entropy(model(x), y)
+            return loss, logits
 
-    objective = loss_fn if loss_fn is not None else cross_entropy
-    for i, (_, x, y) in enumerate(progress(batches, desc=desc, total=total)):
-        if hooks is not None:
-            hooks.before_batch(epoch, i)
-        interrupt.check(f"{stage} epoch {epoch}, batch {i}" if epoch is not None else f"{stage}, batch {i}")
-        if augment is not None:
-            x = augment(x, generator)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss, logits = objective(i, x, y)
-        if hooks is not None:
-            loss = hooks.loss(loss, epoch, i)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step(i)
-        pending.append(loss.detach())
-        sizes.append(y.numel())
-        if logits is not None:
-            hits = (logits.detach().argmax(1) == y).sum()
-            correct = hits if correct is None else correct + hits
-        n += y.numel()
-        if len(pending) >= check_every:
-            check()
-    check()
-    dist.sync_buffers(dist.unwrap(model))
-    if n == 0:
-        return {"loss": 0.0, "acc": 0.0, "images": 0}
-    acc = int(correct) / n if correct is not None else 0.0
-    # ``images``: what this process trained on (under torchrun its share: about 1/N of the epoch)
-    return {**dist.mean_over_ranks({"loss": float(loss_sum) / n, "acc": acc}), "images": n}
+        objective = loss_fn if loss_fn is not None else cross_entropy
+        for i, (_, x, y) in enumerate(progress(batches, desc=desc, total=total)):
+            if hooks is not None:
+                hooks.before_batch(epoch, i)
+            interrupt.check(f"{stage} epoch {epoch}, batch {i}" if epoch is not None else f"{stage}, batch {i}")
+            if augment is not None:
+                x = augment(x, generator)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss, logits = objective(i, x, y)
+            if hooks is not None:
+                loss = hooks.loss(loss, epoch, i)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step(i)
+            pending.append(loss.detach())
+            sizes.append(y.numel())
+            if logits is not None:
+                hits = (logits.detach().argmax(1) == y).sum()
+                correct = hits if correct is None else correct + hits
+            n += y.numel()
+            if len(pending) >= check_every:
+                check()
+        check()
+        dist.sync_buffers(dist.unwrap(model))
+        if n == 0:
+            return {"loss": 0.0, "acc": 0.0, "images": 0}
+        acc = int(correct) / n if correct is not None else 0.0
+        # ``images``: what this process trained on (under torchrun its share: about 1/N of the epoch)
+        return {**dist.mean_over_ranks({"loss": float(loss_sum) / n, "acc": acc}), "images": n}
 
 
 def finetune_epoch(model, optimizer, batches, attack, adv_batches: int | None, augment=None, generator=None,
@@ -133,7 +136,8 @@ def finetune_epoch(model, optimizer, batches, attack, adv_batches: int | None, a
         def transform(i, x, y):
             if adv_batches is not None and i >= adv_batches:
                 return x
-            return attack(plain, x, y, generator=generator)
+            with timed_stage("train_pgd"):
+                return attack(plain, x, y, generator=generator)
     return train_epoch(model, optimizer, batches, augment, transform=transform, generator=generator,
                        channels_last=channels_last, clean_weight=clean_weight, desc=desc, total=total, stage=stage,
                        epoch=epoch)

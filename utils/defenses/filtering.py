@@ -22,12 +22,13 @@ import torch
 from utils.defenses.class_split import split_target_class
 from utils.defenses.selection import detection_stats, poison_count, poison_share, shown
 from utils.defenses.spectre import layer_representations, spectre_filter
+from utils.defenses.target import DECISIVE_LEAD, decisive
 from utils.evaluation import all_logits
 from utils.run import distributed as dist
 from utils.run.progress import n_batches, progress
+from utils.run.stagetimer import stage
 from utils.settings import Settings, fraction, opt, require
 
-DECISIVE_LEAD = 2.0  # a decisive vote: the winner has at least this many times the runner-up's votes (and is not weak)
 SPECTRE_LAYERS = {"cnn": "net.features", "preactresnet18": "net.layer4.0", "resnet18": "net.layer2.1"}
 
 
@@ -116,15 +117,6 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
     return out
 
 
-def decisive(vote: dict | None) -> bool:
-    """A vote whose winner is not weak and has at least ``DECISIVE_LEAD`` times the runner-up's votes."""
-    if not vote or not vote.get("votes"):
-        return False
-    counts = sorted(vote["votes"], reverse=True)
-    runner_up = counts[1] if len(counts) > 1 else 0
-    return not vote["weak"] and counts[0] >= DECISIVE_LEAD * max(runner_up, 1)
-
-
 def decide_target(given: int | None, vote: dict | None, split_classes: list[int]) -> dict:
     """Whether to rely on one target class, and which: the given class or the vote's winner, if confirmed.
 
@@ -163,10 +155,17 @@ class FilterOutcome:
 
 
 def filter_classes_and_decide(reference, poisoned, filt: FilterSettings, target: dict, seed: int, batch_size: int,
-                              channels_last: bool) -> FilterOutcome:
+                              channels_last: bool, logits: torch.Tensor | None = None) -> FilterOutcome:
     """SPECTRE and the class split on every class, then the decision (``decide_target``, written into the
     ``target`` record as ``used`` and ``decision``): with a confirmed target only that class's flags are removed
-    (the paper's target-class filtering, plus the split), without one every class's."""
+    (the paper's target-class filtering, plus the split), without one every class's. ``logits``: the reference's
+    ``all_logits`` if the caller has them (the split needs them; computed here otherwise)."""
+    with stage("filtering"):
+        return _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_size, channels_last, logits)
+
+
+def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_size, channels_last,
+                               logits) -> FilterOutcome:
     n = len(poisoned)
     truth = poisoned.truth  # None: no ground truth (data of other code without --poison_indices)
     classes = range(poisoned.data.num_classes)
@@ -174,7 +173,8 @@ def filter_classes_and_decide(reference, poisoned, filt: FilterSettings, target:
     per_class = [{"class": c, "indices": torch.nonzero(poisoned.train_labels.cpu() == c).flatten(), "spectre": none,
                   "split": none, "split_applied": False, "record": {"class": c}} for c in classes]
     if filt.class_split:  # first the split on every class: it is evidence for the decision
-        logits = all_logits(reference, poisoned, batch_size, channels_last)
+        if logits is None:
+            logits = all_logits(reference, poisoned, batch_size, channels_last)
         per_class = [filter_class(reference, poisoned, c, filt, logits, seed, batch_size, spectre=False)
                      for c in classes]
     split_classes = [f["class"] for f in per_class if f["split_applied"]]

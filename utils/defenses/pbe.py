@@ -25,9 +25,9 @@ from utils.defenses.selection import (INIT_POOLS, bottom_fraction, consistency_s
                                       poison_candidates, poison_share, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
-from utils.evaluation import all_logits
 from utils.run import distributed as dist
 from utils.run.errors import UserError
+from utils.run.stagetimer import stage
 from utils.settings import Settings, fraction, opt, require
 from utils.training import finetune_epoch, make_optimizer
 
@@ -202,7 +202,7 @@ def run_pbe(job: PBEJob) -> dict:
                 inf.reference, inf.poisoned, job.target, inf.num_classes, eval_bs, s.gen, s.cl),
                 always_vote=True)
             out = filter_classes_and_decide(inf.reference, inf.poisoned, job.filter, st.target, job.run.seed, eval_bs,
-                                            s.cl)
+                                            s.cl, s.logits(inf.reference))
             st.filtered, st.filtering = out.removed, out.record
             target = st.target["used"]
             pool = pbe.init_pool if pbe.init_pool != "auto" else ("non_target" if target is not None else "filtered")
@@ -214,7 +214,7 @@ def run_pbe(job: PBEJob) -> dict:
                                                                               else "filtered")
         candidates = poison_candidates(mode, labels, target, st.filtered)
         st.filtering["poison_candidates"] = mode
-        ref_logits = all_logits(inf.reference, inf.poisoned, eval_bs, s.cl)
+        ref_logits = s.logits(inf.reference)
         for r in range(st.round, pbe.rounds):
             purity = poison_share(st.extra, truth)
             if st.epoch == 0:
@@ -240,7 +240,8 @@ def run_pbe(job: PBEJob) -> dict:
                 s.log(rec, f"pbe round {r} epoch {e + 1}/{pbe.round_epochs}")
                 st.epoch = e + 1
                 s.save(f"pbe round {r} epoch {e + 1}", st, **objects)
-            info = score_round(s, st, r, purity, ref_logits, candidates, truth, labels)
+            with stage("scoring"):
+                info = score_round(s, st, r, purity, ref_logits, candidates, truth, labels)
             st.rounds.append(info)
             s.run.log({"round_summary": info, "epoch": st.epoch_global})
             st.round, st.epoch = r + 1, 0
@@ -259,7 +260,7 @@ def run_pbe(job: PBEJob) -> dict:
 def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logits, candidates, truth, labels) -> dict:
     """After round ``r``: score every sample, flag the least consistent as poison, pick the next extra set."""
     pbe = s.job.pbe
-    cur_logits = all_logits(s.inf.model, s.inf.poisoned, s.job.run.eval_bs, s.cl)
+    cur_logits = s.logits(s.inf.model)
     scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=bool(pbe.argmax_penalty))
     flagged = bottom_fraction(scores, pbe.detect_fraction, candidates)
     st.flagged.append(flagged)

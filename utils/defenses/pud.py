@@ -37,9 +37,9 @@ from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, bottom_
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import unlearning_loss
-from utils.evaluation import all_logits
 from utils.run import distributed as dist
 from utils.run.errors import UserError
+from utils.run.stagetimer import stage
 from utils.settings import Settings, fraction, opt, require
 from utils.training import finetune_epoch, make_optimizer, train_epoch
 
@@ -62,6 +62,9 @@ class PUDSettings(Settings):
     step_alpha_div: tuple = opt([5, 5, 5, 6, 6], "PGD step = radius / this, per step", type=fraction, nargs="+")
     step_pgd_steps: int = opt(7, "PGD iterations of the fine-tuning attack", type=int)
     partial_batches: int = opt(31, "adversarial batches of a partial adversarial epoch", type=int)
+    step_robust: int = opt(0, "1: also PGD robust accuracy at the end of every progressive step (0: before and "
+                              "after the defense only; it does not change the run's other numbers)", type=int,
+                           choices=(0, 1))
     init_ratio: float = opt(0.05, "step 0's extra set: this random share of the pool", type=fraction)
     top_rates: tuple = opt([0.2, 0.4, 0.7, 0.8], "share of the pool kept as the next extra set after each step but "
                                                  "the last", type=fraction, nargs="*")
@@ -213,7 +216,8 @@ def run_pud(job: PUDJob) -> dict:
         if st.stage == "unlearning":
             unlearn(s, st, objects)
             if pud.mt_refresh:
-                st.mt_refresh = refresh_before_teacher(s, st)
+                with stage("scoring"):
+                    st.mt_refresh = refresh_before_teacher(s, st)
             st.stage, st.epoch, st.reference = "mean_teacher", 0, None
             s.save("unlearning", st, **objects)
         if st.stage == "mean_teacher":
@@ -242,7 +246,7 @@ def filter_training_set(s: DefenseSession, st: PUDState) -> None:
     drawn from it (from the known clean images with ``--model_repair``)."""
     pud, inf = s.job.pud, s.inf
     out = filter_classes_and_decide(inf.reference, inf.poisoned, s.job.filter, st.target, s.job.run.seed,
-                                    s.job.run.eval_bs, s.cl)
+                                    s.job.run.eval_bs, s.cl, s.logits(inf.reference))
     st.pool, st.filtered, st.spectre_initial, st.removed = out.pool, out.removed, out.record, out.stages
     pick = clean_indices(inf.poisoned, "--model_repair") if pud.model_repair else out.pool
     k0 = max(1, int(round(pud.init_ratio * len(pick))))
@@ -256,15 +260,17 @@ def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
     pud, inf = s.job.pud, s.inf
     truth = inf.truth
     labels = inf.poisoned.train_labels.cpu()
-    ref_logits = all_logits(inf.reference, inf.poisoned, s.job.run.eval_bs, s.cl)
+    ref_logits = s.logits(inf.reference)
     target = st.target["used"]
     mode = pud.poison_candidates if pud.poison_candidates != "auto" else ("target" if target is not None else "filtered")
     candidates = poison_candidates(mode, labels, target, st.filtered)
     for step in range(st.step, pud.steps):
         if st.step_info is None:
-            start_step(s, st, step, truth, labels)
+            with stage("filtering"):
+                start_step(s, st, step, truth, labels)
         train_step(s, st, step, objects)
-        score_step(s, st, step, ref_logits, candidates, truth, labels)
+        with stage("scoring"):
+            score_step(s, st, step, ref_logits, candidates, truth, labels)
         st.step, st.epoch, st.step_info = step + 1, 0, None
         if step < pud.steps - 1:
             s.save(f"pud step {step}", st, **objects)
@@ -312,12 +318,12 @@ def train_step(s: DefenseSession, st: PUDState, step: int, objects: dict) -> Non
         sched.step()
         last = e == pud.step_epochs[step] - 1
         rec = {"epoch": st.epoch_global, "step": step, "adversarial": adv, "lr": opt.param_groups[0]["lr"], **stats,
-               **s.evaluate(robust=last)}
+               **s.evaluate(robust=last and bool(pud.step_robust))}
         s.log(rec, f"pud step {step} epoch {e + 1}/{pud.step_epochs[step]}{' (adv)' if adv else ''}")
         st.epoch = e + 1
         s.save(f"pud step {step} epoch {e + 1}", st, **objects)
     if pud.step_epochs[step] == 0:
-        rec = {"epoch": st.epoch_global, "step": step, **s.evaluate(robust=True)}
+        rec = {"epoch": st.epoch_global, "step": step, **s.evaluate(robust=bool(pud.step_robust))}
         s.log(rec, f"pud step {step} (no epochs)")
 
 
@@ -325,7 +331,7 @@ def score_step(s: DefenseSession, st: PUDState, step: int, ref_logits, candidate
     """Score every training sample; the poison set from the candidates, the next extra set from the pool."""
     pud, inf = s.job.pud, s.inf
     info = st.step_info
-    scores = consistency_scores(ref_logits, all_logits(inf.model, inf.poisoned, s.job.run.eval_bs, s.cl),
+    scores = consistency_scores(ref_logits, s.logits(inf.model),
                                 argmax_penalty=True)
     st.poison_set = bottom_fraction(scores, pud.poison_fraction, candidates)
     det = detection_stats(st.poison_set, truth)
@@ -384,7 +390,7 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
 
         batches = dist.epoch_batches(inf.poisoned, bs, s.gen, inf.augment, indices=extra)
         stats = train_epoch(s.train_model, opt, batches, loss_fn=loss_fn, desc=f"unlearn {e + 1}",
-                            stage="pud unlearning", epoch=ep, what="unlearning")
+                            stage="pud unlearning", epoch=ep, what="unlearning", timing="unlearning")
         record["batches"] += nb
         parts_mean = dist.mean_over_ranks({k: v / max(nb, 1) for k, v in parts_sum.items()})
         rec = {"epoch": ep, "stage": "unlearning", **parts_mean, "images": stats["images"], **s.evaluate()}
@@ -419,7 +425,7 @@ def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Te
 
 def refresh_before_teacher(s: DefenseSession, st: PUDState) -> dict:
     inf = s.inf
-    preds = all_logits(inf.model, inf.poisoned, s.job.run.eval_bs, s.cl).argmax(1)
+    preds = s.logits(inf.model).argmax(1)
     st.extra, info = refresh_extra(st.extra, inf.poisoned.train_labels.cpu(), inf.truth,
                                    st.target["used"], preds)
     what = "target-labelled samples no longer predicted as the target" if st.target["used"] is not None else \
@@ -444,7 +450,8 @@ def mean_teacher(s: DefenseSession, st: PUDState, objects: dict) -> None:
 
         def loss_fn(i, x, y):
             if pud.mt_adv:
-                x = attack(teacher, x, y, generator=s.gen)
+                with stage("train_pgd"):
+                    x = attack(teacher, x, y, generator=s.gen)
             logits = s.train_model(x)
             with torch.no_grad():
                 t_logits = teacher(x)
@@ -459,7 +466,8 @@ def mean_teacher(s: DefenseSession, st: PUDState, objects: dict) -> None:
 
         batches = dist.epoch_batches(inf.poisoned, s.job.run.bs, s.gen, inf.augment, indices=st.extra)
         stats = train_epoch(s.train_model, opt, batches, channels_last=s.cl, loss_fn=loss_fn, after_step=after_step,
-                            desc=f"mean teacher {e + 1}", stage="pud mean teacher", epoch=ep, what="mean-teacher")
+                            desc=f"mean teacher {e + 1}", stage="pud mean teacher", epoch=ep, what="mean-teacher",
+                            timing="mean_teacher")
         dist.sync_buffers(teacher)  # its EMA of the student's per-rank BatchNorm statistics
         rec = {"epoch": ep, "stage": "mean_teacher", **dist.mean_over_ranks({"loss": seen["loss"] / max(seen["n"], 1)}),
                "images": stats["images"], **s.evaluate()}

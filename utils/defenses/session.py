@@ -15,7 +15,7 @@ import csv
 import io
 from dataclasses import dataclass, fields
 
-from models.speed import SpeedSettings
+from models.speed import SpeedSettings, amp_choice
 from utils.adversarial import RobustEvalSettings, robust_eval
 from utils.autoattack import final_robustness
 from utils.data.build import DataSource
@@ -28,6 +28,7 @@ from utils.run.checkpoint import checkpoint_payload, save_checkpoint
 from utils.run.resume import RunControl, prepare_out_dir
 from utils.run.runlog import RunDir, default_out_dir
 from utils.run.runtime import RunSettings, pick_device, seed_everything
+from utils.run.stagetimer import stage, stage_line
 from utils.settings import Job
 
 SCRIPT_OF = {"aft": "pbe", "pbe": "pbe", "pud": "pud"}
@@ -71,6 +72,7 @@ class DefenseSession:
         self.ctl = RunControl(SCRIPT_OF[name], job, self.run, self.gen, loaded)
         self.history: list[dict] = []
         self.initial: dict = {}
+        self._logits: dict = {}  # id(model) -> (weights' versions, training-set logits)
 
     def start(self, state, **objects):
         """Fresh run: write args.json, evaluate the infected model, save the first state. Resumed: restore."""
@@ -78,7 +80,8 @@ class DefenseSession:
             saved = self.ctl.restore(**objects)
             self.initial, self.history = saved["initial"], saved["history"]
             return type(state)(**saved["loop"])
-        self.run.start(dict(self.job.flat(), defense=self.name, device_used=str(self.device)))
+        self.run.start(dict(self.job.flat(), defense=self.name, device_used=str(self.device),
+                            amp_used=amp_choice(self.job.speed.amp, self.device)))
         print(f"{self.name}: {self.inf.describe()} on {self.device}; writing to {self.job.run.out_dir}", flush=True)
         for what, why in self.inf.not_measurable().items():
             print(f"note: {'ASR' if what == 'asr' else 'poison detection'} is not measurable: {why}", flush=True)
@@ -94,18 +97,34 @@ class DefenseSession:
     def evaluate(self, robust: bool = False, final: bool = False) -> dict:
         """Clean accuracy and ASR; with ``robust`` the PGD robust accuracy; ``final`` adds AutoAttack if asked."""
         m, run = self.inf.model, self.job.run
-        out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, generator=self.gen, channels_last=self.cl,
-                       triggered=self.inf.test_bd)
-        if final:
-            out.update(final_robustness(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
-        elif robust:
-            out.update(robust_eval(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
+        with stage("eval_clean"):
+            out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, generator=self.gen, channels_last=self.cl,
+                           triggered=self.inf.test_bd)
+        with stage("eval_robust"):
+            if final:
+                out.update(final_robustness(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
+            elif robust:
+                out.update(robust_eval(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
         return out
+
+    def logits(self, model):
+        """``all_logits`` of ``model`` on the training set, computed once per state of its weights: the infected
+        reference is scored once per run, and a model scored again without a step in between is not recomputed.
+        The key is the version counter of every parameter and buffer, which any in-place change (an optimizer
+        step, BatchNorm statistics, ``load_state_dict``) advances."""
+        key = tuple(t._version for t in model.state_dict(keep_vars=True).values())
+        hit = self._logits.get(id(model))
+        if hit is None or hit[0] != key:
+            with stage("scoring"):
+                hit = (key, all_logits(model, self.inf.poisoned, self.job.run.eval_bs, self.cl))
+            self._logits[id(model)] = hit
+        return hit[1]
 
     def log(self, rec: dict, prefix: str) -> None:
         rec["seconds"] = self.ctl.elapsed()
         self.history.append(rec)
-        self.run.log(rec)
+        with stage("saving"):
+            self.run.log(rec)
         print(log_line(prefix, rec), flush=True)
 
     def checkpoint_meta(self) -> dict:
@@ -121,9 +140,9 @@ class DefenseSession:
         """``suspects.csv``: every training sample a stage flagged (``stages``: name -> indices), most suspicious
         first (``suspect_scores``: the stages that agree, then how far the defense moved the model's view of the
         sample); returns the summary's record of it."""
-        inf, bs = self.inf, self.job.run.eval_bs
-        consistency = consistency_scores(all_logits(inf.reference, inf.poisoned, bs, self.cl),
-                                         all_logits(inf.model, inf.poisoned, bs, self.cl), argmax_penalty=True)
+        inf = self.inf
+        with stage("scoring"):
+            consistency = consistency_scores(self.logits(inf.reference), self.logits(inf.model), argmax_penalty=True)
         order, scores, members = suspect_scores(stages, consistency)
         labels = inf.poisoned.train_labels.cpu().tolist()
         out = io.StringIO()
@@ -145,25 +164,35 @@ class DefenseSession:
         summary = {"defense": self.name, "initial": {k: self.initial[k] for k in SUMMARY_KEYS if k in self.initial},
                    "final": {k: final[k] for k in SUMMARY_KEYS if k in final}, "robust_eval": final.get("robust_eval"),
                    **({"autoattack_eval": final["autoattack_eval"]} if "autoattack_eval" in final else {}),
-                   "settings": settings, "seconds": self.ctl.elapsed(), **late_asr(self.history),
+                   "settings": settings, "amp": amp_choice(self.job.speed.amp, self.device), **late_asr(self.history),
                    "input": {"origin": inf.origin, "files": inf.files}, "not_measurable": inf.not_measurable(),
                    **(extra_summary or {})}
         if suspects is not None:
             summary["suspects"] = self.write_suspects(suspects)
+        with stage("saving"):
+            self._save_model(settings, summary)
+        with stage("figures"):
+            write_figures(self.job.run.out_dir, self.run.records(), summary, self.job.flat(), inf.test, inf.backdoor,
+                          {"infected": inf.reference, "repaired": inf.model}, self.cl)
+        summary["stages"] = self.ctl.stages()
+        summary["seconds"] = summary["stages"]["wall"]
+        self.run.write_json("summary.json", summary)
+        self.ctl.finish()
+        print(log_line(f"final ({summary['seconds']:.0f}s)", summary["final"]) + f" | {self.job.run.out_dir}",
+              flush=True)
+        print(stage_line(summary["stages"]), flush=True)
+        dist.finish()
+        return summary
+
+    def _save_model(self, settings: dict, summary: dict) -> None:
+        """model.pt: the repaired model with the infected run's data and the defense's record."""
+        inf = self.inf
         defense = {"name": self.name, "settings": settings, "history": self.history,
                    "source": inf.files.get("model") or inf.files.get("backdoorbench")}
         extra = {"defense": defense} if inf.origin == "toolkit" else {"defense": defense, "external": inf.files}
         payload = checkpoint_payload(self.checkpoint_meta(), inf.model, inf.backdoor, inf.poisoned,
                                      inf.train_indices, summary["final"], extra)
         save_checkpoint(self.run.file("model.pt"), payload)
-        write_figures(self.job.run.out_dir, self.run.records(), summary, self.job.flat(), inf.test, inf.backdoor,
-                      {"infected": inf.reference, "repaired": inf.model}, self.cl)
-        self.run.write_json("summary.json", summary)
-        self.ctl.finish()
-        print(log_line(f"final ({summary['seconds']:.0f}s)", summary["final"]) + f" | {self.job.run.out_dir}",
-              flush=True)
-        dist.finish()
-        return summary
 
 
 @dataclass(frozen=True, kw_only=True)

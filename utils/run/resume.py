@@ -35,6 +35,7 @@ from utils.run.distributed import is_main
 from utils.run.errors import DivergenceError, Interrupted, UserError
 from utils.run.runlock import lock_run_folder, release_all
 from utils.run.runlog import FAILURE_FILE, STATE_FILE, RunDir, check_out_dir, check_writable
+from utils.run.stagetimer import StageTimer, activate
 
 FORMAT = "pud-toolkit-run-state"
 VERSION = 2  # 2: only plain values (weights_only); 1: numpy RNG state as an array, tuples, a Counter
@@ -179,7 +180,10 @@ class RunControl:
         self.path = run.file(STATE_FILE)
         self.saved_position = loaded["position"] if loaded else None
         self.t0 = time.time() - (loaded["elapsed"] if loaded else 0.0)
+        self.timer = StageTimer(loaded.get("stages") if loaded else None)  # continued by a resumed run
+        self._entered_from = time.time()
         self._signals = None
+        self._timer_before = None
 
     @property
     def resuming(self) -> bool:
@@ -188,13 +192,20 @@ class RunControl:
     def elapsed(self) -> float:
         return round(time.time() - self.t0, 2)
 
+    def stages(self) -> dict:
+        """summary.json's ``stages``: seconds per stage of this run (``utils.run.stagetimer``) against its wall time."""
+        return self.timer.record(time.time() - self.t0)
+
     def save(self, position: str, carry: dict, **objects) -> None:
         """Save the state after ``position`` (e.g. "epoch 3"); then stop here if a signal is pending."""
-        payload = {"format": FORMAT, "version": VERSION, "script": self.script, "args": comparable_args(self.job),
-                   "position": position, "carry": carry, "objects": {k: object_state(o) for k, o in objects.items()},
-                   "rng": rng_state(self.gen), "log_lines": self.run.n_lines, "elapsed": time.time() - self.t0}
-        check_plain(payload, "state.pt")
-        atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
+        with self.timer.stage("saving"):
+            payload = {"format": FORMAT, "version": VERSION, "script": self.script, "args": comparable_args(self.job),
+                       "position": position, "carry": carry,
+                       "objects": {k: object_state(o) for k, o in objects.items()}, "rng": rng_state(self.gen),
+                       "log_lines": self.run.n_lines, "elapsed": time.time() - self.t0,
+                       "stages": dict(self.timer.seconds)}
+            check_plain(payload, "state.pt")
+            atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
         self.saved_position = position
         interrupt.check(f"the end of {position} (state saved)")
 
@@ -218,9 +229,13 @@ class RunControl:
     def __enter__(self) -> "RunControl":
         self._signals = interrupt.handle_signals()
         self._signals.__enter__()
+        # the seconds between the run's start and its work (optimizer, a first-use import such as torch._dynamo's)
+        self.timer.seconds["setup"] = self.timer.seconds.get("setup", 0.0) + time.time() - self._entered_from
+        self._timer_before = activate(self.timer)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        activate(self._timer_before)
         self._signals.__exit__(exc_type, exc, tb)
         try:
             self._note(exc)
