@@ -57,7 +57,8 @@ def test_the_43_class_set_runs_attack_aft_and_pud_end_to_end(tmp_path):
                "--out_dir", tmp_path / "pud") == 0
     s = json.loads((tmp_path / "pud" / "summary.json").read_text())
     assert len(s["target"]["votes"]) == 43 and s["target"]["decision"]["mode"] in ("target", "agnostic")
-    assert len(s["spectre_initial"]["classes"]) == 43  # the split ran on every one of the 43 classes
+    split_on = [c["class"] for c in s["spectre_initial"]["classes"] if "split" in c]
+    assert len(split_on) >= 40, split_on  # the split ran on (nearly) every one of the 43 classes, not one target
     for d in ("aft", "pud"):
         f = json.loads((tmp_path / d / "summary.json").read_text())["final"]
         assert {"clean_acc", "asr", "robust_acc"} <= set(f), d
