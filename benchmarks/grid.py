@@ -326,6 +326,11 @@ def table_rows(preset: Preset, dataset: str, root: str) -> list:
             row["status"] = "failed" if cell.name in failures else "not run"
         rows.append(row)
     infected = {r["cell"]: r for r in rows if r["defense"] == "none"}
+    for cell in cells_of(preset, dataset, root):  # an attack run measures no RA: its defenses' "before" figure is it
+        inf = infected[cell.attack.name]
+        if cell.defense is not None and inf["ra"] is None and finished(cell.folder):
+            before = json.load(open(os.path.join(cell.folder, "summary.json"))).get("initial", {})
+            inf["ra"] = before.get("robust_acc")
     for r in rows:
         r["misses"] = misses(r, infected.get(r["cell"]))
     return rows

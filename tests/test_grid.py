@@ -33,10 +33,12 @@ class FakeRunner:
         os.makedirs(out, exist_ok=True)
         script = os.path.basename(cmd[1])
         defense = {"train_blend.py": None, "pbe_main.py": "aft", "PUD.py": "pud"}[script]
-        summary = {"final": {"clean_acc": 0.9, "asr": 0.05 if defense else 0.97, "robust_acc": 0.1,
-                             "target_class_acc": 0.88}, "seconds": 12.0}
+        summary = {"final": {"clean_acc": 0.9, "asr": 0.05 if defense else 0.97, "target_class_acc": 0.88},
+                   "seconds": 12.0}
         if defense:
             summary["defense"] = defense
+            summary["final"]["robust_acc"] = 0.1
+            summary["initial"] = {"robust_acc": 0.02}  # the infected model's RA, measured by its defenses
         json.dump(summary, open(os.path.join(out, "summary.json"), "w"))
         json.dump({"dataset": "synthetic", "trigger_type": "patch", "attack_mode": "all2one"},
                   open(os.path.join(out, "args.json"), "w"))
@@ -65,6 +67,8 @@ def test_the_grid_runs_each_cell_once_skips_finished_ones_and_retries_failures(t
     assert [(r["cell"], r["defense"]) for r in failed] == [("patch-all2one", "pud")]
     done = next(r for r in rows if r["cell"] == "patch-all2all" and r["defense"] == "aft")
     assert (done["acc"], done["asr"], done["tca"]) == (0.9, 0.05, 0.88)
+    attack = next(r for r in rows if r["cell"] == "patch-all2all" and r["defense"] == "none")
+    assert (attack["asr"], attack["ra"]) == (0.97, 0.02)  # the attack row's RA: its defenses' "before" figure
 
     second = FakeRunner()
     status = grid.run_grid(PRESET, "synthetic", root, runner=second)
