@@ -480,7 +480,7 @@ def main(argv=None) -> int:
         done = [r for r in rows if r["status"] == "done"]
         total = sum(r["seconds"] or 0 for r in done)
         note = (f"\n{len(done)} of {len(rows)} cells finished; the cells' own seconds sum to {total / 60:.0f} min "
-                f"(run {a.jobs} at a time). Table: `{os.path.relpath(os.path.join(a.root, 'grid.md'), ROOT)}`, "
+                f"(several at a time on a shared CPU). Table: `{os.path.relpath(os.path.join(a.root, 'grid.md'), ROOT)}`, "
                 f"figure: `{os.path.relpath(os.path.join(a.root, 'grid.png'), ROOT)}`.\n")
         write_readme(a.readme, f"{a.preset}-{a.dataset}", f"--preset {a.preset} --dataset {a.dataset}"
                      + (f" --root {os.path.relpath(a.root, ROOT)}" if a.root != default_root(a.preset, a.dataset) else ""),
