@@ -26,8 +26,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):  # started as a file: the package lives at the repository root
-    sys.path.insert(0, ROOT)
+if __package__ in (None, ""):  # started as a file: re-run as the module with the repository root
+    # importable (relative paths in the arguments keep meaning the caller's folder)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    sys.exit(subprocess.call([sys.executable, "-m", "benchmarks.bench_defense", *sys.argv[1:]], env=env))
 
 from benchmarks.output import bench_main  # noqa: E402
 
