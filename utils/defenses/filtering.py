@@ -84,9 +84,10 @@ def removed_record(removed: torch.Tensor, considered: int, truth: torch.Tensor |
 
 
 def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits: torch.Tensor | None, seed: int,
-                 batch_size: int, spectre: bool = True, split: bool = True) -> dict:
+                 batch_size: int, spectre: bool = True, split: bool = True, reps: torch.Tensor | None = None) -> dict:
     """SPECTRE and (if ``settings.class_split``) the split on the training samples labelled ``cls``: their flagged
-    indices and the records. ``spectre``/``split`` False skip that filter (the decision needs only the splits)."""
+    indices, the records and the representations (``reps``: already read ones, for the second filter of a class).
+    ``spectre``/``split`` False skip that filter (the decision needs only the splits)."""
     layer, split = settings.spectre_layer, split and bool(settings.class_split)
     truth = poisoned.truth  # None: no ground truth (data of other code without --poison_indices)
     idx = torch.nonzero(poisoned.train_labels.cpu() == cls).flatten()
@@ -95,7 +96,9 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
     if len(idx) < 2:
         out["record"] = {"class": cls, "considered": len(idx)}
         return out
-    reps = class_representations(reference, poisoned, layer, idx, batch_size)  # read once for both filters
+    if reps is None:
+        reps = class_representations(reference, poisoned, layer, idx, batch_size)  # read once for both filters
+    out["reps"] = reps
     record = {"class": cls}
     if spectre:
         out["spectre"] = spectre_flags(reps, idx, settings.spectre_remove)
@@ -181,7 +184,8 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
     decision = decide_target(target.get("given"), target, split_classes)
     target.update(used=decision["target"], decision=decision)
     for c in (classes if decision["target"] is None else [decision["target"]]):  # then SPECTRE where it is used
-        f = filter_class(reference, poisoned, c, filt, None, seed, batch_size, split=False)
+        f = filter_class(reference, poisoned, c, filt, None, seed, batch_size, split=False,
+                         reps=per_class[c].pop("reps", None))
         per_class[c]["spectre"] = f["spectre"]
         per_class[c]["record"].update(f["record"])
     print(f"decision: {decision['mode']}" + (f" (target {decision['target']})" if decision["target"] is not None
