@@ -25,7 +25,7 @@ CIFAR-10's augmentation (crop pad 5, rotation 10, flip), a blend trigger and 10%
   ``mfu_vs_best_kernel`` divides by the faster of the two instead.
 
 The speed switches are the toolkit's own (``models.speed.prepare_model``): ``--channels_last``,
-``--amp`` (bf16 autocast; auto = CUDA only) and ``--compile`` (torch.compile), as in config.py.
+``--amp`` (bf16 autocast; auto = CUDA and CPUs with AMX-BF16) and ``--compile`` (torch.compile), as in config.py.
 
 Each repeat measures every figure once, in alternating order, so a slow spell of a shared machine
 hits all of them; figures are medians over ``--repeats``, and ratios are medians of the per-repeat
