@@ -246,33 +246,74 @@ def run_grid(preset: Preset, dataset: str, root: str, jobs: int = 1, runner=subp
 
 # ----- the second pass: AutoAttack ----------------------------------------------------------------------------
 
-def autoattack_pass(preset: Preset, dataset: str, root: str, images: int, threads: int = 1) -> float:
-    """AutoAttack on ``images`` seeded test images of every finished cell without ``autoattack.json``; seconds."""
+def autoattack_cell(folder: str, images: int, threads: int = 1) -> dict:
+    """AutoAttack (reference strength, L-inf 8/255) on ``images`` seeded test images of one finished cell's model,
+    written to its ``autoattack.json`` (the same images for every cell of a preset: the run's seed and
+    ``--test_subset`` pick them); returns what was written."""
     import torch
 
     from models.speed import SpeedSettings
     from utils.autoattack import autoattack_accuracy
     from utils.data.build import DataSource
-    from utils.defenses.infected import load_infected
-    from utils.run.checkpoint import atomic_write, load_checkpoint
+    from utils.defenses.infected import DefenseInput, load_infected, read_infected
+    from utils.run.checkpoint import atomic_write
 
+    src = read_infected(DefenseInput(model_path=os.path.join(folder, "model.pt")), DataSource())
+    ck = src.meta
+    source = DataSource(data_root=ck["args"]["data_root"], download="never", num_workers=0,
+                        test_subset=ck["args"]["test_subset"])
+    inf = load_infected(src, source, SpeedSettings(channels_last="off"), torch.device("cpu"))
+    t1 = time.time()
+    res = autoattack_accuracy(inf.model, inf.test, eps=8 / 255, n_images=images, seed=ck["args"]["seed"],
+                              num_threads=threads)
+    res["autoattack_eval"]["seconds"] = round(time.time() - t1, 1)
+    out = os.path.join(folder, "autoattack.json")
+    atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(res, indent=2, sort_keys=True) + "\n"))
+    return res
+
+
+def autoattack_pass(preset: Preset, dataset: str, root: str, images: int, jobs: int = 1,
+                    runner=subprocess_runner) -> float:
+    """AutoAttack on ``images`` seeded test images of every finished cell without ``autoattack.json``, ``jobs``
+    cells at a time (each its own process, as the cells themselves run: ``--autoattack_cell``); seconds."""
     t0 = time.time()
-    for cell in cells_of(preset, dataset, root):
-        out = os.path.join(cell.folder, "autoattack.json")
-        if not finished(cell.folder) or os.path.exists(out):
-            continue
-        ck = load_checkpoint(os.path.join(cell.folder, "model.pt"))
-        source = DataSource(data_root=ck["args"]["data_root"], download="never", num_workers=0,
-                            test_subset=ck["args"]["test_subset"])
-        inf = load_infected(ck, source, SpeedSettings(channels_last="off"), torch.device("cpu"))
+    pending = [c for c in cells_of(preset, dataset, root)
+               if finished(c.folder) and not os.path.exists(os.path.join(c.folder, "autoattack.json"))]
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+
+    def one(cell: Cell) -> None:
+        log = cell.log[:-len(".log")] + "-autoattack.log"
+        cmd = [sys.executable, "-m", "benchmarks.grid", "--autoattack", str(images), "--autoattack_cell", cell.folder,
+               "--threads", str(threads)]
         t1 = time.time()
-        res = autoattack_accuracy(inf.model, inf.test, eps=8 / 255, n_images=images, seed=ck["args"]["seed"],
-                                  num_threads=threads)
-        res["autoattack_eval"]["seconds"] = round(time.time() - t1, 1)
-        atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(res, indent=2, sort_keys=True) + "\n"))
-        print(f"[grid] {cell.name}: AutoAttack {res['autoattack_acc']:.3f} on {images} images in "
-              f"{res['autoattack_eval']['seconds']:.0f}s", flush=True)
+        rc = runner(cmd, dict(os.environ, OMP_NUM_THREADS=str(threads)), log)
+        out = os.path.join(cell.folder, "autoattack.json")
+        if rc == 0 and os.path.exists(out):
+            acc = json.load(open(out))["autoattack_acc"]
+            print(f"[grid] {cell.name}: AutoAttack {acc:.3f} on {images} images in {time.time() - t1:.0f}s", flush=True)
+        else:
+            print(f"[grid] {cell.name}: AutoAttack FAILED (exit {rc}; log {log})", flush=True)
+
+    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        list(pool.map(one, pending))
     return time.time() - t0
+
+
+def record_run(root: str, what: str, seconds: float, jobs: int, cells: int) -> None:
+    """Append one grid invocation's wall time to ``grid_runs.jsonl`` (the README note sums them)."""
+    os.makedirs(root, exist_ok=True)
+    rec = {"what": what, "seconds": round(seconds, 1), "jobs": jobs, "cells": cells, "cpus": os.cpu_count(),
+           "end": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(os.path.join(root, "grid_runs.jsonl"), "a") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
+def recorded_runs(root: str) -> list:
+    path = os.path.join(root, "grid_runs.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path) if line.strip()]
 
 
 # ----- the table and the figure -------------------------------------------------------------------------------
@@ -449,6 +490,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--autoattack", type=int, default=0, metavar="N",
                    help="then AutoAttack on N seeded test images of every finished cell (0: no; at least 200 for "
                         "the published table)")
+    p.add_argument("--autoattack_cell", default=None, metavar="FOLDER",
+                   help="only AutoAttack of this one finished cell (what the pass runs per cell)")
+    p.add_argument("--threads", type=int, default=1, help="with --autoattack_cell: torch threads")
     p.add_argument("--only", nargs="+", default=(), metavar="PATTERN",
                    help="run only the cells matching these patterns (and their attacks), e.g. '*/attack' 'patch-*/pud'")
     p.add_argument("--report_only", action="store_true", help="only rebuild the table and the figure")
@@ -465,22 +509,35 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse(argv)
+    if a.autoattack_cell:
+        autoattack_cell(os.path.abspath(a.autoattack_cell), a.autoattack or 200, a.threads)
+        return 0
     preset = PRESETS[a.preset]
     t0 = time.time()
     if not a.report_only:
+        before = {c.name for c in cells_of(preset, a.dataset, a.root) if finished(c.folder)}
         status = run_grid(preset, a.dataset, a.root, a.jobs, only=tuple(a.only))
+        ran = sum(1 for n, s in status.items() if s == "done" and n not in before)
         print(f"[grid] {sum(s == 'done' for s in status.values())} of {len(status)} cells done in "
               f"{time.time() - t0:.0f}s", flush=True)
+        if ran:
+            record_run(a.root, "cells", time.time() - t0, a.jobs, ran)
         if a.autoattack:
-            seconds = autoattack_pass(preset, a.dataset, a.root, a.autoattack)
+            seconds = autoattack_pass(preset, a.dataset, a.root, a.autoattack, a.jobs)
             print(f"[grid] AutoAttack pass: {seconds:.0f}s", flush=True)
+            record_run(a.root, f"autoattack {a.autoattack}", seconds, a.jobs, 0)
     rows = write_outputs(preset, a.dataset, a.root)
     sys.stdout.write(markdown(rows))
     if a.readme:
         done = [r for r in rows if r["status"] == "done"]
         total = sum(r["seconds"] or 0 for r in done)
-        note = (f"\n{len(done)} of {len(rows)} cells finished; the cells' own seconds sum to {total / 60:.0f} min "
-                f"(several at a time on a shared CPU). Table: `{os.path.relpath(os.path.join(a.root, 'grid.md'), ROOT)}`, "
+        runs = recorded_runs(a.root)
+        walls = {what: sum(r["seconds"] for r in runs if r["what"].split()[0] == what) for what in ("cells", "autoattack")}
+        wall = (f"; wall time of the grid runs that made them: {walls['cells'] / 60:.0f} min for the cells"
+                + (f", {walls['autoattack'] / 60:.0f} min for the AutoAttack pass" if walls["autoattack"] else "")
+                + f" (`--jobs {runs[-1]['jobs']}` on {runs[-1]['cpus']} CPUs, `grid_runs.jsonl`)") if runs else ""
+        note = (f"\n{len(done)} of {len(rows)} cells finished; the cells' own seconds sum to {total / 60:.0f} min"
+                f"{wall}. Table: `{os.path.relpath(os.path.join(a.root, 'grid.md'), ROOT)}`, "
                 f"figure: `{os.path.relpath(os.path.join(a.root, 'grid.png'), ROOT)}`.\n")
         write_readme(a.readme, f"{a.preset}-{a.dataset}", f"--preset {a.preset} --dataset {a.dataset}"
                      + (f" --root {os.path.relpath(a.root, ROOT)}" if a.root != default_root(a.preset, a.dataset) else ""),

@@ -129,3 +129,57 @@ def test_the_readme_block_is_written_once_and_replaced_in_place(tmp_path):
     second = readme.read_text()
     assert "| 1 |" not in second and "| 2 |" in second and second.endswith("<!-- /grid quick-synthetic -->\n\n## More\n\ntail\n")
     assert second.count("<!-- grid quick-synthetic:") == 1
+
+
+class FakeAutoAttack:
+    """Stands in for ``--autoattack_cell`` runs: records the cell and writes its autoattack.json."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cmd, env, log):
+        folder = cmd[cmd.index("--autoattack_cell") + 1]
+        self.calls.append((folder, cmd, env))
+        json.dump({"autoattack_acc": 0.01, "autoattack_eval": {"images": int(cmd[cmd.index("--autoattack") + 1])}},
+                  open(os.path.join(folder, "autoattack.json"), "w"))
+        return 0
+
+
+def test_the_autoattack_pass_runs_every_finished_cell_without_a_result_once_several_at_a_time(tmp_path):
+    root = str(tmp_path / "grid")
+    grid.run_grid(PRESET, "synthetic", root, runner=FakeRunner(fail={"patch-all2one/pud"}))
+    cells = {c.name: c for c in grid.cells_of(PRESET, "synthetic", root)}
+    json.dump({"autoattack_acc": 0.02}, open(os.path.join(cells["patch-all2all/aft"].folder, "autoattack.json"), "w"))
+    fake = FakeAutoAttack()
+    grid.autoattack_pass(PRESET, "synthetic", root, 200, jobs=2, runner=fake)
+    done = {c.folder for n, c in cells.items() if n not in ("patch-all2one/pud", "patch-all2all/aft")}
+    assert sorted(f for f, _, _ in fake.calls) == sorted(done)  # not the failed cell, not the one with a result
+    assert all(cmd[cmd.index("--autoattack") + 1] == "200" and env["OMP_NUM_THREADS"] == cmd[-1]
+               for _, cmd, env in fake.calls)
+    rows = {(r["cell"], r["defense"]): r for r in grid.table_rows(PRESET, "synthetic", root)}
+    assert rows[("patch-all2all", "aft")]["aa"] == 0.02 and rows[("patch-all2one", "aft")]["aa"] == 0.01
+    again = FakeAutoAttack()
+    grid.autoattack_pass(PRESET, "synthetic", root, 200, jobs=2, runner=again)
+    assert again.calls == []
+
+
+def test_the_readme_note_gives_the_recorded_wall_time_of_the_grid_runs(tmp_path, monkeypatch):
+    root = str(tmp_path / "grid")
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n")
+    grid.run_grid(PRESET, "synthetic", root, runner=FakeRunner())
+    grid.record_run(root, "cells", 600.0, 2, 7)
+    grid.record_run(root, "cells", 300.0, 2, 1)
+    grid.record_run(root, "autoattack 200", 120.0, 2, 0)
+    assert [r["seconds"] for r in grid.recorded_runs(root)] == [600.0, 300.0, 120.0]
+    assert grid.main(["--preset", "quick", "--root", root, "--report_only", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "15 min for the cells, 2 min for the AutoAttack pass (`--jobs 2`" in text
+
+
+@pytest.mark.slow
+def test_one_cells_autoattack_writes_its_result_on_the_seeded_images(tiny_attack_run):
+    assert grid.main(["--autoattack", "4", "--autoattack_cell", str(tiny_attack_run)]) == 0
+    res = json.load(open(tiny_attack_run / "autoattack.json"))
+    assert res["autoattack_eval"]["images"] == 4 and res["autoattack_eval"]["reference_strength"]
+    assert 0 <= res["autoattack_acc"] <= res["autoattack_eval"]["clean_correct"] / 4
