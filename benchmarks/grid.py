@@ -213,6 +213,11 @@ def log_tail(path: str, lines: int = 8) -> str:
         return ""
 
 
+def threads_per_job(jobs: int) -> int:
+    """Torch threads for each of ``jobs`` processes sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(jobs, 1))
+
+
 def run_grid(preset: Preset, dataset: str, root: str, jobs: int = 1, runner=subprocess_runner,
              only: tuple = ()) -> dict:
     """Run every unfinished cell (attacks first, each defense once its attack is done); returns {cell: status}.
@@ -221,7 +226,7 @@ def run_grid(preset: Preset, dataset: str, root: str, jobs: int = 1, runner=subp
     cells = [c for c in cells_of(preset, dataset, root)
              if not only or any(fnmatch.fnmatch(c.name, p) for p in only) or c.defense is None]
     failures = Failures(root)
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    threads = threads_per_job(jobs)
     status = {c.name: "done" for c in cells if finished(c.folder)}
 
     def one(cell: Cell) -> None:
@@ -259,12 +264,11 @@ def autoattack_cell(folder: str, images: int, threads: int = 1) -> dict:
     from utils.run.checkpoint import atomic_write
 
     src = read_infected(DefenseInput(model_path=os.path.join(folder, "model.pt")), DataSource())
-    ck = src.meta
-    source = DataSource(data_root=ck["args"]["data_root"], download="never", num_workers=0,
-                        test_subset=ck["args"]["test_subset"])
+    args = src.meta["args"]  # the run's own data settings: the same seeded test images as the cell
+    source = DataSource(data_root=args["data_root"], download="never", num_workers=0, test_subset=args["test_subset"])
     inf = load_infected(src, source, SpeedSettings(channels_last="off"), torch.device("cpu"))
     t1 = time.time()
-    res = autoattack_accuracy(inf.model, inf.test, eps=8 / 255, n_images=images, seed=ck["args"]["seed"],
+    res = autoattack_accuracy(inf.model, inf.test, eps=8 / 255, n_images=images, seed=args["seed"],
                               num_threads=threads)
     res["autoattack_eval"]["seconds"] = round(time.time() - t1, 1)
     out = os.path.join(folder, "autoattack.json")
@@ -279,7 +283,7 @@ def autoattack_pass(preset: Preset, dataset: str, root: str, images: int, jobs: 
     t0 = time.time()
     pending = [c for c in cells_of(preset, dataset, root)
                if finished(c.folder) and not os.path.exists(os.path.join(c.folder, "autoattack.json"))]
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    threads = threads_per_job(jobs)
 
     def one(cell: Cell) -> None:
         log = cell.log[:-len(".log")] + "-autoattack.log"

@@ -163,7 +163,7 @@ def test_the_autoattack_pass_runs_every_finished_cell_without_a_result_once_seve
     assert again.calls == []
 
 
-def test_the_readme_note_gives_the_recorded_wall_time_of_the_grid_runs(tmp_path, monkeypatch):
+def test_the_readme_note_gives_the_recorded_wall_time_of_the_grid_runs(tmp_path):
     root = str(tmp_path / "grid")
     readme = tmp_path / "README.md"
     readme.write_text("# t\n")
