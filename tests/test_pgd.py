@@ -494,3 +494,30 @@ def test_a_signal_stops_the_robust_evaluation_at_the_next_batch(trained):
         with pytest.raises(Interrupted, match="robust evaluation, batch 0"):
             robust_accuracy(model, test, PGD(eps=0.04, alpha=0.01, steps=2), batch_size=50)
     assert robust_accuracy(model, test, PGD(eps=0.04, alpha=0.01, steps=2), batch_size=50)["robust_eval"]["images"] == 300
+
+
+def test_robust_eval_key_names_the_weights_the_images_and_the_settings(trained):
+    import copy
+
+    from utils.adversarial import reusable_robust, robust_eval_key
+    model, test, _, _ = trained
+    s = RobustEvalSettings(eval_steps=2)
+    key = robust_eval_key(model, test, s, 0, 128, False, "off")
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)  # the same weights in another layout
+    assert robust_eval_key(cl, test, s, 0, 128, False, "off") == key
+    other = [robust_eval_key(model, test, RobustEvalSettings(eval_steps=3), 0, 128, False, "off"),
+             robust_eval_key(model, test, s, 1, 128, False, "off"),
+             robust_eval_key(model, test, s, 0, 64, False, "off"),
+             robust_eval_key(model, test, s, 0, 128, True, "off"),
+             robust_eval_key(model, test, s, 0, 128, False, "bf16"),
+             robust_eval_key(model, test.subset(torch.arange(len(test) - 1)), s, 0, 128, False, "off")]
+    with torch.no_grad():
+        next(cl.parameters()).add_(1e-3)
+    other.append(robust_eval_key(cl, test, s, 0, 128, False, "off"))
+    assert len({key, *other}) == len(other) + 1
+    res = robust_eval(model, test, s, seed=0, batch_size=128, amp="off")
+    assert res["robust_eval"]["key"] == key
+    assert reusable_robust(res, key) == {"robust_acc": res["robust_acc"], "robust_eval": {**res["robust_eval"],
+                                                                                          "reused": True}}
+    assert reusable_robust(res, other[0]) is None and reusable_robust(None, key) is None
+    assert robust_eval_key(model, object(), s, 0, 128, False, "off") is None  # a split not held as tensors

@@ -41,7 +41,7 @@ def rows_of(markdown: str) -> list[list[str]]:
 
 @pytest.fixture
 def runs(tmp_path, tiny_attack_run):
-    out = [tiny_attack_run]  # a real attack run: summary has "final", no robust accuracy
+    out = [tiny_attack_run]  # a real attack run: summary has "final" with its robust accuracy
     out += [make_run(tmp_path / name, s) for name, s in DEFENSE_SUMMARIES.items()]
     return out
 
@@ -57,7 +57,7 @@ def test_markdown_table_has_one_row_per_run_with_before_and_after(runs, capsys):
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert attack[1:3] == ["synthetic", "patch all2one"] and attack[4] == f"{100 * summary['final']['clean_acc']:.2f}"
     assert attack[6] == f"{100 * summary['final']['target_class_acc']:.2f}"  # an attack run: its final numbers only
-    assert attack[7:10] == ["–", "–", "–"]
+    assert attack[7] == f"{100 * summary['final']['robust_acc']:.2f}" and attack[8:10] == ["–", "–"]
     assert rows[1][1:] == ["cifar10", "blend all2one", "aft", "93.00 → 90.00", "99.00 → 5.00", "95.00 → 85.00",
                            "1.00 → 40.00", "–", "–", "55"]
     assert rows[3][4] == "93.00 → 90.00" and rows[3][5] == "5.00"  # no initial ASR recorded: the final one alone

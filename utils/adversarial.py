@@ -23,6 +23,8 @@ whole image cannot imitate. ``window=0`` (default) perturbs the whole image.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import operator
 from dataclasses import dataclass
@@ -337,9 +339,49 @@ class RobustEvalSettings(Settings):
 
 
 def robust_eval(model: nn.Module, test, settings: RobustEvalSettings, seed: int, batch_size: int,
-                channels_last: bool = False) -> dict:
+                channels_last: bool = False, amp: str | None = None) -> dict:
     """``robust_accuracy`` under ``settings``; the random start is drawn from a CPU generator seeded from
-    ``seed``, so the figure is reproducible run to run."""
+    ``seed``, so the figure is reproducible run to run. The record carries ``robust_eval_key`` of the
+    evaluation (``amp``: the model's autocast dtype), so a later run can reuse the figure (``reusable_robust``)."""
     gen = torch.Generator().manual_seed(int(seed) + 104729)
-    return robust_accuracy(model, test, settings.pgd(), batch_size=batch_size, generator=gen,
-                           channels_last=channels_last)
+    out = robust_accuracy(model, test, settings.pgd(), batch_size=batch_size, generator=gen,
+                          channels_last=channels_last)
+    key = robust_eval_key(model, test, settings, seed, batch_size, channels_last, amp)
+    if key is not None:
+        out["robust_eval"] = {**out["robust_eval"], "key": key}
+    return out
+
+
+def _tensor_bytes(t: Tensor):
+    """A tensor's values as bytes in the standard layout (channels_last and devices give the same bytes)."""
+    return t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy()
+
+
+def robust_eval_key(model: nn.Module, test, settings: RobustEvalSettings, seed: int, batch_size: int,
+                    channels_last: bool, amp: str | None) -> str | None:
+    """A fingerprint of everything ``robust_eval``'s figure depends on: the weights, the test images and labels, the
+    PGD settings, the seed, the batch size, the memory format and the autocast dtype. Equal keys give the same
+    figure, so a defense takes the infected model's robust accuracy from its attack run instead of attacking the
+    model again. None for a test split not held in memory as tensors (no reuse)."""
+    x, y = getattr(test, "x", None), getattr(test, "y", None)
+    if not (torch.is_tensor(x) and torch.is_tensor(y)):
+        return None
+    h = hashlib.sha256()
+    for name, t in dist.unwrap(model).state_dict().items():
+        h.update(name.encode())
+        h.update(_tensor_bytes(t))
+    h.update(_tensor_bytes(x))
+    h.update(_tensor_bytes(y))
+    h.update(json.dumps([settings.eval_eps, settings.eval_alpha, settings.eval_steps, int(seed), int(batch_size),
+                         bool(channels_last), amp]).encode())
+    return h.hexdigest()
+
+
+def reusable_robust(record: dict | None, key: str | None) -> dict | None:
+    """``robust_acc`` and ``robust_eval`` of an earlier evaluation ``record`` (e.g. the attack run's final metrics)
+    whose key equals ``key``; None if there is none or it was made on anything else."""
+    if not record or key is None or "robust_acc" not in record:
+        return None
+    if (record.get("robust_eval") or {}).get("key") != key:
+        return None
+    return {"robust_acc": record["robust_acc"], "robust_eval": {**record["robust_eval"], "reused": True}}

@@ -1,6 +1,8 @@
 """Attack training: train a classifier on a poisoned training set and save the one-file checkpoint."""
 from __future__ import annotations
 
+import argparse
+
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +45,9 @@ class AttackSettings(Settings):
                                    "class only and keep their labels, as Barni et al.'s SIG and BackdoorBench run it",
                             action="store_true")
     eval_every: int = opt(1, "evaluate every N epochs (the last epoch always)", type=int)
-    eval_robust: bool = opt(False, "also report PGD robust accuracy of the final model", action="store_true")
+    eval_robust: bool = opt(True, "report PGD robust accuracy of the final model (the defenses of this model reuse "
+                                  "the figure when they evaluate on the same test images with the same settings)",
+                            action=argparse.BooleanOptionalAction)
 
     def check_for(self, data: DataSettings, trigger: TriggerSettings) -> None:
         require(self.attack_mode in LABEL_MAPS,
@@ -154,7 +158,8 @@ def run_attack(job: AttackJob) -> dict:
         final = {k: v for k, v in carry["rec"].items() if k in FINAL_KEYS}
         if job.attack.eval_robust:
             with stage("eval_robust"):
-                final.update(final_robustness(model, test, job.robust, run_s.seed, run_s.eval_bs, cl))
+                final.update(final_robustness(model, test, job.robust, run_s.seed, run_s.eval_bs, cl,
+                                              amp_choice(job.model.amp, device)["amp"]))
             with stage("saving"):
                 save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned,
                                                                          train_indices, final))

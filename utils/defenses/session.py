@@ -16,7 +16,7 @@ import io
 from dataclasses import dataclass, fields
 
 from models.speed import SpeedSettings, amp_choice
-from utils.adversarial import RobustEvalSettings, robust_eval
+from utils.adversarial import RobustEvalSettings, reusable_robust, robust_eval, robust_eval_key
 from utils.autoattack import final_robustness
 from utils.data.build import DataSource
 from utils.defenses.infected import DefenseInput, InfectedRun, InfectedSource, load_infected, read_infected
@@ -85,7 +85,7 @@ class DefenseSession:
         print(f"{self.name}: {self.inf.describe()} on {self.device}; writing to {self.job.run.out_dir}", flush=True)
         for what, why in self.inf.not_measurable().items():
             print(f"note: {'ASR' if what == 'asr' else 'poison detection'} is not measurable: {why}", flush=True)
-        self.initial = self.evaluate(robust=True)
+        self.initial = self.evaluate(robust=True, earlier=(self.inf.ck or {}).get("metrics"))
         print(log_line("initial", self.initial), flush=True)
         self.save("the initial evaluation", state, **objects)
         return state
@@ -94,17 +94,22 @@ class DefenseSession:
         self.ctl.save(position, {"loop": state_record(state), "initial": self.initial, "history": self.history},
                       **objects)
 
-    def evaluate(self, robust: bool = False, final: bool = False) -> dict:
-        """Clean accuracy and ASR; with ``robust`` the PGD robust accuracy; ``final`` adds AutoAttack if asked."""
+    def evaluate(self, robust: bool = False, final: bool = False, earlier: dict | None = None) -> dict:
+        """Clean accuracy and ASR; with ``robust`` the PGD robust accuracy (taken from ``earlier``, e.g. the attack
+        run's final metrics, when that evaluation had the same key: ``reusable_robust``); ``final`` adds AutoAttack
+        if asked."""
         m, run = self.inf.model, self.job.run
+        amp = amp_choice(self.job.speed.amp, self.device)["amp"]
         with stage("eval_clean"):
             out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, generator=self.gen, channels_last=self.cl,
                            triggered=self.inf.test_bd)
         with stage("eval_robust"):
             if final:
-                out.update(final_robustness(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
+                out.update(final_robustness(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl, amp))
             elif robust:
-                out.update(robust_eval(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl))
+                key = robust_eval_key(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl, amp)
+                out.update(reusable_robust(earlier, key)
+                           or robust_eval(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl, amp))
         return out
 
     def logits(self, model):
@@ -163,6 +168,7 @@ class DefenseSession:
         inf = self.inf
         summary = {"defense": self.name, "initial": {k: self.initial[k] for k in SUMMARY_KEYS if k in self.initial},
                    "final": {k: final[k] for k in SUMMARY_KEYS if k in final}, "robust_eval": final.get("robust_eval"),
+                   "initial_robust_eval": self.initial.get("robust_eval"),
                    **({"autoattack_eval": final["autoattack_eval"]} if "autoattack_eval" in final else {}),
                    "settings": settings, "amp": amp_choice(self.job.speed.amp, self.device), **late_asr(self.history),
                    "input": {"origin": inf.origin, "files": inf.files}, "not_measurable": inf.not_measurable(),
