@@ -39,7 +39,8 @@ def test_aft_patch_shaped_examples_are_used_and_recorded(infected_run, tmp_path)
     assert pgd["eps_outside"] == pytest.approx(6 / 255)
 
 
-PAPER = ("--init_pool", "all", "--argmax_penalty", "0", "--poison_candidates", "all", "--quarantine", "0")
+PAPER = ("--init_pool", "all", "--argmax_penalty", "0", "--poison_candidates", "all", "--quarantine", "0",
+         "--later_pool", "all", "--balanced_selection", "0")
 
 
 def run_pbe(infected_run, out, *extra):
@@ -60,8 +61,9 @@ def test_progressive_pbe_keeps_target_labelled_samples_out_of_round_0_and_quaran
     assert r0["quarantine_flagged"] == 200 and r1["quarantine_flagged"] >= 200  # 10 % of 2,000, and it only grows
     # the detector ranks among the target-labelled samples only: with 200 poisons among them it is not blind
     assert r0["detect_precision"] > 0.3 and r0["poison_still_backdoor"] is not None
-    # the next extra set is half the training set, none of it quarantined
-    assert r0["next_extra_size"] == 1000 and r0["next_extra_poison_share"] < r0["quarantine_precision"]
+    # the next extra set is half of every label's samples, none of it quarantined or removed by the filter
+    assert 800 <= r0["next_extra_size"] <= 1000 and r0["next_extra_poison_share"] < r0["quarantine_precision"]
+    assert r0["next_extra_filter_removed"] == 0 and s["filtering"]["removed"] > 0
     assert [(rec["round"], rec["adversarial"], rec["lr"]) for rec in recs] == [(0, True, 0.01), (0, True, 0.01),
                                                                             (1, True, 0.002), (1, False, 0.002)]
     assert s["settings"]["init_pool"] == "auto" and s["settings"]["later_lr"] == 0.002
@@ -103,6 +105,18 @@ def test_top_share_outside_never_picks_an_excluded_sample_and_stays_a_share_of_a
     # per label (--balanced_selection 1): 40 % of each label's samples, so label 1's best are kept too
     labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
     assert torch.equal(top_share_outside(scores, 0.4, torch.tensor([0]), labels), torch.tensor([1, 2, 5, 6]))
+
+
+def test_later_rounds_never_select_what_the_filter_removed():
+    from utils.defenses.pbe import later_excluded, top_share_outside
+
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    quarantine, removed = torch.tensor([4]), torch.tensor([0, 5])
+    assert torch.equal(later_excluded(quarantine, removed, "kept"), torch.tensor([0, 4, 5]))
+    assert torch.equal(later_excluded(quarantine, removed, "all"), quarantine)  # the paper code
+    got = top_share_outside(scores, 0.4, later_excluded(quarantine, removed, "kept"), labels)
+    assert torch.equal(got, torch.tensor([1, 2, 6, 7]))  # each label's best two outside the excluded
 
 
 def test_round_lr():

@@ -10,7 +10,11 @@ from the samples not labelled as the (estimated) target (``--init_pool non_targe
 the all2one poisons among it, which re-teach the backdoor in their PGD copies); the score subtracts 0.5
 where the arg-max changed (``--argmax_penalty``, PUD's score); the detector ranks among target-labelled
 samples (``--poison_candidates target``) and what it flags stays out of every later extra set
-(``--quarantine``). ``--later_lr`` sets the learning rate of rounds >= 1 and ``--round_eps`` each round's
+(``--quarantine``); later extra sets are drawn only from what the per-class filter kept (``--later_pool
+kept``) and take the top share of every label (``--balanced_selection 1``): round 0 without target-labelled
+samples stops the model predicting that class, a global top share then never selects a target image again,
+and what the filter removed holds the poisons that would re-teach the backdoor once the class is back.
+``--later_lr`` sets the learning rate of rounds >= 1 and ``--round_eps`` each round's
 PGD radius (the paper code keeps ``--adv_eps``; a dead line in it meant 2/255 from round 2 on).
 """
 from __future__ import annotations
@@ -57,8 +61,12 @@ class PBESettings(Settings):
                                          "per-class filter removed (filtered) or all samples (all, paper code); auto: "
                                          "target if a target is confirmed, else filtered",
                                  choices=("auto", "target", "filtered", "all"))
-    balanced_selection: int = opt(0, "1: the next extra set keeps the top share of every label; 0: one global top "
-                                     "share (paper code)", type=int, choices=(0, 1))
+    balanced_selection: int = opt(1, "1: the next extra set keeps the top share of every label (a class round 0 "
+                                     "stopped predicting comes back); 0: one global top share (paper code)", type=int,
+                                  choices=(0, 1))
+    later_pool: str = opt("kept", "where rounds >= 1 draw their extra sets from: kept = what the per-class filter "
+                                  "kept (what it removed never returns); all = every sample (paper code)",
+                          choices=("kept", "all"))
     quarantine: int = opt(1, "1: samples the detector flags stay out of every later extra set; 0: the plain top "
                              "share (paper code)", type=int, choices=(0, 1))
 
@@ -172,6 +180,12 @@ def top_share_outside(scores: torch.Tensor, fraction: float, excluded: torch.Ten
     return sel[~torch.isin(sel, excluded)]
 
 
+def later_excluded(quarantine: torch.Tensor, removed: torch.Tensor, later_pool: str) -> torch.Tensor:
+    """The samples a later round may not select: the quarantine and, with ``later_pool`` kept, what the per-class
+    filter removed."""
+    return torch.cat([quarantine, removed]).unique() if later_pool == "kept" else quarantine
+
+
 def backdoor_hit_rate(logits: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor | None) -> float | None:
     """Share of the truly poisoned training samples the model still gives their backdoor label (a diagnostic);
     None without a ground truth."""
@@ -252,7 +266,8 @@ def run_pbe(job: PBEJob) -> dict:
                     "pgd": [a.settings() for a in attacks], "detect_fraction": pbe.detect_fraction,
                     "target_label": job.target.target_label, "init_pool": pbe.init_pool,
                     "argmax_penalty": pbe.argmax_penalty, "quarantine": pbe.quarantine,
-                    "poison_candidates": pbe.poison_candidates}
+                    "poison_candidates": pbe.poison_candidates, "balanced_selection": pbe.balanced_selection,
+                    "later_pool": pbe.later_pool}
         return s.finish(settings, {"target": st.target, "filtering": st.filtering, "rounds": st.rounds},
                         suspects={f"round {r}": idx for r, idx in enumerate(st.flagged)})
 
@@ -274,9 +289,11 @@ def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logi
                if pbe.quarantine else {}),
             **{k: s.history[-1][k] for k in ("clean_acc", "asr") if k in s.history[-1]}}
     if r < pbe.rounds - 1:
-        st.extra = top_share_outside(scores, pbe.top_rates[r], st.quarantine,
-                                     labels if pbe.balanced_selection else None)
+        removed = st.filtered.cpu() if st.filtered is not None else torch.zeros(0, dtype=torch.long)
+        excluded = later_excluded(st.quarantine, removed, pbe.later_pool)
+        st.extra = top_share_outside(scores, pbe.top_rates[r], excluded, labels if pbe.balanced_selection else None)
         info["next_extra_size"] = len(st.extra)
+        info["next_extra_filter_removed"] = int(torch.isin(st.extra, removed).sum())
         info["next_extra_poison_share"] = poison_share(st.extra, truth)
     if pbe.quarantine:
         print(f"round {r}: quarantine {info['quarantine_flagged']} samples, precision "
