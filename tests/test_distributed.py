@@ -179,7 +179,9 @@ def test_progressive_pbe_under_torchrun_completes_with_one_writer(infected_run, 
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("round 1: extra set") == 1, r.stdout
     s = json.loads((out / "summary.json").read_text())
-    assert [rd["round"] for rd in s["rounds"]] == [0, 1] and s["rounds"][0]["next_extra_size"] == 1000
+    r0 = s["rounds"][0]  # half of every label's samples, none the filter removed or the detector flagged
+    assert [rd["round"] for rd in s["rounds"]] == [0, 1] and 0 < r0["next_extra_size"] <= 1000
+    assert r0["next_extra_filter_removed"] == 0
 
 
 @pytest.mark.slow
