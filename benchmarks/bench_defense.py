@@ -35,7 +35,8 @@ from benchmarks.output import bench_main  # noqa: E402
 
 # the README's quickstart (synthetic set): the infected blend CNN and the three defenses on it
 ATTACK = ("train_blend.py", "--dataset", "synthetic", "--arch", "cnn", "--trigger_type", "blend", "--attack_mode",
-          "all2one", "--n_iters", "5", "--bs", "64", "--lr_C", "0.05", "--schedulerC_milestones", "4", "--test_subset", "500")
+          "all2one", "--n_iters", "5", "--bs", "64", "--lr_C", "0.05", "--schedulerC_milestones", "4",
+          "--test_subset", "500")
 DEFENSES = {
     "aft": ("pbe_main.py", "--ft_lr", "0.01", "--test_subset", "500"),
     "pbe": ("pbe_main.py", "--progressive", "--ft_lr", "0.01", "--later_lr", "0.001", "--partial_batches", "0",

@@ -339,14 +339,18 @@ class RobustEvalSettings(Settings):
 
 
 def robust_eval(model: nn.Module, test, settings: RobustEvalSettings, seed: int, batch_size: int,
-                channels_last: bool = False, amp: str | None = None) -> dict:
+                channels_last: bool = False, amp: str | None = None, earlier: dict | None = None) -> dict:
     """``robust_accuracy`` under ``settings``; the random start is drawn from a CPU generator seeded from
     ``seed``, so the figure is reproducible run to run. The record carries ``robust_eval_key`` of the
-    evaluation (``amp``: the model's autocast dtype), so a later run can reuse the figure (``reusable_robust``)."""
+    evaluation (``amp``: the model's autocast dtype); an ``earlier`` record with the same key (e.g. the attack
+    run's final metrics) is returned instead of attacking the model again (``reusable_robust``)."""
+    key = robust_eval_key(model, test, settings, seed, batch_size, channels_last, amp)
+    reused = reusable_robust(earlier, key)
+    if reused is not None:
+        return reused
     gen = torch.Generator().manual_seed(int(seed) + 104729)
     out = robust_accuracy(model, test, settings.pgd(), batch_size=batch_size, generator=gen,
                           channels_last=channels_last)
-    key = robust_eval_key(model, test, settings, seed, batch_size, channels_last, amp)
     if key is not None:
         out["robust_eval"] = {**out["robust_eval"], "key": key}
     return out

@@ -16,7 +16,7 @@ import io
 from dataclasses import dataclass, fields
 
 from models.speed import SpeedSettings, amp_choice
-from utils.adversarial import RobustEvalSettings, reusable_robust, robust_eval, robust_eval_key
+from utils.adversarial import RobustEvalSettings, robust_eval
 from utils.autoattack import final_robustness
 from utils.data.build import DataSource
 from utils.defenses.infected import DefenseInput, InfectedRun, InfectedSource, load_infected, read_infected
@@ -68,6 +68,7 @@ class DefenseSession:
         job.check_model(self.inf.model)
         self.train_model = dist.wrap(self.inf.model, self.device)  # DDP under torchrun, else the model itself
         self.cl = job.speed.use_channels_last
+        self.amp = amp_choice(job.speed.amp, self.device)  # the --amp decision, made once and recorded
         self.run = RunDir(job.run.out_dir)
         self.ctl = RunControl(SCRIPT_OF[name], job, self.run, self.gen, loaded)
         self.history: list[dict] = []
@@ -81,7 +82,7 @@ class DefenseSession:
             self.initial, self.history = saved["initial"], saved["history"]
             return type(state)(**saved["loop"])
         self.run.start(dict(self.job.flat(), defense=self.name, device_used=str(self.device),
-                            amp_used=amp_choice(self.job.speed.amp, self.device)))
+                            amp_used=self.amp))
         print(f"{self.name}: {self.inf.describe()} on {self.device}; writing to {self.job.run.out_dir}", flush=True)
         for what, why in self.inf.not_measurable().items():
             print(f"note: {'ASR' if what == 'asr' else 'poison detection'} is not measurable: {why}", flush=True)
@@ -96,10 +97,8 @@ class DefenseSession:
 
     def evaluate(self, robust: bool = False, final: bool = False, earlier: dict | None = None) -> dict:
         """Clean accuracy and ASR; with ``robust`` the PGD robust accuracy (taken from ``earlier``, e.g. the attack
-        run's final metrics, when that evaluation had the same key: ``reusable_robust``); ``final`` adds AutoAttack
-        if asked."""
-        m, run = self.inf.model, self.job.run
-        amp = amp_choice(self.job.speed.amp, self.device)["amp"]
+        run's final metrics, when that evaluation had the same key); ``final`` adds AutoAttack if asked."""
+        m, run, amp = self.inf.model, self.job.run, self.amp["amp"]
         with stage("eval_clean"):
             out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, generator=self.gen, channels_last=self.cl,
                            triggered=self.inf.test_bd)
@@ -107,9 +106,7 @@ class DefenseSession:
             if final:
                 out.update(final_robustness(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl, amp))
             elif robust:
-                key = robust_eval_key(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl, amp)
-                out.update(reusable_robust(earlier, key)
-                           or robust_eval(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl, amp))
+                out.update(robust_eval(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl, amp, earlier))
         return out
 
     def logits(self, model):
@@ -170,7 +167,7 @@ class DefenseSession:
                    "final": {k: final[k] for k in SUMMARY_KEYS if k in final}, "robust_eval": final.get("robust_eval"),
                    "initial_robust_eval": self.initial.get("robust_eval"),
                    **({"autoattack_eval": final["autoattack_eval"]} if "autoattack_eval" in final else {}),
-                   "settings": settings, "amp": amp_choice(self.job.speed.amp, self.device), **late_asr(self.history),
+                   "settings": settings, "amp": self.amp, **late_asr(self.history),
                    "input": {"origin": inf.origin, "files": inf.files}, "not_measurable": inf.not_measurable(),
                    **(extra_summary or {})}
         if suspects is not None:
