@@ -45,6 +45,12 @@ class FakeRunner:
         return 0
 
 
+def test_only_runs_the_chosen_cells_and_their_attacks_alone(tmp_path):
+    runner = FakeRunner()
+    status = grid.run_grid(PRESET, "synthetic", str(tmp_path / "grid"), runner=runner, only=("*all2all/pud",))
+    assert sorted(n for n, _ in runner.calls) == ["patch-all2all/attack", "patch-all2all/pud"]  # not the other attack
+    assert set(status) == {"patch-all2all/attack", "patch-all2all/pud"}
+
 def test_the_grid_runs_each_cell_once_skips_finished_ones_and_retries_failures(tmp_path):
     root = str(tmp_path / "grid")
     first = FakeRunner(fail={"patch-all2one/pud"})
