@@ -146,7 +146,8 @@ def run_attack(job: AttackJob) -> dict:
             rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}
             if epoch % job.attack.eval_every == 0 or epoch == n_iters:
                 with stage("eval_clean"):
-                    rec.update(evaluate(model, test, backdoor, run_s.eval_bs, generator=gen, channels_last=cl))
+                    rec.update(evaluate(model, test, backdoor, run_s.eval_bs, noise_seed=run_s.seed,
+                                            channels_last=cl))
             print(log_line(f"epoch {epoch}/{n_iters}", rec), flush=True)
             with stage("saving"):
                 run.log(rec)

@@ -27,9 +27,13 @@ def log_line(prefix: str, rec: dict) -> str:
 
 
 def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch_size: int = 512,
-             generator: torch.Generator | None = None, channels_last: bool = False,
+             noise_seed: int = 0, channels_last: bool = False,
              indices: torch.Tensor | None = None, triggered=None) -> dict:
     """Evaluate ``model`` on a test split (anything with ``batches``); returns a dict of fractions.
+
+    WaNet's noise images come from their own generator seeded with ``noise_seed``: every evaluation sees the same
+    noise, and an evaluation draws nothing from the run's random stream, so how often a run evaluates does not
+    change its training.
 
     Counts are summed on the device (one host sync at the end). ``indices`` restricts the pass to
     those test images (a rank's shard); under ``torchrun`` the counts of all ranks are summed.
@@ -39,8 +43,8 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
     if triggered is not None:
         if backdoor is not None:
             raise ValueError("ASR comes from the trigger or from a triggered test set, not both")
-        out = evaluate(model, test, None, batch_size, generator, channels_last, indices)
-        hits = evaluate(model, triggered, None, batch_size, generator, channels_last)["clean_acc"]
+        out = evaluate(model, test, None, batch_size, noise_seed, channels_last, indices)
+        hits = evaluate(model, triggered, None, batch_size, noise_seed, channels_last)["clean_acc"]
         return {**out, "asr": hits}
     if indices is None and dist.world_size() > 1:  # torchrun: same weights and BN statistics everywhere, own shard
         dist.sync_buffers(model)
@@ -48,6 +52,7 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
     warp = backdoor is not None and isinstance(backdoor.trigger, WarpTrigger)
     counts = None  # n, correct, bd_hits, bd_n, bd_hits_all, noise_correct, target_n, target_correct
     target = backdoor.target_label if backdoor is not None and backdoor.attack_mode == "all2one" else None
+    generator = torch.Generator().manual_seed(noise_seed) if warp else None  # CPU: the same noise on any device
     with eval_mode(model), torch.inference_mode():
         total = n_batches(len(test) if indices is None else len(indices), batch_size)
         for _, x, y in progress(test.batches(batch_size, indices=indices), "evaluate", total):

@@ -117,7 +117,7 @@ def run_aft(s, aft: AFTSettings, ft: FinetuneSettings) -> dict:
             stats = finetune_epoch(s.train_model, opt, dist.epoch_batches(data, bs, s.gen, indices=st.extra),
                                    attack if adv else None, None, inf.augment, s.gen, s.cl, ft.clean_weight,
                                    desc=f"aft {epoch}", stage="aft", epoch=epoch)
-            rec = {"epoch": epoch, "adversarial": adv, **stats, **s.evaluate()}
+            rec = {"epoch": epoch, "adversarial": adv, **stats, **s.epoch_eval(epoch, aft.aft_epochs)}
             s.log(rec, f"aft epoch {epoch}/{aft.aft_epochs}{' (adv)' if adv else ''}")
             st.epoch = epoch
             s.save(f"aft epoch {epoch}", st, **objects)

@@ -250,7 +250,8 @@ def run_pbe(job: PBEJob) -> dict:
                                        ft.clean_weight, desc=f"pbe r{r} e{e + 1}", stage=f"pbe round {r}",
                                        epoch=st.epoch_global)
                 rec = {"epoch": st.epoch_global, "round": r, "adversarial": use is not None, "lr": lr, **stats,
-                       **s.evaluate()}
+                       **s.epoch_eval(st.epoch_global, pbe.rounds * pbe.round_epochs,
+                                      stage_end=e == pbe.round_epochs - 1)}
                 s.log(rec, f"pbe round {r} epoch {e + 1}/{pbe.round_epochs}")
                 st.epoch = e + 1
                 s.save(f"pbe round {r} epoch {e + 1}", st, **objects)

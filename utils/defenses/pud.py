@@ -130,6 +130,11 @@ class PUDSettings(Settings):
         require(self.mt_weight >= 0, f"--mt_weight must be >= 0, got {self.mt_weight}")
         require(0 <= self.ema_decay <= 1, f"--ema_decay must be in [0, 1], got {self.ema_decay}")
 
+    @property
+    def total_epochs(self) -> int:
+        """The run's training epochs: the progressive steps', unlearning's and the mean teacher's."""
+        return sum(self.step_epochs) + self.unlearn_epochs + self.mt_epochs
+
     def step_pgd(self, st: int) -> PGD:
         """Step ``st``'s fine-tuning PGD (from the image, no random start)."""
         return PGD(eps=self.step_eps[st], alpha=self.step_eps[st] / self.step_alpha_div[st], steps=self.step_pgd_steps,
@@ -318,7 +323,8 @@ def train_step(s: DefenseSession, st: PUDState, step: int, objects: dict) -> Non
         sched.step()
         last = e == pud.step_epochs[step] - 1
         rec = {"epoch": st.epoch_global, "step": step, "adversarial": adv, "lr": opt.param_groups[0]["lr"], **stats,
-               **s.evaluate(robust=last and bool(pud.step_robust))}
+               **s.epoch_eval(st.epoch_global, pud.total_epochs, stage_end=last,
+                              robust=last and bool(pud.step_robust))}
         s.log(rec, f"pud step {step} epoch {e + 1}/{pud.step_epochs[step]}{' (adv)' if adv else ''}")
         st.epoch = e + 1
         s.save(f"pud step {step} epoch {e + 1}", st, **objects)
@@ -393,7 +399,8 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
                             stage="pud unlearning", epoch=ep, what="unlearning", timing="unlearning")
         record["batches"] += nb
         parts_mean = dist.mean_over_ranks({k: v / max(nb, 1) for k, v in parts_sum.items()})
-        rec = {"epoch": ep, "stage": "unlearning", **parts_mean, "images": stats["images"], **s.evaluate()}
+        rec = {"epoch": ep, "stage": "unlearning", **parts_mean, "images": stats["images"],
+               **s.epoch_eval(ep, pud.total_epochs, stage_end=e == pud.unlearn_epochs - 1)}
         record["history"].append({k: rec[k] for k in ("epoch", "clean_ce", "poison_ce", "loss", "clean_acc", "asr")
                                   if k in rec})
         s.log(rec, f"pud unlearning {e + 1}/{pud.unlearn_epochs}")
@@ -470,7 +477,7 @@ def mean_teacher(s: DefenseSession, st: PUDState, objects: dict) -> None:
                             timing="mean_teacher")
         dist.sync_buffers(teacher)  # its EMA of the student's per-rank BatchNorm statistics
         rec = {"epoch": ep, "stage": "mean_teacher", **dist.mean_over_ranks({"loss": seen["loss"] / max(seen["n"], 1)}),
-               "images": stats["images"], **s.evaluate()}
+               "images": stats["images"], **s.epoch_eval(ep, pud.total_epochs, stage_end=e == pud.mt_epochs - 1)}
         s.log(rec, f"pud mean teacher {e + 1}/{pud.mt_epochs}")
         st.epoch = e + 1
         st.teacher = teacher.state_dict()

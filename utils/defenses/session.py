@@ -29,7 +29,7 @@ from utils.run.resume import RunControl, prepare_out_dir
 from utils.run.runlog import RunDir, default_out_dir
 from utils.run.runtime import RunSettings, pick_device, seed_everything
 from utils.run.stagetimer import stage, stage_line
-from utils.settings import Job
+from utils.settings import Job, Settings, opt, require
 
 SCRIPT_OF = {"aft": "pbe", "pbe": "pbe", "pud": "pud"}
 SUMMARY_KEYS = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "robust_acc", "autoattack_acc", "noise_acc")
@@ -38,14 +38,38 @@ SUSPECTS_FILE = "suspects.csv"
 SUSPECTS_COLUMNS = ("rank", "index", "path", "label", "score", "stages")
 
 
+def late_epochs(total: int) -> int:
+    """How many epochs make the last quarter of ``total`` (at least one)."""
+    return max(1, -(-total // 4))
+
+
 def late_asr(history: list[dict]) -> dict:
     """ASR's maximum over the last quarter of the epochs (at least one): a defense whose last epochs re-learn the
-    backdoor has not removed it, whatever its final figure."""
-    asr = [rec["asr"] for rec in history if "asr" in rec and "epoch" in rec]
-    if not asr:
+    backdoor has not removed it, whatever its final figure. The evaluation schedule (``EvalSchedule``) evaluates
+    every one of those epochs."""
+    epochs = [rec["epoch"] for rec in history if "epoch" in rec]
+    if not epochs:
         return {}
-    late = asr[-max(1, -(-len(asr) // 4)):]
+    first = max(epochs) - late_epochs(max(epochs)) + 1
+    late = [rec["asr"] for rec in history if "asr" in rec and rec.get("epoch", 0) >= first]
+    if not late:
+        return {}
     return {"asr_late_max": max(late), "asr_late_epochs": len(late)}
+
+
+@dataclass(frozen=True)
+class EvalSchedule(Settings):
+    GROUP = "evaluation during the defense"
+    eval_every: int = opt(5, "clean accuracy and ASR after every this many epochs, and always after each epoch of the "
+                             "last quarter (the late ASR maximum), the last epoch of every stage and the run's end "
+                             "(1: after every epoch); it does not change the training", type=int)
+
+    def check(self) -> None:
+        require(self.eval_every > 0, f"--eval_every must be positive, got {self.eval_every}")
+
+    def due(self, epoch: int, total: int, stage_end: bool = False) -> bool:
+        """Whether epoch ``epoch`` (1-based, of ``total``) is evaluated."""
+        return stage_end or epoch % self.eval_every == 0 or epoch > total - late_epochs(total)
 
 
 def state_record(state) -> dict:
@@ -95,12 +119,20 @@ class DefenseSession:
         self.ctl.save(position, {"loop": state_record(state), "initial": self.initial, "history": self.history},
                       **objects)
 
+    def epoch_eval(self, epoch: int, total: int, stage_end: bool = False, robust: bool = False) -> dict:
+        """``evaluate`` after training epoch ``epoch`` of ``total`` if the schedule (``--eval_every``) has it (always
+        with ``robust``), else nothing. Evaluations draw no random numbers, so the schedule leaves the training as
+        it is."""
+        if robust or self.job.schedule.due(epoch, total, stage_end):
+            return self.evaluate(robust=robust)
+        return {}
+
     def evaluate(self, robust: bool = False, final: bool = False, earlier: dict | None = None) -> dict:
         """Clean accuracy and ASR; with ``robust`` the PGD robust accuracy (taken from ``earlier``, e.g. the attack
         run's final metrics, when that evaluation had the same key); ``final`` adds AutoAttack if asked."""
         m, run, amp = self.inf.model, self.job.run, self.amp["amp"]
         with stage("eval_clean"):
-            out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, generator=self.gen, channels_last=self.cl,
+            out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, noise_seed=run.seed, channels_last=self.cl,
                            triggered=self.inf.test_bd)
         with stage("eval_robust"):
             if final:
@@ -207,6 +239,7 @@ class DefenseJob(Job):
     source: DataSource
     speed: SpeedSettings
     robust: RobustEvalSettings
+    schedule: EvalSchedule
 
     def for_input(self, src: InfectedSource) -> "DefenseJob":
         """The job with the source's dataset, arch, classes and input shape, checked against them (and the
