@@ -110,6 +110,22 @@ def test_tied_confidences_leave_the_choice_to_the_spread():
     assert tied.applied and (tied.flagged_mask == truth).float().mean() >= 0.95
     # without the tie rule the (marginally) more confident genuine cluster is the candidate, and the spread check
     # refuses it: nothing is removed
-    strict = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1), confidence_tie=0.0)
+    strict = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1), confidence_tie=0.0,
+                                strong_spread=100.0)
     assert not strict.applied and not strict.flagged_mask.any()
     assert strict.confidence[strict.flagged_cluster] > strict.confidence[1 - strict.flagged_cluster]
+
+
+def test_a_much_wider_cluster_is_flagged_even_when_the_genuine_one_is_more_confident():
+    """Many classes: genuine images have one confident neighbour class, poisons spread over all their source classes."""
+    reps, logits, truth = planted()
+    logits[~truth, 1] += 6.0  # genuine: class 1 at +9, clearly more confident than a poison's source class
+    poison = torch.nonzero(truth).flatten()
+    logits[poison, logits[poison, 1:].argmax(1) + 1] -= 2.0  # the poisons' own class at about +4
+    res = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1))
+    assert res.confidence[res.flagged_cluster] < res.confidence[1 - res.flagged_cluster] - 0.05  # the case under test
+    assert res.spread[res.flagged_cluster] >= 4.0 * res.spread[1 - res.flagged_cluster]
+    assert res.applied and (res.flagged_mask == truth).float().mean() >= 0.95
+    # where the spreads differ less, confidence still decides and the split is refused
+    weak = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1), strong_spread=100.0)
+    assert not weak.applied and not weak.flagged_mask.any()
