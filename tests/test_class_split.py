@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from utils.defenses.class_split import effective_classes, non_target_confidence, split_target_class, two_means
-from utils.defenses.selection import poison_candidates
+from utils.defenses.selection import auto_candidates, poison_candidates
 from utils.run.errors import UserError
 
 TARGET = 0
@@ -100,6 +100,14 @@ def test_filtered_poison_candidates_are_the_removed_samples():
     with pytest.raises(UserError, match="removed none"):
         poison_candidates("filtered", labels, 0, torch.zeros(0, dtype=torch.long))
 
+
+def test_auto_candidates_prefer_the_targets_split_cluster():
+    labels, split = torch.tensor([0, 1, 0, 0]), torch.tensor([2, 3])
+    assert auto_candidates(0, split) == "split" and auto_candidates(0, split[:0]) == "target"
+    assert auto_candidates(0, None) == "target" and auto_candidates(None, split) == "filtered"
+    assert torch.equal(poison_candidates("split", labels, 0, None, split), split)
+    with pytest.raises(UserError, match="split needs a cluster"):
+        poison_candidates("split", labels, 0, None, split[:0])
 
 def test_tied_confidences_leave_the_choice_to_the_spread():
     """An overconfident model: genuine images get a runner-up class as confident as the poisons' own classes."""

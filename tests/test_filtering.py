@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from utils.defenses.filtering import decide_target, decisive
+from types import SimpleNamespace
+
+from utils.defenses.filtering import FilterSettings, decide_target, decisive, filter_class
 from utils.defenses.target import vote_result
 
 
@@ -32,6 +34,21 @@ def test_the_target_is_confirmed_by_the_split_or_a_decisive_vote_else_the_defens
     d = decide_target(3, spread, [])  # all2all-like: nothing confirmed
     assert (d["mode"], d["target"]) == ("agnostic", None) and d["given"] == 3 and not d["vote_decisive"]
 
+
+def test_spectre_takes_its_share_from_what_the_split_left_in_the_class():
+    """Once the split removed the poison majority, SPECTRE's share comes out of the rest, not out of everything."""
+    g = torch.Generator().manual_seed(0)
+    n, poisons = 400, torch.arange(300)  # 300 poisons (the split's cluster) and 100 genuine images, all labelled 0
+    truth = torch.zeros(n, dtype=torch.bool)
+    truth[poisons] = True
+    data = SimpleNamespace(truth=truth, train_labels=torch.zeros(n, dtype=torch.long))
+    reps = torch.randn(n, 16, generator=g)
+    settings = FilterSettings(spectre_layer="net", spectre_remove=0.25)
+    out = filter_class(None, data, 0, settings, None, 0, 64, split=False, reps=reps, exclude=poisons)
+    assert not torch.isin(out["spectre"], poisons).any()
+    assert out["record"]["spectre"]["considered"] == 100 and 15 <= len(out["spectre"]) <= 35
+    whole = filter_class(None, data, 0, settings, None, 0, 64, split=False, reps=reps)
+    assert whole["record"]["spectre"]["considered"] == 400
 
 @pytest.mark.slow
 def test_the_43_class_set_runs_attack_aft_and_pud_end_to_end(tmp_path):

@@ -90,10 +90,13 @@ def removed_record(removed: torch.Tensor, considered: int, truth: torch.Tensor |
 
 
 def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits: torch.Tensor | None, seed: int,
-                 batch_size: int, spectre: bool = True, split: bool = True, reps: torch.Tensor | None = None) -> dict:
+                 batch_size: int, spectre: bool = True, split: bool = True, reps: torch.Tensor | None = None,
+                 exclude: torch.Tensor | None = None) -> dict:
     """SPECTRE and (if ``settings.class_split``) the split on the training samples labelled ``cls``: their flagged
     indices, the records and the representations (``reps``: already read ones, for the second filter of a class).
-    ``spectre``/``split`` False skip that filter (the decision needs only the splits)."""
+    ``spectre``/``split`` False skip that filter (the decision needs only the splits). SPECTRE leaves out
+    ``exclude`` (what the split removed): with the poisons gone from the class it removes its share from what
+    is left, not from the genuine images that were the minority beside them."""
     layer, split = settings.spectre_layer, split and bool(settings.class_split)
     truth = poisoned.truth  # None: no ground truth (data of other code without --poison_indices)
     idx = torch.nonzero(poisoned.train_labels.cpu() == cls).flatten()
@@ -107,8 +110,10 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
     out["reps"] = reps
     record = {"class": cls}
     if spectre:
-        out["spectre"] = spectre_flags(reps, idx, settings.spectre_remove)
-        record["spectre"] = removed_record(out["spectre"], len(idx), truth)
+        keep = ~torch.isin(idx, exclude) if exclude is not None else torch.ones(len(idx), dtype=torch.bool)
+        if int(keep.sum()) >= 2:
+            out["spectre"] = spectre_flags(reps[keep], idx[keep], settings.spectre_remove)
+        record["spectre"] = removed_record(out["spectre"], int(keep.sum()), truth)
     if split:
         # its own seeded generator: a split that is not applied leaves the run as without it
         res = split_target_class(reps, logits[idx], cls, min_spread=settings.class_split_spread,
@@ -192,7 +197,7 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
     target.update(used=decision["target"], decision=decision)
     for c in (classes if decision["target"] is None else [decision["target"]]):  # then SPECTRE where it is used
         f = filter_class(reference, poisoned, c, filt, None, seed, batch_size, split=False,
-                         reps=per_class[c].pop("reps", None))
+                         reps=per_class[c].pop("reps", None), exclude=per_class[c]["split"])
         per_class[c]["spectre"] = f["spectre"]
         per_class[c]["record"].update(f["record"])
     print(f"decision: {decision['mode']}" + (f" (target {decision['target']})" if decision["target"] is not None

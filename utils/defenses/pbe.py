@@ -25,8 +25,9 @@ import torch
 
 from utils.defenses.aft import AFTSettings, FinetuneSettings, run_aft
 from utils.defenses.filtering import FilterSettings, filter_classes_and_decide
-from utils.defenses.selection import (INIT_POOLS, bottom_fraction, consistency_scores, detection_stats,
-                                      poison_candidates, poison_share, shown, top_fraction)
+from utils.defenses.selection import (INIT_POOLS, POISON_CANDIDATES, auto_candidates, bottom_fraction,
+                                      consistency_scores, detection_stats, poison_candidates, poison_share, shown,
+                                      top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.run import distributed as dist
@@ -57,10 +58,11 @@ class PBESettings(Settings):
                          choices=("auto", *INIT_POOLS))
     argmax_penalty: int = opt(1, "1: consistency score minus 0.5 where the arg-max changed (PUD's score); 0: logit "
                                  "cosine only (paper)", type=int, choices=(0, 1))
-    poison_candidates: str = opt("auto", "the detector ranks the samples labelled as the target (target), those the "
-                                         "per-class filter removed (filtered) or all samples (all, paper code); auto: "
-                                         "target if a target is confirmed, else filtered",
-                                 choices=("auto", "target", "filtered", "all"))
+    poison_candidates: str = opt("auto", "the detector ranks the samples labelled as the target (target), the "
+                                         "target's class-split cluster (split), those the per-class filter removed "
+                                         "(filtered) or all samples (all, paper code); auto: split if the split found "
+                                         "a cluster in a confirmed target, else target, else filtered",
+                                 choices=("auto", *POISON_CANDIDATES))
     balanced_selection: int = opt(1, "1: the next extra set keeps the top share of every label (a class round 0 "
                                      "stopped predicting comes back); 0: one global top share (paper code)", type=int,
                                   choices=(0, 1))
@@ -147,6 +149,7 @@ class PBEState:
     target: dict | None = None
     filtered: torch.Tensor | None = None  # what the per-class filter removed
     filtering: dict | None = None  # its record
+    split: torch.Tensor | None = None  # what the class split removed (the target's cluster when a target is used)
     extra: torch.Tensor | None = None
     quarantine: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     rounds: list = field(default_factory=list)
@@ -217,16 +220,16 @@ def run_pbe(job: PBEJob) -> dict:
                 always_vote=True)
             out = filter_classes_and_decide(inf.reference, inf.poisoned, job.filter, st.target, job.run.seed, eval_bs,
                                             s.cl, s.logits(inf.reference))
-            st.filtered, st.filtering = out.removed, out.record
+            st.filtered, st.filtering, st.split = out.removed, out.record, out.stages.get("class_split")
             target = st.target["used"]
             pool = pbe.init_pool if pbe.init_pool != "auto" else ("non_target" if target is not None else "filtered")
             st.extra = initial_extra(labels, target, pool, pbe.init_ratio, s.gen, out.pool)
             st.filtering["init_pool"] = pool
             s.save("the target estimate", st, **objects)
         target = st.target["used"]
-        mode = pbe.poison_candidates if pbe.poison_candidates != "auto" else ("target" if target is not None
-                                                                              else "filtered")
-        candidates = poison_candidates(mode, labels, target, st.filtered)
+        split = st.split if target is not None else None  # the target's split cluster
+        mode = pbe.poison_candidates if pbe.poison_candidates != "auto" else auto_candidates(target, split)
+        candidates = poison_candidates(mode, labels, target, st.filtered, split)
         st.filtering["poison_candidates"] = mode
         ref_logits = s.logits(inf.reference)
         for r in range(st.round, pbe.rounds):

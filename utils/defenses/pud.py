@@ -31,9 +31,9 @@ from utils.adversarial import PGD
 from utils.defenses.filtering import (FilterSettings, class_representations, filter_classes_and_decide,
                                       removed_record, spectre_flags)
 from utils.defenses.mean_teacher import ema_update, softmax_consistency
-from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, bottom_fraction, clean_indices,
-                                      consistency_scores, detection_stats, poison_candidates, poison_count,
-                                      poison_share, shown, top_fraction)
+from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, auto_candidates, bottom_fraction,
+                                      clean_indices, consistency_scores, detection_stats, poison_candidates,
+                                      poison_count, poison_share, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import unlearning_loss
@@ -71,8 +71,9 @@ class PUDSettings(Settings):
     balanced_selection: int = opt(1, "1: the next extra set keeps the top share of every label; 0: one global top "
                                      "share (paper code)", type=int, choices=(0, 1))
     poison_candidates: str = opt("auto", "the poison set is drawn from the samples labelled as the target "
-                                         "(target), from those the initial filtering removed (filtered), or from "
-                                         "all (paper code); auto: target if a target is confirmed, else filtered",
+                                         "(target), the target's class-split cluster (split), those the initial "
+                                         "filtering removed (filtered), or all (paper code); auto: split if the split "
+                                         "found a cluster in a confirmed target, else target, else filtered",
                                  choices=("auto", *POISON_CANDIDATES))
     poison_fraction: float = opt(0.01, "poison set: this least consistent share of all samples", type=fraction)
     pud_lr: float = opt(0.01, "SGD learning rate", type=fraction)
@@ -267,8 +268,10 @@ def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
     labels = inf.poisoned.train_labels.cpu()
     ref_logits = s.logits(inf.reference)
     target = st.target["used"]
-    mode = pud.poison_candidates if pud.poison_candidates != "auto" else ("target" if target is not None else "filtered")
-    candidates = poison_candidates(mode, labels, target, st.filtered)
+    split = st.removed.get("class_split") if target is not None else None  # the target's split cluster
+    mode = pud.poison_candidates if pud.poison_candidates != "auto" else auto_candidates(target, split)
+    candidates = poison_candidates(mode, labels, target, st.filtered, split)
+    st.spectre_initial["poison_candidates"] = mode
     for step in range(st.step, pud.steps):
         if st.step_info is None:
             with stage("filtering"):
