@@ -205,10 +205,12 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
     chosen = per_class if decision["target"] is None else [per_class[decision["target"]]]
     spectre = torch.cat([f["spectre"] for f in chosen]).unique()
     considered = sum(len(f["indices"]) for f in chosen)
-    record = {**removed_record(spectre, considered, truth), "recall": detection_stats(spectre, truth)["recall"]}
+    seen = sum(f["record"].get("spectre", {}).get("considered", len(f["indices"])) for f in chosen)
+    record = {**removed_record(spectre, seen, truth), "recall": detection_stats(spectre, truth)["recall"]}
     where = "every class" if decision["target"] is None else f"class {decision['target']}"
-    print(f"initial SPECTRE: removed {len(spectre)} of {considered} samples of {where} "
-          f"({shown(record['removed_poison'], 'd')} truly poisoned)", flush=True)
+    print(f"initial SPECTRE: removed {len(spectre)} of {seen} samples of {where}"
+          f"{' the split kept' if seen < considered else ''} ({shown(record['removed_poison'], 'd')} truly poisoned)",
+          flush=True)
     removed = spectre
     if filt.class_split:
         split = torch.cat([f["split"] for f in chosen]).unique()
