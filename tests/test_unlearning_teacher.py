@@ -176,3 +176,20 @@ def test_softmax_consistency():
     assert dbl.item() == pytest.approx(2 * loss.item(), rel=1e-6)
     loss.backward()
     assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_balanced_clean_term_weighs_each_class_alike():
+    """One image of class 0 beside nine of class 1: the balanced clean CE is the mean of the two class means."""
+    from utils.defenses.unlearning import balanced_class_weights, unlearning_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(10, 3, generator=g), torch.tensor([0] + [1] * 9)
+    model = torch.nn.Linear(2, 2)
+    empty = torch.zeros(0, 3)
+    w = balanced_class_weights(y, 3)
+    assert w[2] == 0 and w[0] == 9 * w[1]
+    _, parts = unlearning_loss(logits, y, empty, torch.zeros(0, dtype=torch.long), model, model, class_weight=w)
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    assert parts["clean_ce"] == pytest.approx(float((ce[0] + ce[1:].mean()) / 2), rel=1e-5)
+    _, plain = unlearning_loss(logits, y, empty, torch.zeros(0, dtype=torch.long), model, model)
+    assert plain["clean_ce"] == pytest.approx(float(ce.mean()), rel=1e-5)

@@ -36,7 +36,7 @@ from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, auto_ca
                                       poison_count, poison_share, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
-from utils.defenses.unlearning import unlearning_loss
+from utils.defenses.unlearning import balanced_class_weights, unlearning_loss
 from utils.run import distributed as dist
 from utils.run.errors import UserError
 from utils.run.stagetimer import stage
@@ -83,6 +83,9 @@ class PUDSettings(Settings):
     unlearn_lambda: float = opt(0.003, "unlearning: weight of the poison-CE ascent term", type=fraction)
     unlearn_mu: float = opt(1e-4, "unlearning: weight of the L1 distance to the frozen copy", type=fraction)
     poison_loss_bound: float = opt(10.0, "unlearning: the ascent term is clipped at this CE", type=fraction)
+    unlearn_balanced: int = opt(1, "1: unlearning's clean term weighs every label of the extra set alike (a target "
+                                   "class the filtering thinned is not forgotten); 0: plain mean (paper code)",
+                                type=int, choices=(0, 1))
     mt_epochs: int = opt(30, "mean-teacher epochs", type=int)
     mt_weight: float = opt(0.05, "mean teacher: weight of the softmax consistency", type=fraction)
     ema_decay: float = opt(0.99, "mean teacher: EMA decay of the teacher", type=fraction)
@@ -365,6 +368,8 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
     model, opt = objects["model"], objects["opt"]
     extra, poison_set = st.extra, st.poison_set
     reference = frozen_copy(model, st.reference)  # the copy taken when unlearning began, also after a resume
+    weight = balanced_class_weights(inf.poisoned.train_labels.cpu()[extra], inf.num_classes) \
+        if pud.unlearn_balanced else None
     st.reference = reference.state_dict()
     if st.unlearning is None:
         st.unlearning = {"epochs": pud.unlearn_epochs, "extra_size": len(extra), "poison_set_size": len(poison_set),
@@ -390,7 +395,7 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
             logits = s.train_model(x)  # DDP under torchrun: each rank its shard, gradients averaged
             loss, parts = unlearning_loss(logits[:len(yc)], yc, logits[len(yc):], yp, model, reference,
                                           lam=pud.unlearn_lambda, mu=pud.unlearn_mu,
-                                          poison_loss_bound=pud.poison_loss_bound)
+                                          poison_loss_bound=pud.poison_loss_bound, class_weight=weight)
             for k in parts_sum:
                 parts_sum[k] += parts[k]
             record["clipped_batches"] += int(parts["poison_clipped"])

@@ -1,5 +1,8 @@
 """PUD machine-unlearning loss: CE on clean − λ·CE on identified poison + μ·L1(θ, θ_ref).
 
+The clean term can weigh every class alike (``balanced_class_weights``), so a class the filtering thinned is
+not forgotten under the ascent.
+
 The ascent term can be bounded: the authors' code does not bound it, and unbounded gradient ascent diverges once
 the poison CE grows. The reference network is an explicit frozen argument (in the authors' code it was a randomly
 initialised network; docs/pud.md).
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["l1_distance", "unlearning_loss"]
+__all__ = ["balanced_class_weights", "l1_distance", "unlearning_loss"]
 
 
 def l1_distance(model: nn.Module, reference: nn.Module) -> Tensor:
@@ -35,24 +38,39 @@ def l1_distance(model: nn.Module, reference: nn.Module) -> Tensor:
     return torch.stack(terms).sum()
 
 
-def _mean_ce(logits: Tensor, y: Tensor) -> Tensor:
-    """Mean cross-entropy. Zero rows give a graph-connected 0, so an empty clean or poison part adds nothing."""
+def _mean_ce(logits: Tensor, y: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """Mean cross-entropy (weighted by class with ``weight``). Zero rows give a graph-connected 0, so an empty clean
+    or poison part adds nothing."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, y)
+    return F.cross_entropy(logits, y, weight=None if weight is None else weight.to(logits.device, logits.dtype))
+
+
+def balanced_class_weights(labels: Tensor, num_classes: int) -> Tensor:
+    """Per-class weights under which every label present in ``labels`` counts as much as any other (absent: 0).
+
+    Unlearning's ascent pushes the poisons' images away from the target label; a target class the filtering
+    thinned (43 classes: about 120 genuine images among 6,000) is then outweighed in the clean term and forgotten.
+    """
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
+    present = int((counts > 0).sum())
+    w = torch.where(counts > 0, len(labels) / (max(present, 1) * counts.clamp_min(1)), torch.zeros_like(counts))
+    return w.float()
 
 
 def unlearning_loss(logits_clean: Tensor, y_clean: Tensor, logits_poison: Tensor, y_poison: Tensor,
                     model: nn.Module, reference: nn.Module, lam: float = 0.003, mu: float = 1e-4,
-                    poison_loss_bound: Optional[float] = None) -> Tuple[Tensor, Dict[str, Union[float, bool]]]:
+                    poison_loss_bound: Optional[float] = None,
+                    class_weight: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Union[float, bool]]]:
     """loss = CE(clean) − lam·CE(poison) + mu·L1(model, reference); defaults are the authors' 0.003 / 1e-4.
 
     y_poison are the poisoned (backdoor-target) labels, so the ascent pushes predictions away from the backdoor.
     With poison_loss_bound, the ascent term is min(CE_poison, bound). Past the bound it is constant, its gradient
     is 0, and parts["poison_clipped"] is True. Returns (loss, parts) where parts holds floats: clean_ce,
-    poison_ce (unclipped), l1, loss, and the bool poison_clipped.
+    poison_ce (unclipped), l1, loss, and the bool poison_clipped. ``class_weight`` weighs the clean term by class
+    (``balanced_class_weights``).
     """
-    ce_clean = _mean_ce(logits_clean, y_clean)
+    ce_clean = _mean_ce(logits_clean, y_clean, class_weight)
     ce_poison = _mean_ce(logits_poison, y_poison)
     clipped = False
     ascent = ce_poison
