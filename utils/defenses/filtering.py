@@ -44,16 +44,10 @@ class FilterSettings(Settings):
                            type=int, choices=(0, 1))
     class_split_spread: float = opt(1.25, "the split is applied only if the removed cluster's non-target predictions "
                                           "spread over this many times as many classes as the other's", type=fraction)
-    class_split_tie: float = opt(0.05, "clusters whose mean non-target confidences differ by at most this much are "
+    class_split_tie: float = opt(0.1, "clusters whose mean non-target confidences differ by at most this much are "
                                        "told apart by their spread alone", type=fraction)
-    class_split_strong: float = opt(4.0, "a cluster whose non-target predictions spread over at least this many times "
-                                         "as many classes as the other's is the candidate whatever the confidences",
-                                    type=fraction)
 
     def check(self) -> None:
-        require(self.class_split_strong >= self.class_split_spread,
-                f"--class_split_strong ({self.class_split_strong}) must be at least --class_split_spread "
-                f"({self.class_split_spread})")
         require(0 < self.spectre_remove < 1, f"--spectre_remove must be in (0, 1), got {self.spectre_remove}")
         require(self.class_split_spread > 0, f"--class_split_spread must be positive, got {self.class_split_spread}")
         require(0 <= self.class_split_tie < 1, f"--class_split_tie must be in [0, 1), got {self.class_split_tie}")
@@ -117,8 +111,7 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
     if split:
         # its own seeded generator: a split that is not applied leaves the run as without it
         res = split_target_class(reps, logits[idx], cls, min_spread=settings.class_split_spread,
-                                 confidence_tie=settings.class_split_tie, strong_spread=settings.class_split_strong,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 confidence_tie=settings.class_split_tie, generator=torch.Generator().manual_seed(seed))
         flagged = idx[dist.broadcast(res.flagged_mask.to(torch.uint8)).bool()]  # torchrun: rank 0's cluster
         out["split"], out["split_applied"] = flagged, bool(res.applied)
         record["split"] = {**removed_record(flagged, len(idx), truth), "applied": res.applied,
