@@ -25,7 +25,7 @@ CIFAR-10's augmentation (crop pad 5, rotation 10, flip), a blend trigger and 10%
   ``mfu_vs_best_kernel`` divides by the faster of the two instead.
 
 The speed switches are the toolkit's own (``models.speed.prepare_model``): ``--channels_last``,
-``--amp`` (bf16 autocast; auto = CUDA and CPUs with AMX-BF16) and ``--compile`` (torch.compile), as in config.py.
+``--amp`` (bf16 autocast; auto = CUDA and CPUs with AMX-BF16 or AVX512-BF16) and ``--compile`` (torch.compile), as in config.py.
 
 Each repeat measures every figure once, in alternating order, so a slow spell of a shared machine
 hits all of them; figures are medians over ``--repeats``, and ratios are medians of the per-repeat
@@ -134,7 +134,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto", help="as in config.py (auto: on)")
-    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto", help="bf16 autocast, as in config.py (auto: CUDA only)")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto", help="bf16 autocast, as in config.py (auto: CUDA and CPUs with native bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model, as in config.py")
     p.add_argument("--pgd_steps", type=int, default=7)
     p.add_argument("--eval_bs", type=int, default=512)
