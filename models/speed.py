@@ -18,8 +18,7 @@ from utils.settings import Settings, opt, require
 
 # CPU flags of native bf16 arithmetic, where --amp auto turns bf16 on: AMX tiles, or AVX-512 BF16 dot products
 # (2-core AMD EPYC Zen 4, cnn, bench.py: training 1.91x, PGD 1.53x, evaluation 1.53x fp32's; docs/speed.md)
-BF16_MATRIX_FLAGS = ("amx_bf16", "avx512_bf16")
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # every CPU flag of bf16 arithmetic, for the record
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
@@ -48,10 +47,10 @@ def amp_choice(mode: str, device: torch.device) -> dict:
     flags = cpu_flags()
     units = sorted(flags & set(BF16_FLAGS))
     capability = torch.backends.cpu.get_cpu_capability()
-    if flags & set(BF16_MATRIX_FLAGS):
+    if units:
         return {"amp": "bf16", "why": f"--amp auto: the CPU has native bf16 arithmetic ({', '.join(units)})",
                 "cpu_bf16": units, "cpu_capability": capability}
-    return {"amp": "off", "why": "--amp auto: the CPU has no native bf16 arithmetic (no " + " or ".join(BF16_MATRIX_FLAGS)
+    return {"amp": "off", "why": "--amp auto: the CPU has no native bf16 arithmetic (no " + " or ".join(BF16_FLAGS)
             + " flag; bf16 would be emulated and slower)", "cpu_bf16": units, "cpu_capability": capability}
 
 
