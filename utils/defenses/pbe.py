@@ -5,17 +5,17 @@ round on PGD examples), scores every training sample by the consistency of the i
 models' logits and keeps the most consistent share as the next extra set; the least consistent samples
 are reported as detected poison.
 
-Departures from the paper code, each an option whose other value is the paper's: round 0's share is drawn
-from the samples not labelled as the (estimated) target (``--init_pool non_target``: a random share keeps
-the all2one poisons among it, which re-teach the backdoor in their PGD copies); the score subtracts 0.5
-where the arg-max changed (``--argmax_penalty``, PUD's score); the detector ranks among the target's
-class-split cluster, or its target-labelled samples (``--poison_candidates auto``), and what it flags stays
-out of every later extra set (``--quarantine``); later extra sets are drawn only from what the per-class filter kept (``--later_pool
-kept``) and take the top share of every label (``--balanced_selection 1``): round 0 without target-labelled
-samples stops the model predicting that class, a global top share then never selects a target image again,
-and what the filter removed holds the poisons that would re-teach the backdoor once the class is back.
-``--later_lr`` sets the learning rate of rounds >= 1 and ``--round_eps`` each round's
-PGD radius (the paper code keeps ``--adv_eps``; a dead line in it meant 2/255 from round 2 on).
+Departures from the paper code, each an option whose other value is the paper's: round 0's share is drawn from the
+samples not labelled as the (estimated) target (``--init_pool non_target``: a random share keeps the all2one
+poisons among it, which re-teach the backdoor in their PGD copies); the score subtracts 0.5 where the arg-max
+changed (``--argmax_penalty``, PUD's score); the detector ranks among the target's class-split cluster, or its
+target-labelled samples (``--poison_candidates auto``), and what it flags stays out of every later extra set
+(``--quarantine``); later extra sets are drawn only from what the per-class filter kept (``--later_pool kept``)
+and take the top share of every label (``--balanced_selection 1``): round 0 without target-labelled samples stops
+the model predicting that class, a global top share then never selects a target image again, and what the filter
+removed holds the poisons that would re-teach the backdoor once the class is back. ``--later_lr`` sets the
+learning rate of rounds >= 1 and ``--round_eps`` each round's PGD radius (the paper code keeps ``--adv_eps``; a
+dead line in it meant 2/255 from round 2 on).
 """
 from __future__ import annotations
 
