@@ -22,6 +22,7 @@ def test_pud_runs_end_to_end_and_writes_its_outputs(infected_run, tmp_path):
     split = s["spectre_initial"]["class_split"]  # the patch poisons are the target class's majority: one cluster
     assert split["precision"] >= 0.9 and split["recall"] >= 0.9, split
     assert s["spectre_initial"]["pool_poison_share"] < 0.01
+    assert s["spectre_initial"]["poison_candidates"] == "split"  # the poison set is drawn from the split's cluster
     assert [st["step"] for st in s["steps"]] == [0, 1]
     for st in s["steps"]:
         assert 0 <= st["extra_poison_share"] <= 1 and 0 <= st["poison_precision"] <= 1 and "robust_acc" in st
@@ -57,7 +58,9 @@ def test_pud_runs_end_to_end_and_writes_its_outputs(infected_run, tmp_path):
     hit = [int(r["index"]) in planted for r in rows]
     agreed = [h for r, h in zip(rows, hit) if ";" in r["stages"]]  # flagged by two stages or more
     shown = "".join("P" if h else "." for h in hit)
-    assert len(agreed) >= 50 and sum(agreed) >= 0.9 * len(agreed), shown
+    # SPECTRE now runs on what the split kept, so two stages agree where the poison set (drawn from the split's
+    # cluster: 1 % of 2,000 samples) meets the split
+    assert len(agreed) >= 20 and sum(agreed) >= 0.9 * len(agreed), shown
     assert all(hit[:50]), shown  # the planted poisons come first
     assert s["suspects"]["count"] == len(rows) and s["suspects"]["recall"] > 0.9
     assert {r["stages"] for r in rows} <= {";".join(c) for c in (("spectre",), ("class_split",), ("poison_set",),
