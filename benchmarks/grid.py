@@ -224,9 +224,9 @@ def run_grid(preset: Preset, dataset: str, root: str, jobs: int = 1, runner=subp
 
     ``only``: shell patterns of cell names (``attack/defense``, e.g. ``*/attack`` or ``patch-*/pud``) to run."""
     every = cells_of(preset, dataset, root)
-    cells = [c for c in every if not only or any(fnmatch.fnmatch(c.name, p) for p in only)]
-    needed = {c.attack.name for c in cells}  # a chosen defense cell needs its attack, and only its attack
-    cells = [c for c in every if c in cells or (c.defense is None and c.attack.name in needed)]
+    chosen = {c.name for c in every if not only or any(fnmatch.fnmatch(c.name, p) for p in only)}
+    needed = {c.attack.name for c in every if c.name in chosen}  # a chosen cell needs its attack, only its attack
+    cells = [c for c in every if c.name in chosen or (c.defense is None and c.attack.name in needed)]
     failures = Failures(root)
     threads = threads_per_job(jobs)
     status = {c.name: "done" for c in cells if finished(c.folder)}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from utils.defenses.class_split import effective_classes, non_target_confidence, split_target_class, two_means
-from utils.defenses.selection import auto_candidates, poison_candidates
+from utils.defenses.selection import auto_candidates, poison_candidates, resolve_candidates
 from utils.run.errors import UserError
 
 TARGET = 0
@@ -106,6 +106,13 @@ def test_auto_candidates_prefer_the_targets_split_cluster():
     assert auto_candidates(0, split) == "split" and auto_candidates(0, split[:0]) == "target"
     assert auto_candidates(0, None) == "target" and auto_candidates(None, split) == "filtered"
     assert torch.equal(poison_candidates("split", labels, 0, None, split), split)
+    # without a confirmed target the split's clusters are every class's, not a target's: what the filter removed
+    removed = torch.tensor([1, 2])
+    assert resolve_candidates("auto", labels, None, removed, split)[0] == "filtered"
+    with pytest.raises(UserError, match="split needs a cluster"):
+        resolve_candidates("split", labels, None, removed, split)
+    mode, cands = resolve_candidates("auto", labels, 0, removed, split)
+    assert mode == "split" and torch.equal(cands, split)
     with pytest.raises(UserError, match="split needs a cluster"):
         poison_candidates("split", labels, 0, None, split[:0])
 

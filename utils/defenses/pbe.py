@@ -25,9 +25,8 @@ import torch
 
 from utils.defenses.aft import AFTSettings, FinetuneSettings, run_aft
 from utils.defenses.filtering import FilterSettings, filter_classes_and_decide
-from utils.defenses.selection import (INIT_POOLS, POISON_CANDIDATES, auto_candidates, bottom_fraction,
-                                      consistency_scores, detection_stats, poison_candidates, poison_share, shown,
-                                      top_fraction)
+from utils.defenses.selection import (INIT_POOLS, POISON_CANDIDATES, bottom_fraction, consistency_scores,
+                                      detection_stats, poison_share, resolve_candidates, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.run import distributed as dist
@@ -227,9 +226,7 @@ def run_pbe(job: PBEJob) -> dict:
             st.filtering["init_pool"] = pool
             s.save("the target estimate", st, **objects)
         target = st.target["used"]
-        split = st.split if target is not None else None  # the target's split cluster
-        mode = pbe.poison_candidates if pbe.poison_candidates != "auto" else auto_candidates(target, split)
-        candidates = poison_candidates(mode, labels, target, st.filtered, split)
+        mode, candidates = resolve_candidates(pbe.poison_candidates, labels, target, st.filtered, st.split)
         st.filtering["poison_candidates"] = mode
         ref_logits = s.logits(inf.reference)
         for r in range(st.round, pbe.rounds):

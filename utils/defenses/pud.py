@@ -31,9 +31,9 @@ from utils.adversarial import PGD
 from utils.defenses.filtering import (FilterSettings, class_representations, filter_classes_and_decide,
                                       removed_record, spectre_flags)
 from utils.defenses.mean_teacher import ema_update, softmax_consistency
-from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, auto_candidates, bottom_fraction,
-                                      clean_indices, consistency_scores, detection_stats, poison_candidates,
-                                      poison_count, poison_share, shown, top_fraction)
+from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, bottom_fraction, clean_indices,
+                                      consistency_scores, detection_stats, poison_count, poison_share,
+                                      resolve_candidates, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import balanced_class_weights, unlearning_loss
@@ -271,9 +271,8 @@ def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
     labels = inf.poisoned.train_labels.cpu()
     ref_logits = s.logits(inf.reference)
     target = st.target["used"]
-    split = st.removed.get("class_split") if target is not None else None  # the target's split cluster
-    mode = pud.poison_candidates if pud.poison_candidates != "auto" else auto_candidates(target, split)
-    candidates = poison_candidates(mode, labels, target, st.filtered, split)
+    mode, candidates = resolve_candidates(pud.poison_candidates, labels, target, st.filtered,
+                                          st.removed.get("class_split"))
     st.spectre_initial["poison_candidates"] = mode
     for step in range(st.step, pud.steps):
         if st.step_info is None:
@@ -368,8 +367,8 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
     model, opt = objects["model"], objects["opt"]
     extra, poison_set = st.extra, st.poison_set
     reference = frozen_copy(model, st.reference)  # the copy taken when unlearning began, also after a resume
-    weight = balanced_class_weights(inf.poisoned.train_labels.cpu()[extra], inf.num_classes) \
-        if pud.unlearn_balanced else None
+    weight = balanced_class_weights(inf.poisoned.train_labels.cpu()[extra], inf.num_classes).to(s.device) \
+        if pud.unlearn_balanced else None  # on the device once, not per batch
     st.reference = reference.state_dict()
     if st.unlearning is None:
         st.unlearning = {"epochs": pud.unlearn_epochs, "extra_size": len(extra), "poison_set_size": len(poison_set),

@@ -118,6 +118,16 @@ def auto_candidates(target: int | None, split: torch.Tensor | None) -> str:
     return "split" if split is not None and len(split) > 0 else "target"
 
 
+def resolve_candidates(setting: str, labels: torch.Tensor, target: int | None, filtered: torch.Tensor | None,
+                       split: torch.Tensor | None) -> tuple[str, torch.Tensor | None]:
+    """``--poison_candidates`` (``auto`` or a mode) for this run: the mode used and its candidate indices. ``split``
+    is what the class split removed; it counts as the target's cluster only when a target is confirmed (without
+    one it holds every class's clusters)."""
+    split = split if target is not None else None
+    mode = setting if setting != "auto" else auto_candidates(target, split)
+    return mode, poison_candidates(mode, labels, target, filtered, split)
+
+
 def poison_candidates(mode: str, labels: torch.Tensor, target: int, filtered: torch.Tensor | None = None,
                       split: torch.Tensor | None = None) -> torch.Tensor | None:
     """Indices a poison set is drawn from (``None`` = all samples); ``mode`` is a key of ``POISON_CANDIDATES``.

@@ -43,7 +43,7 @@ def _mean_ce(logits: Tensor, y: Tensor, weight: Optional[Tensor] = None) -> Tens
     or poison part adds nothing."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, y, weight=None if weight is None else weight.to(logits.device, logits.dtype))
+    return F.cross_entropy(logits, y, weight=None if weight is None else weight.to(dtype=logits.dtype))
 
 
 def balanced_class_weights(labels: Tensor, num_classes: int) -> Tensor:
