@@ -40,7 +40,7 @@ def test_aft_patch_shaped_examples_are_used_and_recorded(infected_run, tmp_path)
 
 
 PAPER = ("--init_pool", "all", "--argmax_penalty", "0", "--poison_candidates", "all", "--quarantine", "0",
-         "--later_pool", "all", "--balanced_selection", "0")
+         "--later_pool", "all", "--balanced_selection", "0", "--unlearn_lambda", "0")
 
 
 def run_pbe(infected_run, out, *extra):
@@ -67,14 +67,20 @@ def test_progressive_pbe_keeps_target_labelled_samples_out_of_round_0_and_quaran
     assert [(rec["round"], rec["adversarial"], rec["lr"]) for rec in recs] == [(0, True, 0.01), (0, True, 0.01),
                                                                             (1, True, 0.002), (1, False, 0.002)]
     assert s["settings"]["init_pool"] == "auto" and s["settings"]["later_lr"] == 0.002
+    # round 1 (its first epoch on PGD examples too) ascends on everything round 0 flagged; round 0 does not
+    assert not any("ascent_set" in rec for rec in recs[:2])
+    assert [rec["ascent_set"] for rec in recs[2:]] == [r0["quarantine_flagged"]] * 2
+    assert all(rec["poison_ce"] > 0 for rec in recs[2:]) and s["settings"]["unlearn_lambda"] == 0.1
+    assert s["filtering"]["poison_candidates"] == "split" and s["filtering"]["ascent"]["used"] is True
     # the patch target is confirmed (the split finds its poison cluster): round 0 from the non-target samples
     assert s["target"]["decision"]["mode"] == "target" and s["filtering"]["init_pool"] == "non_target"
 
 
 @pytest.mark.slow
 def test_progressive_pbe_paper_settings_start_from_a_random_share_with_poisons(infected_run, tmp_path):
-    s, _ = run_pbe(infected_run, tmp_path / "pbe", *PAPER)
+    s, recs = run_pbe(infected_run, tmp_path / "pbe", *PAPER)
     r0, r1 = s["rounds"]
+    assert not any("ascent_set" in rec for rec in recs)  # plain fine-tuning in every round
     assert r0["extra_size"] == 100 and r0["extra_poison_share"] > 0
     assert "quarantine_flagged" not in r0 and r0["next_extra_size"] == 1000
     for rd in s["rounds"]:
@@ -117,6 +123,15 @@ def test_later_rounds_never_select_what_the_filter_removed():
     assert torch.equal(later_excluded(quarantine, removed, "all"), quarantine)  # the paper code
     got = top_share_outside(scores, 0.4, later_excluded(quarantine, removed, "kept"), labels)
     assert torch.equal(got, torch.tensor([1, 2, 6, 7]))  # each label's best two outside the excluded
+
+
+def test_the_ascent_is_used_only_on_a_confirmed_targets_split_cluster():
+    from utils.defenses.pbe import ascent_decision
+
+    assert ascent_decision(0.1, "split")["used"] is True
+    for mode in ("target", "filtered", "all"):  # all2all, clean-label, no split cluster: flags may be clean images
+        assert ascent_decision(0.1, mode)["used"] is False
+    assert ascent_decision(0.0, "split") == {"used": False, "why": "--unlearn_lambda 0"}
 
 
 def test_round_lr():

@@ -193,3 +193,66 @@ def test_balanced_clean_term_weighs_each_class_alike():
     assert parts["clean_ce"] == pytest.approx(float((ce[0] + ce[1:].mean()) / 2), rel=1e-5)
     _, plain = unlearning_loss(logits, y, empty, torch.zeros(0, dtype=torch.long), model, model)
     assert plain["clean_ce"] == pytest.approx(float(ce.mean()), rel=1e-5)
+
+
+def _image_set(n=10, seed=0):
+    from utils.data.datasets import ImageSet
+
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 1, 2, 2), generator=g, dtype=torch.uint8),
+                    torch.arange(n) % 3, 3)
+
+
+class _Flat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_ascent_objective_joins_every_clean_batch_with_the_next_poison_batch_and_restarts_the_poison_set():
+    """Three poison samples and batches of two: the poison parts are 2, 1, 2 (a new shuffled pass), and each loss is
+    CE(clean) - lam * min(CE(poison), bound), with no L1 term when mu is 0."""
+    from utils.defenses.unlearning import AscentObjective
+
+    data, model = _image_set(), _Flat()
+    seen = []
+    real = model.forward
+    model.forward = lambda x: (seen.append(len(x)), real(x))[1]
+    obj = AscentObjective(model, model, data, torch.tensor([7, 8, 9]), 2, torch.Generator().manual_seed(0),
+                          lam=0.5, bound=0.7)
+    xc, yc = torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0])
+    before = dict(obj.sums)
+    for i in range(3):
+        loss, logits = obj(i, xc, yc)
+        assert logits.shape == (4, 3)
+        ce_c, ce_p = (obj.sums[k] - before[k] for k in ("clean_ce", "poison_ce"))
+        assert ce_c == pytest.approx(F.cross_entropy(real(xc), yc).item(), rel=1e-5)
+        assert loss.item() == pytest.approx(ce_c - 0.5 * min(ce_p, 0.7), rel=1e-5)
+        before = dict(obj.sums)
+    assert seen == [6, 5, 6] and obj.batches == 3
+    assert set(obj.means()) == {"clean_ce", "poison_ce", "loss"}
+
+
+def test_ascent_objective_drives_the_poison_set_away_from_its_labels():
+    """A few SGD steps: with lam > 0 the poison samples' CE under their (backdoor) labels rises; with lam 0 (only
+    the clean term) the same steps do not push it up as far."""
+    from utils.defenses.unlearning import AscentObjective
+    from utils.training import train_epoch
+
+    data = _image_set(n=30)
+    poison = torch.arange(20, 30)
+
+    def poison_ce_after(lam):
+        model = _Flat()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(20):
+            obj = AscentObjective(model, model, data, poison, 5, torch.Generator().manual_seed(0), lam=lam, bound=50.0)
+            train_epoch(model, opt, data.batches(5, indices=torch.arange(0, 20)), loss_fn=obj, check_every=1)
+        with torch.no_grad():
+            return F.cross_entropy(model(data.x[poison].float() / 255), data.y[poison]).item()
+
+    assert poison_ce_after(1.0) > poison_ce_after(0.0) + 1.0

@@ -51,8 +51,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
 
     Default objective: CE on ``transform(i, x, y)`` (e.g. PGD examples; the batch itself without a transform), and
     with ``clean_weight`` w > 0 a transformed batch is trained on (1 - w) CE(transformed) + w CE(clean).
-    ``loss_fn(i, x, y) -> (loss, logits or None)`` replaces that objective (accuracy is then counted only where
-    logits are returned); ``after_step(i)`` runs after each optimizer step. ``stage``, ``epoch`` (the run's epoch
+    ``loss_fn(i, x, y) -> (loss, logits or None)`` replaces that objective (on the transformed batch; accuracy is
+    then counted only where logits are returned; ``clean_weight`` does not apply); ``after_step(i)`` runs after each optimizer step. ``stage``, ``epoch`` (the run's epoch
     number) and ``what`` name the position in interrupt and divergence messages. Up to ``check_every - 1``
     steps may run on diverged weights before the check sees it, which does not matter: the run then stops
     without saving them. The epoch's seconds go to the run's stage ``timing`` (``utils.run.stagetimer``).
@@ -88,7 +88,13 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
                 loss = (1 - clean_weight) * loss + clean_weight * F.cross_entropy(model(x), y)
             return loss, logits
 
-        objective = loss_fn if loss_fn is not None else cross_entropy
+        if loss_fn is None:
+            objective = cross_entropy
+        elif transform is not None:  # e.g. PGD examples of the clean batch, then the given objective
+            def objective(i, x, y):
+                return loss_fn(i, transform(i, x, y), y)
+        else:
+            objective = loss_fn
         for i, (_, x, y) in enumerate(progress(batches, desc=desc, total=total)):
             if hooks is not None:
                 hooks.before_batch(epoch, i)
@@ -124,9 +130,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
 
 def finetune_epoch(model, optimizer, batches, attack, adv_batches: int | None, augment=None, generator=None,
                    channels_last=False, clean_weight: float = 0.0, desc="finetune", total=None,
-                   stage: str = "finetune", epoch: int | None = None) -> dict:
+                   stage: str = "finetune", epoch: int | None = None, loss_fn: Callable | None = None) -> dict:
     """One fine-tuning epoch; batches with index < ``adv_batches`` (None = all) are replaced by ``attack``'s
-    (a ``PGD``) examples of the current model.
+    (a ``PGD``) examples of the current model. ``loss_fn`` replaces cross-entropy (``train_epoch``).
 
     Under torchrun ``model`` is the DDP wrapper and ``batches`` this rank's share; PGD attacks the plain model.
     """
@@ -140,4 +146,4 @@ def finetune_epoch(model, optimizer, batches, attack, adv_batches: int | None, a
                 return attack(plain, x, y, generator=generator)
     return train_epoch(model, optimizer, batches, augment, transform=transform, generator=generator,
                        channels_last=channels_last, clean_weight=clean_weight, desc=desc, total=total, stage=stage,
-                       epoch=epoch)
+                       epoch=epoch, loss_fn=loss_fn)

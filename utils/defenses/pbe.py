@@ -15,7 +15,9 @@ and take the top share of every label (``--balanced_selection 1``): round 0 with
 the model predicting that class, a global top share then never selects a target image again, and what the filter
 removed holds the poisons that would re-teach the backdoor once the class is back. ``--later_lr`` sets the
 learning rate of rounds >= 1 and ``--round_eps`` each round's PGD radius (the paper code keeps ``--adv_eps``; a
-dead line in it meant 2/255 from round 2 on).
+dead line in it meant 2/255 from round 2 on). Rounds >= 1 ascend on the cross-entropy of what the detector flagged
+(``--unlearn_lambda``, 0 = the paper's plain fine-tuning): round 0's adversarial fine-tuning suppresses the backdoor,
+and clean fine-tuning alone brings it back (measured with no poisoned sample in any extra set; docs/ablations.md).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from utils.defenses.selection import (INIT_POOLS, POISON_CANDIDATES, bottom_frac
                                       detection_stats, poison_share, resolve_candidates, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
+from utils.defenses.unlearning import POISON_LOSS_BOUND, AscentObjective
 from utils.run import distributed as dist
 from utils.run.errors import UserError
 from utils.run.stagetimer import stage
@@ -70,6 +73,11 @@ class PBESettings(Settings):
                           choices=("kept", "all"))
     quarantine: int = opt(1, "1: samples the detector flags stay out of every later extra set; 0: the plain top "
                              "share (paper code)", type=int, choices=(0, 1))
+    unlearn_lambda: float = opt(0.1, "rounds >= 1: weight of an ascent on the cross-entropy of every sample the "
+                                     "detector has flagged so far, bounded at CE 10 (PUD's unlearning term without "
+                                     "its L1 anchor), used when the detector ranks a confirmed target's split "
+                                     "cluster: clean fine-tuning revives a backdoor round 0 only suppressed; 0: plain "
+                                     "fine-tuning (paper code)", type=fraction)
 
     def check_for(self, ft: FinetuneSettings) -> None:
         require(0 < self.init_ratio <= 1, f"--init_ratio must be in (0, 1], got {self.init_ratio}")
@@ -80,6 +88,7 @@ class PBESettings(Settings):
         require(all(0 < r <= 1 for r in self.top_rates), f"--top_rates must be in (0, 1], got {list(self.top_rates)}")
         require(0 < self.detect_fraction < 1, f"--detect_fraction must be in (0, 1), got {self.detect_fraction}")
         require(self.partial_batches >= 0, f"--partial_batches must be >= 0, got {self.partial_batches}")
+        require(self.unlearn_lambda >= 0, f"--unlearn_lambda must be >= 0, got {self.unlearn_lambda}")
         require(self.later_lr is None or self.later_lr > 0, f"--later_lr must be positive, got {self.later_lr}")
         if self.round_eps is not None:
             require(len(self.round_eps) == self.rounds,
@@ -228,6 +237,7 @@ def run_pbe(job: PBEJob) -> dict:
         target = st.target["used"]
         mode, candidates = resolve_candidates(pbe.poison_candidates, labels, target, st.filtered, st.split)
         st.filtering["poison_candidates"] = mode
+        st.filtering["ascent"] = ascent_decision(pbe.unlearn_lambda, mode)
         ref_logits = s.logits(inf.reference)
         for r in range(st.round, pbe.rounds):
             purity = poison_share(st.extra, truth)
@@ -245,10 +255,14 @@ def run_pbe(job: PBEJob) -> dict:
                 use = attacks[r] if adv_batches != 0 else None
                 for group in opt.param_groups:  # one optimizer across rounds; rounds >= 1 may use --later_lr
                     group["lr"] = lr
+                ascent = ascent_objective(s, st, r)
                 batches = dist.epoch_batches(inf.poisoned, bs, s.gen, inf.augment, indices=st.extra)
                 stats = finetune_epoch(s.train_model, opt, batches, use, adv_batches, None, s.gen, s.cl,
                                        ft.clean_weight, desc=f"pbe r{r} e{e + 1}", stage=f"pbe round {r}",
-                                       epoch=st.epoch_global)
+                                       epoch=st.epoch_global, loss_fn=ascent)
+                if ascent is not None:
+                    stats.update({**ascent.means(), "ascent_set": len(ascent.poison_set),
+                                  "ascent_clipped_batches": ascent.clipped_batches})
                 rec = {"epoch": st.epoch_global, "round": r, "adversarial": use is not None, "lr": lr, **stats,
                        **s.epoch_eval(st.epoch_global, pbe.rounds * pbe.round_epochs,
                                       stage_end=e == pbe.round_epochs - 1)}
@@ -268,9 +282,37 @@ def run_pbe(job: PBEJob) -> dict:
                     "target_label": job.target.target_label, "init_pool": pbe.init_pool,
                     "argmax_penalty": pbe.argmax_penalty, "quarantine": pbe.quarantine,
                     "poison_candidates": pbe.poison_candidates, "balanced_selection": pbe.balanced_selection,
-                    "later_pool": pbe.later_pool}
+                    "later_pool": pbe.later_pool, "unlearn_lambda": pbe.unlearn_lambda,
+                    "poison_loss_bound": POISON_LOSS_BOUND}
         return s.finish(settings, {"target": st.target, "filtering": st.filtering, "rounds": st.rounds},
                         suspects={f"round {r}": idx for r, idx in enumerate(st.flagged)})
+
+
+def ascent_decision(unlearn_lambda: float, candidates_mode: str) -> dict:
+    """Whether rounds >= 1 ascend on the flagged samples: only where the detector ranks within the class split's
+    cluster of a confirmed target, the one place its flags are poisons by construction (elsewhere, e.g. all2all or a
+    clean-label attack, they hold clean images, and the ascent would unlearn those)."""
+    if unlearn_lambda == 0:
+        return {"used": False, "why": "--unlearn_lambda 0"}
+    if candidates_mode != "split":
+        return {"used": False, "why": f"the detector ranks the {candidates_mode!r} candidates, not a confirmed "
+                                      "target's split cluster: its flags may hold clean images"}
+    return {"used": True, "lambda": unlearn_lambda, "bound": POISON_LOSS_BOUND,
+            "why": "the detector ranks within the confirmed target's split cluster"}
+
+
+def ascent_objective(s: DefenseSession, st: PBEState, r: int) -> AscentObjective | None:
+    """Rounds >= 1 (where ``ascent_decision`` allows it): the fine-tuning objective also ascends on what the
+    detector flagged in any round so far, so the clean extra set does not revive the backdoor (None: plain
+    fine-tuning)."""
+    lam = s.job.pbe.unlearn_lambda
+    if r == 0 or not st.filtering["ascent"]["used"] or not st.flagged:
+        return None
+    flagged = torch.cat(st.flagged).unique()
+    if len(flagged) == 0:
+        return None
+    return AscentObjective(s.inf.model, s.train_model, s.inf.poisoned, flagged, s.job.run.bs, s.gen, s.inf.augment,
+                           s.cl, lam=lam, mu=0.0, bound=POISON_LOSS_BOUND)
 
 
 def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logits, candidates, truth, labels) -> dict:

@@ -36,7 +36,7 @@ from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, bottom_
                                       resolve_candidates, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
-from utils.defenses.unlearning import balanced_class_weights, unlearning_loss
+from utils.defenses.unlearning import POISON_LOSS_BOUND, AscentObjective, balanced_class_weights
 from utils.run import distributed as dist
 from utils.run.errors import UserError
 from utils.run.stagetimer import stage
@@ -82,7 +82,7 @@ class PUDSettings(Settings):
     unlearn_epochs: int = opt(30, "unlearning epochs", type=int)
     unlearn_lambda: float = opt(0.003, "unlearning: weight of the poison-CE ascent term", type=fraction)
     unlearn_mu: float = opt(1e-4, "unlearning: weight of the L1 distance to the frozen copy", type=fraction)
-    poison_loss_bound: float = opt(10.0, "unlearning: the ascent term is clipped at this CE", type=fraction)
+    poison_loss_bound: float = opt(POISON_LOSS_BOUND, "unlearning: the ascent term is clipped at this CE", type=fraction)
     unlearn_balanced: int = opt(1, "1: unlearning's clean term weighs every label of the extra set alike (a target "
                                    "class the filtering thinned is not forgotten); 0: plain mean (paper code)",
                                 type=int, choices=(0, 1))
@@ -377,35 +377,15 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
     for e in range(st.epoch, pud.unlearn_epochs):
         st.epoch_global += 1
         ep = st.epoch_global
-        parts_sum = {"clean_ce": 0.0, "poison_ce": 0.0, "loss": 0.0}
-        nb = 0  # batches this rank ran
-        poison_iter = iter(())
-
-        def loss_fn(i, xc, yc):
-            nonlocal poison_iter, nb
-            batch = next(poison_iter, None)
-            if batch is None:  # torchrun: every rank restarts its poison shard at the same batch (equal shards)
-                poison_iter = iter(dist.epoch_batches(inf.poisoned, bs, s.gen, inf.augment, indices=poison_set))
-                batch = next(poison_iter)
-            _, xp, yp = batch
-            x = torch.cat([xc, xp])
-            if s.cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits = s.train_model(x)  # DDP under torchrun: each rank its shard, gradients averaged
-            loss, parts = unlearning_loss(logits[:len(yc)], yc, logits[len(yc):], yp, model, reference,
-                                          lam=pud.unlearn_lambda, mu=pud.unlearn_mu,
-                                          poison_loss_bound=pud.poison_loss_bound, class_weight=weight)
-            for k in parts_sum:
-                parts_sum[k] += parts[k]
-            record["clipped_batches"] += int(parts["poison_clipped"])
-            nb += 1
-            return loss, None
-
+        objective = AscentObjective(model, s.train_model, inf.poisoned, poison_set, bs, s.gen, inf.augment, s.cl,
+                                    lam=pud.unlearn_lambda, mu=pud.unlearn_mu, bound=pud.poison_loss_bound,
+                                    reference=reference, class_weight=weight)
         batches = dist.epoch_batches(inf.poisoned, bs, s.gen, inf.augment, indices=extra)
-        stats = train_epoch(s.train_model, opt, batches, loss_fn=loss_fn, desc=f"unlearn {e + 1}",
+        stats = train_epoch(s.train_model, opt, batches, loss_fn=objective, desc=f"unlearn {e + 1}",
                             stage="pud unlearning", epoch=ep, what="unlearning", timing="unlearning")
-        record["batches"] += nb
-        parts_mean = dist.mean_over_ranks({k: v / max(nb, 1) for k, v in parts_sum.items()})
+        record["batches"] += objective.batches
+        record["clipped_batches"] += objective.clipped_batches
+        parts_mean = objective.means()
         rec = {"epoch": ep, "stage": "unlearning", **parts_mean, "images": stats["images"],
                **s.epoch_eval(ep, pud.total_epochs, stage_end=e == pud.unlearn_epochs - 1)}
         record["history"].append({k: rec[k] for k in ("epoch", "clean_ce", "poison_ce", "loss", "clean_acc", "asr")

@@ -6,6 +6,10 @@ not forgotten under the ascent.
 The ascent term can be bounded: the authors' code does not bound it, and unbounded gradient ascent diverges once
 the poison CE grows. The reference network is an explicit frozen argument (in the authors' code it was a randomly
 initialised network; docs/pud.md).
+
+``AscentObjective`` is the one training objective that applies the loss batch by batch: PUD's unlearning stage and
+PBE's later rounds (which ascend on what PBE's detector flagged, so that clean fine-tuning does not revive the
+backdoor) both use it.
 """
 from __future__ import annotations
 
@@ -15,7 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["balanced_class_weights", "l1_distance", "unlearning_loss"]
+from utils.run import distributed as dist
+
+__all__ = ["AscentObjective", "POISON_LOSS_BOUND", "balanced_class_weights", "l1_distance", "unlearning_loss"]
+
+POISON_LOSS_BOUND = 10.0  # the default bound of the ascent term (PUD's --poison_loss_bound, PBE's ascent)
 
 
 def l1_distance(model: nn.Module, reference: nn.Module) -> Tensor:
@@ -59,7 +67,7 @@ def balanced_class_weights(labels: Tensor, num_classes: int) -> Tensor:
 
 
 def unlearning_loss(logits_clean: Tensor, y_clean: Tensor, logits_poison: Tensor, y_poison: Tensor,
-                    model: nn.Module, reference: nn.Module, lam: float = 0.003, mu: float = 1e-4,
+                    model: nn.Module, reference: Optional[nn.Module], lam: float = 0.003, mu: float = 1e-4,
                     poison_loss_bound: Optional[float] = None,
                     class_weight: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Union[float, bool]]]:
     """loss = CE(clean) − lam·CE(poison) + mu·L1(model, reference); defaults are the authors' 0.003 / 1e-4.
@@ -77,8 +85,8 @@ def unlearning_loss(logits_clean: Tensor, y_clean: Tensor, logits_poison: Tensor
     if poison_loss_bound is not None and logits_poison.shape[0] > 0:
         clipped = bool(ce_poison.detach().item() > poison_loss_bound)
         ascent = torch.clamp(ce_poison, max=float(poison_loss_bound))  # d/dx = 0 where clamped
-    l1 = l1_distance(model, reference)
-    l1 = l1.to(ce_clean.device)
+    l1 = l1_distance(model, reference).to(ce_clean.device) if mu > 0 and reference is not None \
+        else ce_clean.new_zeros(())
     loss = ce_clean - lam * ascent + mu * l1
     parts = {
         "clean_ce": float(ce_clean.detach().item()),
@@ -88,3 +96,52 @@ def unlearning_loss(logits_clean: Tensor, y_clean: Tensor, logits_poison: Tensor
         "poison_clipped": clipped,
     }
     return loss, parts
+
+
+class AscentObjective:
+    """``train_epoch``'s ``loss_fn`` for one unlearning epoch: each clean batch is joined by the next batch of the
+    poison set (reshuffled and restarted whenever it runs out) and trained on ``unlearning_loss``.
+
+    The sums of the loss parts over the
+    epoch are kept for the run's records. Under torchrun every rank restarts its poison shard at the same batch
+    (the shards are equal), and ``train_model`` is the DDP wrapper.
+    """
+
+    def __init__(self, model: nn.Module, train_model: nn.Module, data, poison_set: Tensor, batch_size: int,
+                 generator: torch.Generator, augment=None, channels_last: bool = False, lam: float = 0.003,
+                 mu: float = 0.0, bound: Optional[float] = None, reference: Optional[nn.Module] = None,
+                 class_weight: Optional[Tensor] = None):
+        self.model, self.train_model, self.reference = model, train_model, reference
+        self.data, self.poison_set, self.bs = data, poison_set, batch_size
+        self.generator, self.augment, self.cl = generator, augment, channels_last
+        self.lam, self.mu, self.bound, self.class_weight = lam, mu, bound, class_weight
+        self._poison = iter(())
+        self.sums = {"clean_ce": 0.0, "poison_ce": 0.0, "loss": 0.0}
+        self.batches = self.clipped_batches = 0
+
+    def _next_poison(self):
+        batch = next(self._poison, None)
+        if batch is None:
+            self._poison = iter(dist.epoch_batches(self.data, self.bs, self.generator, self.augment,
+                                                   indices=self.poison_set))
+            batch = next(self._poison)
+        return batch
+
+    def __call__(self, i: int, xc: Tensor, yc: Tensor):
+        _, xp, yp = self._next_poison()
+        x = torch.cat([xc, xp])
+        if self.cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self.train_model(x)
+        loss, parts = unlearning_loss(logits[:len(yc)], yc, logits[len(yc):], yp, self.model, self.reference,
+                                      lam=self.lam, mu=self.mu, poison_loss_bound=self.bound,
+                                      class_weight=self.class_weight)
+        for k in self.sums:
+            self.sums[k] += parts[k]
+        self.clipped_batches += int(parts["poison_clipped"])
+        self.batches += 1
+        return loss, logits[:len(yc)]
+
+    def means(self) -> dict:
+        """The epoch's mean loss parts, averaged over ranks."""
+        return dist.mean_over_ranks({k: v / max(self.batches, 1) for k, v in self.sums.items()})
