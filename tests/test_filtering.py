@@ -23,16 +23,23 @@ def test_a_decisive_vote_is_ahead_of_every_other_class():
 
 def test_the_target_is_confirmed_by_the_split_or_a_decisive_vote_else_the_defense_goes_class_agnostic():
     clear, spread = _vote([289, 18, 19, 15, 28, 2, 19, 14, 49, 47]), _vote([52, 25, 60, 52, 54, 17, 43, 49, 57, 91])
-    d = decide_target(None, clear, [])
+    d = decide_target(None, clear, [], 10)
     assert (d["mode"], d["target"]) == ("target", 0) and "decisive" in d["why"]
-    d = decide_target(None, spread, [0])  # the vote points at 9, the split found the poison cluster in 0
+    d = decide_target(None, spread, [0], 10)  # the vote points at 9, the split found the poison cluster in 0
     assert (d["mode"], d["target"]) == ("agnostic", None)  # the vote's winner (9) is not confirmed
-    d = decide_target(0, spread, [0])  # a given target with its poison cluster: confirmed
+    d = decide_target(0, spread, [0], 10)  # a given target with its poison cluster: confirmed
     assert (d["mode"], d["target"]) == ("target", 0) and "split" in d["why"]
-    d = decide_target(3, clear, [0])  # a wrong given target: replaced by the confirmed vote winner, and said so
+    d = decide_target(3, clear, [0], 10)  # a wrong given target: replaced by the confirmed vote winner, and said so
     assert (d["mode"], d["target"]) == ("target", 0) and "given target 3 is not confirmed" in d["why"]
-    d = decide_target(3, spread, [])  # all2all-like: nothing confirmed
+    d = decide_target(3, spread, [], 10)  # all2all-like: nothing confirmed
     assert (d["mode"], d["target"]) == ("agnostic", None) and d["given"] == 3 and not d["vote_decisive"]
+    # clusters in many classes are all2all's (one per class), not one target's: the split no longer confirms
+    d = decide_target(9, spread, [0, 4, 7, 9], 10)
+    assert (d["mode"], d["target"]) == ("agnostic", None) and "no single target" in d["why"]
+    d = decide_target(9, spread, [0, 9], 10)  # two of ten: a clean class may split too
+    assert (d["mode"], d["target"]) == ("target", 9)
+    d = decide_target(0, spread, [0, 19, 20, 38, 39], 43)  # the 43-class patch model: 5 of 43 classes
+    assert (d["mode"], d["target"]) == ("target", 0)
 
 
 def test_spectre_takes_its_share_from_what_the_split_left_in_the_class():

@@ -46,11 +46,16 @@ class FilterSettings(Settings):
                                           "spread over this many times as many classes as the other's", type=fraction)
     class_split_tie: float = opt(0.1, "clusters whose mean non-target confidences differ by at most this much are "
                                        "told apart by their spread alone", type=fraction)
+    class_split_confirm: float = opt(0.2, "the split confirms a class as the one target only while it found a cluster "
+                                          "in at most this share of the classes (all2all leaves one in every class)",
+                                     type=fraction)
 
     def check(self) -> None:
         require(0 < self.spectre_remove < 1, f"--spectre_remove must be in (0, 1), got {self.spectre_remove}")
         require(self.class_split_spread > 0, f"--class_split_spread must be positive, got {self.class_split_spread}")
         require(0 <= self.class_split_tie < 1, f"--class_split_tie must be in [0, 1), got {self.class_split_tie}")
+        require(0 <= self.class_split_confirm <= 1,
+                f"--class_split_confirm must be in [0, 1], got {self.class_split_confirm}")
 
     def for_arch(self, arch: str) -> "FilterSettings":
         """The default ``--spectre_layer`` of ``arch`` filled in."""
@@ -125,17 +130,21 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
     return out
 
 
-def decide_target(given: int | None, vote: dict | None, split_classes: list[int]) -> dict:
+def decide_target(given: int | None, vote: dict | None, split_classes: list[int], num_classes: int,
+                  confirm_share: float = 0.2) -> dict:
     """Whether to rely on one target class, and which: the given class or the vote's winner, if confirmed.
 
-    A class is confirmed by the split (its poison cluster found there) or by a decisive vote for it. The given
-    class is tried first; a given class the evidence does not confirm is replaced by the vote's winner if that
-    one is confirmed (and the record says so), else the defense goes class-agnostic."""
+    A class is confirmed by the split (its poison cluster found there, while the split found clusters in at most
+    ``confirm_share`` of the classes: all2all poisons leave one in every class, and a few clean classes split too,
+    4-5 of 43 on the 43-class set) or by a decisive vote for it. The given class is tried first; a given class the
+    evidence does not confirm is replaced by the vote's winner if that one is confirmed (and the record says so),
+    else the defense goes class-agnostic."""
     winner = vote["estimate"] if vote else None
     candidates = [c for c in (given, winner) if c is not None]
+    split_counts = len(split_classes) <= max(1, confirm_share * num_classes)
     for c in dict.fromkeys(candidates):
         reasons = []
-        if c in split_classes:
+        if c in split_classes and split_counts:
             reasons.append("the class split found a cluster of images of many other classes labelled as it")
         if c == winner and decisive(vote):
             reasons.append(f"the PGD vote for it is decisive ({vote['vote_share']:.1%} of the votes, at least "
@@ -148,7 +157,9 @@ def decide_target(given: int | None, vote: dict | None, split_classes: list[int]
                     "vote_decisive": decisive(vote), "split_classes": split_classes}
     why = ("no class is confirmed as a single backdoor target (the vote is not decisive"
            + (f", the given target {given} shows no poison cluster" if given is not None else "")
-           + (f", the split found clusters in classes {split_classes}" if split_classes else ", the split found no cluster")
+           + (f", the split found clusters in classes {split_classes}"
+              + ("" if split_counts else f", more than {confirm_share:.0%} of the {num_classes} classes: no single target")
+              if split_classes else ", the split found no cluster")
            + "): the defense works on every class")
     return {"mode": "agnostic", "target": None, "why": why, "given": given, "vote_winner": winner,
             "vote_decisive": decisive(vote), "split_classes": split_classes}
@@ -186,7 +197,7 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
         per_class = [filter_class(reference, poisoned, c, filt, logits, seed, batch_size, spectre=False)
                      for c in classes]
     split_classes = [f["class"] for f in per_class if f["split_applied"]]
-    decision = decide_target(target.get("given"), target, split_classes)
+    decision = decide_target(target.get("given"), target, split_classes, len(classes), filt.class_split_confirm)
     target.update(used=decision["target"], decision=decision)
     for c in (classes if decision["target"] is None else [decision["target"]]):  # then SPECTRE where it is used
         f = filter_class(reference, poisoned, c, filt, None, seed, batch_size, split=False,

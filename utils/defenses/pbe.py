@@ -31,7 +31,7 @@ from utils.defenses.selection import (INIT_POOLS, POISON_CANDIDATES, bottom_frac
                                       detection_stats, poison_share, resolve_candidates, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
-from utils.defenses.unlearning import POISON_LOSS_BOUND, AscentObjective
+from utils.defenses.unlearning import ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, ascent_decision
 from utils.run import distributed as dist
 from utils.run.errors import UserError
 from utils.run.stagetimer import stage
@@ -78,6 +78,9 @@ class PBESettings(Settings):
                                      "its L1 anchor), used when the detector ranks a confirmed target's split "
                                      "cluster: clean fine-tuning revives a backdoor round 0 only suppressed; 0: plain "
                                      "fine-tuning (paper code)", type=fraction)
+    unlearn_where: str = opt("split", "when rounds >= 1 ascend: split = only when the detector ranks a confirmed "
+                                      "target's split cluster (elsewhere its flags may be clean images); always",
+                             choices=ASCENT_WHERE)
 
     def check_for(self, ft: FinetuneSettings) -> None:
         require(0 < self.init_ratio <= 1, f"--init_ratio must be in (0, 1], got {self.init_ratio}")
@@ -237,7 +240,8 @@ def run_pbe(job: PBEJob) -> dict:
         target = st.target["used"]
         mode, candidates = resolve_candidates(pbe.poison_candidates, labels, target, st.filtered, st.split)
         st.filtering["poison_candidates"] = mode
-        st.filtering["ascent"] = ascent_decision(pbe.unlearn_lambda, mode)
+        st.filtering["ascent"] = {**ascent_decision(pbe.unlearn_lambda, mode, pbe.unlearn_where),
+                                  "bound": POISON_LOSS_BOUND}
         ref_logits = s.logits(inf.reference)
         for r in range(st.round, pbe.rounds):
             purity = poison_share(st.extra, truth)
@@ -283,26 +287,13 @@ def run_pbe(job: PBEJob) -> dict:
                     "argmax_penalty": pbe.argmax_penalty, "quarantine": pbe.quarantine,
                     "poison_candidates": pbe.poison_candidates, "balanced_selection": pbe.balanced_selection,
                     "later_pool": pbe.later_pool, "unlearn_lambda": pbe.unlearn_lambda,
-                    "poison_loss_bound": POISON_LOSS_BOUND}
+                    "unlearn_where": pbe.unlearn_where, "poison_loss_bound": POISON_LOSS_BOUND}
         return s.finish(settings, {"target": st.target, "filtering": st.filtering, "rounds": st.rounds},
                         suspects={f"round {r}": idx for r, idx in enumerate(st.flagged)})
 
 
-def ascent_decision(unlearn_lambda: float, candidates_mode: str) -> dict:
-    """Whether rounds >= 1 ascend on the flagged samples: only where the detector ranks within the class split's
-    cluster of a confirmed target, the one place its flags are poisons by construction (elsewhere, e.g. all2all or a
-    clean-label attack, they hold clean images, and the ascent would unlearn those)."""
-    if unlearn_lambda == 0:
-        return {"used": False, "why": "--unlearn_lambda 0"}
-    if candidates_mode != "split":
-        return {"used": False, "why": f"the detector ranks the {candidates_mode!r} candidates, not a confirmed "
-                                      "target's split cluster: its flags may hold clean images"}
-    return {"used": True, "lambda": unlearn_lambda, "bound": POISON_LOSS_BOUND,
-            "why": "the detector ranks within the confirmed target's split cluster"}
-
-
 def ascent_objective(s: DefenseSession, st: PBEState, r: int) -> AscentObjective | None:
-    """Rounds >= 1 (where ``ascent_decision`` allows it): the fine-tuning objective also ascends on what the
+    """Rounds >= 1 (where ``unlearning.ascent_decision`` allows it): the fine-tuning objective also ascends on what the
     detector flagged in any round so far, so the clean extra set does not revive the backdoor (None: plain
     fine-tuning)."""
     lam = s.job.pbe.unlearn_lambda

@@ -12,7 +12,8 @@
    the consistency of the infected and current logits (arg-max disagreement penalised). The most consistent
    share of the pool becomes the next extra set (cleaned once more by SPECTRE on its target part), the
    least consistent share of the candidates the poison set.
-4. ``unlearn``: CE on the extra set − λ·bounded CE on the poison set + μ·L1 to a frozen copy.
+4. ``unlearn``: CE on the extra set − λ·bounded CE on the poison set + μ·L1 to a frozen copy; the ascent term
+   only where the poison set was ranked within a confirmed target's split cluster (``--unlearn_where``).
 5. ``mean_teacher``: fine-tuning on the extra set with an EMA teacher and a softmax-consistency term.
 
 How this departs from the authors' code, and why, is in docs/pud.md. Under torchrun every training epoch
@@ -36,7 +37,8 @@ from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, bottom_
                                       resolve_candidates, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
-from utils.defenses.unlearning import POISON_LOSS_BOUND, AscentObjective, balanced_class_weights
+from utils.defenses.unlearning import (ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, ascent_decision,
+                                       balanced_class_weights)
 from utils.run import distributed as dist
 from utils.run.errors import UserError
 from utils.run.stagetimer import stage
@@ -81,6 +83,10 @@ class PUDSettings(Settings):
                                 type=int, nargs="+")
     unlearn_epochs: int = opt(30, "unlearning epochs", type=int)
     unlearn_lambda: float = opt(0.003, "unlearning: weight of the poison-CE ascent term", type=fraction)
+    unlearn_where: str = opt("split", "when unlearning ascends on the poison set: split = only when it was ranked "
+                                      "within a confirmed target's split cluster (elsewhere, e.g. all2all, it holds "
+                                      "clean images: the stage then trains on the clean term and the L1 anchor); "
+                                      "always (paper code)", choices=ASCENT_WHERE)
     unlearn_mu: float = opt(1e-4, "unlearning: weight of the L1 distance to the frozen copy", type=fraction)
     poison_loss_bound: float = opt(POISON_LOSS_BOUND, "unlearning: the ascent term is clipped at this CE", type=fraction)
     unlearn_balanced: int = opt(1, "1: unlearning's clean term weighs every label of the extra set alike (a target "
@@ -372,13 +378,16 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
     st.reference = reference.state_dict()
     if st.unlearning is None:
         st.unlearning = {"epochs": pud.unlearn_epochs, "extra_size": len(extra), "poison_set_size": len(poison_set),
-                         "clipped_batches": 0, "batches": 0, "history": []}
+                         "clipped_batches": 0, "batches": 0, "history": [],
+                         "ascent": ascent_decision(pud.unlearn_lambda, st.spectre_initial["poison_candidates"],
+                                                   pud.unlearn_where)}
     record = st.unlearning
+    lam = pud.unlearn_lambda if record["ascent"]["used"] else 0.0
     for e in range(st.epoch, pud.unlearn_epochs):
         st.epoch_global += 1
         ep = st.epoch_global
         objective = AscentObjective(model, s.train_model, inf.poisoned, poison_set, bs, s.gen, inf.augment, s.cl,
-                                    lam=pud.unlearn_lambda, mu=pud.unlearn_mu, bound=pud.poison_loss_bound,
+                                    lam=lam, mu=pud.unlearn_mu, bound=pud.poison_loss_bound,
                                     reference=reference, class_weight=weight)
         batches = dist.epoch_batches(inf.poisoned, bs, s.gen, inf.augment, indices=extra)
         stats = train_epoch(s.train_model, opt, batches, loss_fn=objective, desc=f"unlearn {e + 1}",
