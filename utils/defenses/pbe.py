@@ -16,8 +16,9 @@ the model predicting that class, a global top share then never selects a target 
 removed holds the poisons that would re-teach the backdoor once the class is back. ``--later_lr`` sets the
 learning rate of rounds >= 1 and ``--round_eps`` each round's PGD radius (the paper code keeps ``--adv_eps``; a
 dead line in it meant 2/255 from round 2 on). Rounds >= 1 ascend on the cross-entropy of what the detector flagged
-(``--unlearn_lambda``, 0 = the paper's plain fine-tuning): round 0's adversarial fine-tuning suppresses the backdoor,
-and clean fine-tuning alone brings it back (measured with no poisoned sample in any extra set; docs/ablations.md).
+(``--unlearn_lambda``, 0 = the paper's plain fine-tuning) where it ranks a confirmed target's split cluster (its
+flags are poisons there): round 0's adversarial fine-tuning suppresses the backdoor, and clean fine-tuning alone
+brings it back (measured with no poisoned sample in any extra set; docs/ablations.md).
 """
 from __future__ import annotations
 
