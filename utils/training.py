@@ -52,8 +52,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     Default objective: CE on ``transform(i, x, y)`` (e.g. PGD examples; the batch itself without a transform), and
     with ``clean_weight`` w > 0 a transformed batch is trained on (1 - w) CE(transformed) + w CE(clean).
     ``loss_fn(i, x, y) -> (loss, logits or None)`` replaces that objective (on the transformed batch; accuracy is
-    then counted only where logits are returned; ``clean_weight`` does not apply); ``after_step(i)`` runs after each optimizer step. ``stage``, ``epoch`` (the run's epoch
-    number) and ``what`` name the position in interrupt and divergence messages. Up to ``check_every - 1``
+    then counted only where logits are returned; ``clean_weight`` does not apply); ``after_step(i)`` runs after
+    each optimizer step. ``stage``, ``epoch`` (the run's epoch number) and ``what`` name the position in
+    interrupt and divergence messages. Up to ``check_every - 1``
     steps may run on diverged weights before the check sees it, which does not matter: the run then stops
     without saving them. The epoch's seconds go to the run's stage ``timing`` (``utils.run.stagetimer``).
 

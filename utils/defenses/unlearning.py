@@ -33,8 +33,8 @@ def ascent_decision(lam: float, candidates_mode: str, where: str = "split") -> d
 
     ``where`` split: only when the poisons were ranked within the class split's cluster of a confirmed target, the
     one place they are poisons by construction (100 % precise on every all2one cell of the quick grids). Elsewhere
-    (all2all, a clean-label attack) they hold clean images, and the ascent unlearns those: PUD on blend all2all
-    loses 5 points of clean accuracy to it, PBE 10, for no lower ASR (docs/ablations.md). ``always``: the papers'.
+    (all2all, a clean-label attack) they hold clean images, and the ascent unlearns those: on blend all2all PUD
+    loses 5 points of clean accuracy to it for no lower ASR, PBE 10 (docs/ablations.md). ``always``: the papers'.
     """
     if lam == 0:
         return {"used": False, "why": "--unlearn_lambda 0"}
@@ -121,9 +121,8 @@ class AscentObjective:
     """``train_epoch``'s ``loss_fn`` for one unlearning epoch: each clean batch is joined by the next batch of the
     poison set (reshuffled and restarted whenever it runs out) and trained on ``unlearning_loss``.
 
-    The sums of the loss parts over the
-    epoch are kept for the run's records. Under torchrun every rank restarts its poison shard at the same batch
-    (the shards are equal), and ``train_model`` is the DDP wrapper.
+    The sums of the loss parts over the epoch are kept for the run's records. Under torchrun every rank restarts
+    its poison shard at the same batch (the shards are equal), and ``train_model`` is the DDP wrapper.
     """
 
     def __init__(self, model: nn.Module, train_model: nn.Module, data, poison_set: Tensor, batch_size: int,
