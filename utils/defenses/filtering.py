@@ -32,6 +32,11 @@ from utils.settings import Settings, fraction, opt, require
 SPECTRE_LAYERS = {"cnn": "net.features", "preactresnet18": "net.layer4.0", "resnet18": "net.layer2.1"}
 
 
+# the largest share of the classes in which the split may find a cluster and still confirm one target
+# (--class_split_confirm): all2all leaves one in every class; 4-5 of 43 clean classes split on the 43-class set
+CLASS_SPLIT_CONFIRM = 0.2
+
+
 @dataclass(frozen=True)
 class FilterSettings(Settings):
     GROUP = "filtering the training set (SPECTRE and the class split, per class)"
@@ -46,7 +51,7 @@ class FilterSettings(Settings):
                                           "spread over this many times as many classes as the other's", type=fraction)
     class_split_tie: float = opt(0.1, "clusters whose mean non-target confidences differ by at most this much are "
                                        "told apart by their spread alone", type=fraction)
-    class_split_confirm: float = opt(0.2, "the split confirms a class as the one target only while it found a cluster "
+    class_split_confirm: float = opt(CLASS_SPLIT_CONFIRM, "the split confirms a class as the one target only while it found a cluster "
                                           "in at most this share of the classes (all2all leaves one in every class)",
                                      type=fraction)
 
@@ -131,7 +136,7 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
 
 
 def decide_target(given: int | None, vote: dict | None, split_classes: list[int], num_classes: int,
-                  confirm_share: float = 0.2) -> dict:
+                  confirm_share: float = CLASS_SPLIT_CONFIRM) -> dict:
     """Whether to rely on one target class, and which: the given class or the vote's winner, if confirmed.
 
     A class is confirmed by the split (its poison cluster found there, while the split found clusters in at most
