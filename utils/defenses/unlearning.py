@@ -135,7 +135,7 @@ class AscentObjective:
         self.lam, self.mu, self.bound, self.class_weight = lam, mu, bound, class_weight
         self._poison = iter(())
         self.sums = {"clean_ce": 0.0, "poison_ce": 0.0, "loss": 0.0}
-        self.batches = self.clipped_batches = 0
+        self.batches = self.clipped_batches = self.images = 0  # images: poison-set images joined so far
 
     def _next_poison(self):
         batch = next(self._poison, None)
@@ -158,6 +158,7 @@ class AscentObjective:
             self.sums[k] += parts[k]
         self.clipped_batches += int(parts["poison_clipped"])
         self.batches += 1
+        self.images += len(yp)
         return loss, logits[:len(yc)]
 
     def means(self) -> dict:
