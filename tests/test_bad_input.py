@@ -92,6 +92,8 @@ CASES = [
     (P, ("--model_path", "{ck}", "--adv_window", "33"), "--adv_window must be between 0 (whole image) and the image size"),
     (P, ("--model_path", "{ck}", "--adv_window=-1"), "--adv_window must be between 0 (whole image) and the image size"),
     (P, ("--model_path", "{ck}", "--adv_eps_outside", "6/255"), "--adv_eps_outside is the budget outside --adv_window"),
+    (P, ("--model_path", "{ck}", "--adv_restarts", "0"), "--adv_restarts must be >= 1"),
+    (P, ("--model_path", "{ck}", "--progressive", "--ascent_bs", "0"), "--ascent_bs must be positive"),
     (P, ("--model_path", "{ck}", "--adv_window", "5", "--adv_eps_outside", "8/255"), "--adv_eps_outside must be in (0, --adv_eps"),
     (P, ("--model_path", "{ck}", "--ft_lr", "0"), "--ft_lr must be positive"),
     (P, ("--model_path", "{ck}", "--clean_weight", "1"), "--clean_weight must be in [0, 1)"),

@@ -168,6 +168,8 @@ def test_round_eps_sets_each_rounds_pgd_radius_and_scales_the_step():
     ft = ft.replace(adv_window=5, adv_eps=1.0, adv_alpha=0.25, adv_eps_outside=6 / 255)
     half = ft.pgd(0.5).settings()
     assert (half["window"], half["eps"], half["alpha"]) == (5, 0.5, 0.125) and half["eps_outside"] == pytest.approx(3 / 255)
+    # --adv_restarts: every example keeps the worst of that many runs (each with its own window)
+    assert half["restarts"] == 1 and ft.replace(adv_restarts=4).pgd().settings()["restarts"] == 4
 
 
 def test_the_late_asr_is_the_maximum_over_the_last_quarter_of_the_epochs():

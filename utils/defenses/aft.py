@@ -35,6 +35,8 @@ class FinetuneSettings(Settings):
                              "--adv_eps 1 a patch-shaped example", type=int)
     adv_eps_outside: float = opt(0.0, "with --adv_window (linf): the budget outside the window, e.g. 6/255 for a "
                                       "patch-shaped and an ordinary example in one", type=fraction)
+    adv_restarts: int = opt(1, "PGD runs per example, keeping the worst (with --adv_window each run draws its own "
+                               "window: 4 reach a BadNets patch more often, docs/ablations.md)", type=int)
     clean_weight: float = opt(0.0, "mix w * CE(clean batch) into adversarial batches (the paper: 0)", type=fraction)
 
     def check(self) -> None:
@@ -45,6 +47,7 @@ class FinetuneSettings(Settings):
             require(self.adv_eps >= 0, f"--adv_eps must be >= 0, got {self.adv_eps}")
         require(self.adv_alpha >= 0, f"--adv_alpha must be >= 0, got {self.adv_alpha}")
         require(self.adv_steps >= 0, f"--adv_steps must be >= 0, got {self.adv_steps}")
+        require(self.adv_restarts >= 1, f"--adv_restarts must be >= 1, got {self.adv_restarts}")
         if self.adv_eps_outside != 0:
             require(self.adv_window > 0 and self.adv_norm == "linf",
                     "--adv_eps_outside is the budget outside --adv_window: it needs --adv_window > 0 and --adv_norm linf")
@@ -62,7 +65,8 @@ class FinetuneSettings(Settings):
         it (PBE's per-round radius)."""
         scale = 1.0 if eps is None or self.adv_eps == 0 else eps / self.adv_eps
         return PGD(eps=self.adv_eps if eps is None else eps, alpha=self.adv_alpha * scale, steps=self.adv_steps,
-                   norm=self.adv_norm, random_start=self.adv_random_start, window=self.adv_window,
+                   norm=self.adv_norm, random_start=self.adv_random_start, restarts=self.adv_restarts,
+                   window=self.adv_window,
                    eps_outside=self.adv_eps_outside * scale)
 
 
