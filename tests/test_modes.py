@@ -51,3 +51,15 @@ def test_pud_given_a_wrong_target_label_finds_the_real_one_and_removes_the_backd
     assert decision["given"] == 3 and decision["target"] == 0 and "given target 3 is not confirmed" in decision["why"]
     assert s["target"]["used"] == 0 and s["unlearning"]["ascent"]["used"] is True
     assert s["initial"]["asr"] > 0.9 and s["final"]["asr"] <= 0.10, s["final"]
+
+
+@pytest.mark.slow
+def test_pbe_on_an_all2all_backdoor_ascends_on_its_flags_with_the_unconfirmed_weight(all2all_run, tmp_path):
+    from test_pbe import run_pbe
+
+    s, recs = run_pbe(all2all_run, tmp_path / "pbe")
+    assert s["target"]["decision"]["mode"] == "agnostic" and s["filtering"]["poison_candidates"] == "filtered"
+    ascent = s["filtering"]["ascent"]  # no confirmed target: the flags may be clean images, so the weaker weight
+    assert ascent["used"] is True and ascent["lambda"] == 0.03 and "unconfirmed" in ascent["why"]
+    assert not any("ascent_set" in rec for rec in recs if rec["round"] == 0)
+    assert all(rec["ascent_set"] > 0 and rec["poison_ce"] > 0 for rec in recs if rec["round"] >= 1)

@@ -127,14 +127,18 @@ def test_later_rounds_never_select_what_the_filter_removed():
     assert torch.equal(got, torch.tensor([1, 2, 6, 7]))  # each label's best two outside the excluded
 
 
-def test_the_ascent_is_used_only_on_a_confirmed_targets_split_cluster_unless_always():
+def test_the_full_ascent_is_used_only_on_a_confirmed_targets_split_cluster_unless_always():
     from utils.defenses.unlearning import ascent_decision
 
-    assert ascent_decision(0.1, "split")["used"] is True
+    assert ascent_decision(0.1, "split") == {"used": True, "lambda": 0.1, "why": ascent_decision(0.1, "split")["why"]}
+    assert ascent_decision(0.1, "split", lam_unconfirmed=0.03)["lambda"] == 0.1
     for mode in ("target", "filtered", "all"):  # all2all, clean-label, no split cluster: flags may be clean images
         assert ascent_decision(0.1, mode)["used"] is False
-        assert ascent_decision(0.1, mode, "always")["used"] is True  # the papers' unlearning
+        assert ascent_decision(0.1, mode, "always")["lambda"] == 0.1  # the papers' unlearning
+        weak = ascent_decision(0.1, mode, lam_unconfirmed=0.03)  # PBE: a weaker ascent there
+        assert weak["used"] is True and weak["lambda"] == 0.03 and "unconfirmed" in weak["why"]
     assert ascent_decision(0.0, "split") == {"used": False, "why": "--unlearn_lambda 0"}
+    assert ascent_decision(0.0, "filtered", lam_unconfirmed=0.03)["used"] is False
 
 
 def test_round_lr():

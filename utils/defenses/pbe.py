@@ -79,6 +79,10 @@ class PBESettings(Settings):
                                      "its L1 anchor), used when the detector ranks a confirmed target's split "
                                      "cluster: clean fine-tuning revives a backdoor round 0 only suppressed; 0: plain "
                                      "fine-tuning (paper code)", type=fraction)
+    unlearn_lambda_unconfirmed: float = opt(0.03, "the ascent's weight where the detector ranks other candidates "
+                                                   "than a confirmed target's split cluster (all2all, clean-label: "
+                                                   "its flags there are 75-85 %% precise); 0: no ascent there",
+                                            type=fraction)
     ascent_bs: int = opt(32, "rounds >= 1: flagged samples joined to each fine-tuning batch for the ascent (the "
                              "whole batch size cost 30 %% more time for no lower ASR)", type=int)
     unlearn_where: str = opt("split", "when rounds >= 1 ascend: split = only when the detector ranks a confirmed "
@@ -95,6 +99,8 @@ class PBESettings(Settings):
         require(0 < self.detect_fraction < 1, f"--detect_fraction must be in (0, 1), got {self.detect_fraction}")
         require(self.partial_batches >= 0, f"--partial_batches must be >= 0, got {self.partial_batches}")
         require(self.unlearn_lambda >= 0, f"--unlearn_lambda must be >= 0, got {self.unlearn_lambda}")
+        require(self.unlearn_lambda_unconfirmed >= 0,
+                f"--unlearn_lambda_unconfirmed must be >= 0, got {self.unlearn_lambda_unconfirmed}")
         require(self.ascent_bs > 0, f"--ascent_bs must be positive, got {self.ascent_bs}")
         require(self.later_lr is None or self.later_lr > 0, f"--later_lr must be positive, got {self.later_lr}")
         if self.round_eps is not None:
@@ -244,7 +250,8 @@ def run_pbe(job: PBEJob) -> dict:
         target = st.target["used"]
         mode, candidates = resolve_candidates(pbe.poison_candidates, labels, target, st.filtered, st.split)
         st.filtering["poison_candidates"] = mode
-        st.filtering["ascent"] = {**ascent_decision(pbe.unlearn_lambda, mode, pbe.unlearn_where),
+        st.filtering["ascent"] = {**ascent_decision(pbe.unlearn_lambda, mode, pbe.unlearn_where,
+                                                   pbe.unlearn_lambda_unconfirmed),
                                   "bound": POISON_LOSS_BOUND}
         ref_logits = s.logits(inf.reference)
         for r in range(st.round, pbe.rounds):
@@ -293,6 +300,7 @@ def run_pbe(job: PBEJob) -> dict:
                     "poison_candidates": pbe.poison_candidates, "balanced_selection": pbe.balanced_selection,
                     "later_pool": pbe.later_pool, "unlearn_lambda": pbe.unlearn_lambda,
                     "unlearn_where": pbe.unlearn_where, "ascent_bs": pbe.ascent_bs,
+                    "unlearn_lambda_unconfirmed": pbe.unlearn_lambda_unconfirmed,
                     "poison_loss_bound": POISON_LOSS_BOUND}
         return s.finish(settings, {"target": st.target, "filtering": st.filtering, "rounds": st.rounds},
                         suspects={f"round {r}": idx for r, idx in enumerate(st.flagged)})
@@ -302,14 +310,13 @@ def ascent_objective(s: DefenseSession, st: PBEState, r: int) -> AscentObjective
     """Rounds >= 1 (where ``unlearning.ascent_decision`` allows it): the fine-tuning objective also ascends on what the
     detector flagged in any round so far, so the clean extra set does not revive the backdoor (None: plain
     fine-tuning)."""
-    lam = s.job.pbe.unlearn_lambda
     if r == 0 or not st.filtering["ascent"]["used"] or not st.flagged:
         return None
     flagged = torch.cat(st.flagged).unique()
     if len(flagged) == 0:
         return None
     return AscentObjective(s.inf.model, s.train_model, s.inf.poisoned, flagged, s.job.pbe.ascent_bs, s.gen,
-                           s.inf.augment, s.cl, lam=lam, mu=0.0, bound=POISON_LOSS_BOUND)
+                           s.inf.augment, s.cl, lam=st.filtering["ascent"]["lambda"], mu=0.0, bound=POISON_LOSS_BOUND)
 
 
 def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logits, candidates, truth, labels) -> dict:

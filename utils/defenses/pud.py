@@ -382,7 +382,7 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
                          "ascent": ascent_decision(pud.unlearn_lambda, st.spectre_initial["poison_candidates"],
                                                    pud.unlearn_where)}
     record = st.unlearning
-    lam = pud.unlearn_lambda if record["ascent"]["used"] else 0.0
+    lam = record["ascent"]["lambda"] if record["ascent"]["used"] else 0.0
     for e in range(st.epoch, pud.unlearn_epochs):
         st.epoch_global += 1
         ep = st.epoch_global

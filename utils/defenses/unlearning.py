@@ -28,21 +28,28 @@ POISON_LOSS_BOUND = 10.0  # the default bound of the ascent term (PUD's --poison
 ASCENT_WHERE = ("split", "always")  # --unlearn_where: when the ascent term is used
 
 
-def ascent_decision(lam: float, candidates_mode: str, where: str = "split") -> dict:
-    """Whether the ascent on the identified poisons is used, and why (for ``summary.json``).
+def ascent_decision(lam: float, candidates_mode: str, where: str = "split", lam_unconfirmed: float = 0.0) -> dict:
+    """Whether the ascent on the identified poisons is used, with which weight, and why (for ``summary.json``).
 
-    ``where`` split: only when the poisons were ranked within the class split's cluster of a confirmed target, the
-    one place they are poisons by construction (100 % precise on every all2one cell of the quick grids). Elsewhere
-    (all2all, a clean-label attack) they hold clean images, and the ascent unlearns those: on blend all2all PUD
-    loses 5 points of clean accuracy to it for no lower ASR, PBE 10 (docs/ablations.md). ``always``: the papers'.
+    ``where`` split: the full weight ``lam`` only when the poisons were ranked within the class split's cluster of a
+    confirmed target, the one place they are poisons by construction (100 % precise on every all2one cell of the
+    quick grids). Elsewhere (all2all, a clean-label attack) they hold clean images too (PBE's flags: 75-85 % precise
+    on all2all), and a full-weight ascent unlearns those: on blend all2all PUD loses 5 points of clean accuracy to
+    it for no lower ASR, PBE 9 (docs/ablations.md). There the weight is ``lam_unconfirmed`` (0: no ascent); PBE's
+    0.03 stops its clean rounds reviving all2all backdoors at a 3-point cost. ``always``: ``lam`` everywhere (the
+    papers').
     """
     if lam == 0:
         return {"used": False, "why": "--unlearn_lambda 0"}
-    if where == "split" and candidates_mode != "split":
-        return {"used": False, "why": f"the poisons were ranked among the {candidates_mode!r} candidates, not a "
-                                      "confirmed target's split cluster: they may hold clean images"}
-    return {"used": True, "lambda": lam, "why": "the poisons were ranked within a confirmed target's split cluster"
-            if candidates_mode == "split" else "--unlearn_where always"}
+    if candidates_mode == "split":
+        return {"used": True, "lambda": lam, "why": "the poisons were ranked within a confirmed target's split cluster"}
+    if where == "always":
+        return {"used": True, "lambda": lam, "why": "--unlearn_where always"}
+    unconfirmed = (f"the poisons were ranked among the {candidates_mode!r} candidates, not a confirmed target's split "
+                   "cluster: they may hold clean images")
+    if lam_unconfirmed == 0:
+        return {"used": False, "why": unconfirmed}
+    return {"used": True, "lambda": lam_unconfirmed, "why": unconfirmed + ", so the weaker unconfirmed weight"}
 
 
 def l1_distance(model: nn.Module, reference: nn.Module) -> Tensor:
