@@ -17,8 +17,9 @@ removed holds the poisons that would re-teach the backdoor once the class is bac
 learning rate of rounds >= 1 and ``--round_eps`` each round's PGD radius (the paper code keeps ``--adv_eps``; a
 dead line in it meant 2/255 from round 2 on). Rounds >= 1 ascend on the cross-entropy of what the detector flagged
 (``--unlearn_lambda``, 0 = the paper's plain fine-tuning) where it ranks a confirmed target's split cluster (its
-flags are poisons there): round 0's adversarial fine-tuning suppresses the backdoor, and clean fine-tuning alone
-brings it back (measured with no poisoned sample in any extra set; docs/ablations.md).
+flags are poisons there), and at the weaker ``--unlearn_lambda_unconfirmed`` elsewhere (all2all: its flags hold
+clean images too): round 0's adversarial fine-tuning suppresses the backdoor, and clean fine-tuning alone brings
+it back (measured with no poisoned sample in any extra set; docs/ablations.md).
 """
 from __future__ import annotations
 
@@ -81,12 +82,13 @@ class PBESettings(Settings):
                                      "fine-tuning (paper code)", type=fraction)
     unlearn_lambda_unconfirmed: float = opt(0.03, "the ascent's weight where the detector ranks other candidates "
                                                    "than a confirmed target's split cluster (all2all, clean-label: "
-                                                   "its flags there are 75-85 %% precise); 0: no ascent there",
+                                                   "its flags there were 75-77 %% precise); 0: no ascent there",
                                             type=fraction)
     ascent_bs: int = opt(32, "rounds >= 1: flagged samples joined to each fine-tuning batch for the ascent (the "
                              "whole batch size cost 30 %% more time for no lower ASR)", type=int)
-    unlearn_where: str = opt("split", "when rounds >= 1 ascend: split = only when the detector ranks a confirmed "
-                                      "target's split cluster (elsewhere its flags may be clean images); always",
+    unlearn_where: str = opt("split", "where rounds >= 1 ascend at --unlearn_lambda: split = only where the "
+                                      "detector ranks a confirmed target's split cluster (elsewhere its flags may be "
+                                      "clean images: --unlearn_lambda_unconfirmed); always",
                              choices=ASCENT_WHERE)
 
     def check_for(self, ft: FinetuneSettings) -> None:

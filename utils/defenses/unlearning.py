@@ -33,11 +33,11 @@ def ascent_decision(lam: float, candidates_mode: str, where: str = "split", lam_
 
     ``where`` split: the full weight ``lam`` only when the poisons were ranked within the class split's cluster of a
     confirmed target, the one place they are poisons by construction (100 % precise on every all2one cell of the
-    quick grids). Elsewhere (all2all, a clean-label attack) they hold clean images too (PBE's flags: 75-85 % precise
-    on all2all), and a full-weight ascent unlearns those: on blend all2all PUD loses 5 points of clean accuracy to
-    it for no lower ASR, PBE 9 (docs/ablations.md). There the weight is ``lam_unconfirmed`` (0: no ascent); PBE's
-    0.03 stops its clean rounds reviving all2all backdoors at a 3-point cost. ``always``: ``lam`` everywhere (the
-    papers').
+    quick grids). Elsewhere (all2all, a clean-label attack) they hold clean images too (the union of PBE's flags:
+    75-77 % precise on blend, patch and SIG all2all), and a full-weight ascent unlearns those: on blend all2all
+    PUD loses 5 points of clean accuracy to it for no lower ASR, PBE 9 (docs/ablations.md). There the weight is
+    ``lam_unconfirmed`` (0: no ascent): PBE's 0.03 stops its clean rounds reviving all2all backdoors for a few
+    points of accuracy. ``always``: ``lam`` everywhere (the papers').
     """
     if lam == 0:
         return {"used": False, "why": "--unlearn_lambda 0"}
