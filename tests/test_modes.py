@@ -59,6 +59,10 @@ def test_pbe_on_an_all2all_backdoor_ascends_on_its_flags_with_the_unconfirmed_we
 
     s, recs = run_pbe(all2all_run, tmp_path / "pbe")
     assert s["target"]["decision"]["mode"] == "agnostic" and s["filtering"]["poison_candidates"] == "filtered"
+    # the split's clusters in several classes were the evidence against one target; they are not removed
+    split = s["filtering"]["class_split"]
+    assert split["clusters_in"] == s["target"]["decision"]["split_classes"] and len(split["clusters_in"]) >= 3
+    assert split["applied_in"] == [] and split["removed"] == 0
     ascent = s["filtering"]["ascent"]  # no confirmed target: the flags may be clean images, so the weaker weight
     assert ascent["used"] is True and ascent["lambda"] == 0.03 and "unconfirmed" in ascent["why"]
     assert not any("ascent_set" in rec for rec in recs if rec["round"] == 0)
