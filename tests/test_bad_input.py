@@ -93,6 +93,8 @@ CASES = [
     (P, ("--model_path", "{ck}", "--adv_window=-1"), "--adv_window must be between 0 (whole image) and the image size"),
     (P, ("--model_path", "{ck}", "--adv_eps_outside", "6/255"), "--adv_eps_outside is the budget outside --adv_window"),
     (P, ("--model_path", "{ck}", "--adv_restarts", "0"), "--adv_restarts must be >= 1"),
+    (P, ("--model_path", "{ck}", "--window_search", "4"), "--window_search places PGD windows: it needs --adv_window > 0"),
+    (P, ("--model_path", "{ck}", "--window_search=-1"), "--window_search must be >= 0"),
     (P, ("--model_path", "{ck}", "--progressive", "--ascent_bs", "0"), "--ascent_bs must be positive"),
     (P, ("--model_path", "{ck}", "--adv_window", "5", "--adv_eps_outside", "8/255"), "--adv_eps_outside must be in (0, --adv_eps"),
     (P, ("--model_path", "{ck}", "--ft_lr", "0"), "--ft_lr must be positive"),

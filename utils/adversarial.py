@@ -44,6 +44,7 @@ __all__ = ["NORMS", "PGD", "RobustEvalSettings", "pgd", "robust_accuracy", "robu
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12  # guards the L2 normalisations against zero gradients / zero perturbations
+WINDOW_AT_SHARE = 0.5  # with ``window_at``: the share of windows placed at one of the given positions
 
 
 def _check(eps, alpha, steps, norm, restarts, window=0, eps_outside=0.0) -> tuple[float, float, int, int, int, float]:
@@ -80,14 +81,28 @@ def _per_sample_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def _window_mask(x: Tensor, k: int, generator: torch.Generator | None) -> Tensor | None:
-    """A (N, 1, H, W) 0/1 mask holding one k x k window per image at a uniform random position (None: k == 0)."""
+def _window_mask(x: Tensor, k: int, generator: torch.Generator | None, at: Tensor | None = None) -> Tensor | None:
+    """A (N, 1, H, W) 0/1 mask holding one k x k window per image at a uniform random position (None: k == 0).
+
+    ``at`` (M, 2): candidate (top, left) positions; each image's window is then at one of them (drawn
+    uniformly) with probability ``WINDOW_AT_SHARE``, else uniform as without it.
+    """
     if k == 0:
         return None
     n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     dev = generator.device if generator is not None else x.device
-    top = torch.randint(0, h - k + 1, (n,), generator=generator, device=dev).to(x.device).view(n, 1, 1)
-    left = torch.randint(0, w - k + 1, (n,), generator=generator, device=dev).to(x.device).view(n, 1, 1)
+    top = torch.randint(0, h - k + 1, (n,), generator=generator, device=dev)
+    left = torch.randint(0, w - k + 1, (n,), generator=generator, device=dev)
+    if at is not None:
+        if int(at.min()) < 0 or int(at[:, 0].max()) > h - k or int(at[:, 1].max()) > w - k:
+            raise ValueError(f"window positions must lie in [0, {h - k}] x [0, {w - k}] for {k}x{k} windows")
+        at = at.to(dev)
+        placed = torch.rand(n, generator=generator, device=dev) < WINDOW_AT_SHARE
+        which = torch.randint(0, at.shape[0], (n,), generator=generator, device=dev)
+        top = torch.where(placed, at[which, 0], top)
+        left = torch.where(placed, at[which, 1], left)
+    top = top.to(x.device).view(n, 1, 1)
+    left = left.to(x.device).view(n, 1, 1)
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
     inside = (rows >= top) & (rows < top + k) & (cols >= left) & (cols < left + k)
@@ -128,13 +143,14 @@ def _project(x_adv: Tensor, x: Tensor, eps, norm: str, clamp: bool, mask: Tensor
 
 
 def _run_draws(x: Tensor, eps: float, norm: str, random_start: bool, generator: torch.Generator | None,
-               window: int, eps_outside: float) -> tuple[Tensor | None, float | Tensor, Tensor | None]:
+               window: int, eps_outside: float, window_at: Tensor | None = None
+               ) -> tuple[Tensor | None, float | Tensor, Tensor | None]:
     """One run's random draws, in the order every run makes them: the windows, then the start.
 
     Returns (window mask or None, per-pixel or scalar bound, random start or None). ``PGD.skip`` makes the
     same draws without attacking, so the generator ends where attacking the batch would leave it.
     """
-    mask = _window_mask(x, window, generator)
+    mask = _window_mask(x, window, generator, window_at)
     bound = eps
     if mask is not None and norm == "linf":
         bound = eps * mask + eps_outside * (1 - mask)
@@ -152,14 +168,14 @@ def _run_count(x: Tensor, eps: float, steps: int, random_start: bool, restarts: 
 
 
 def _run(model, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window=0,
-         eps_outside=0.0) -> Tensor:
+         eps_outside=0.0, window_at=None) -> Tensor:
     """One PGD run from one (random or zero) start; returns the detached final iterate.
 
     With ``window`` > 0 the run draws its windows first, then (if ``random_start``) the start. L∞
     then works with a per-pixel budget (``eps`` inside the window, ``eps_outside`` elsewhere) and
     steps of ``alpha`` scaled by the same ratio, so both parts take their budget in the same steps.
     """
-    mask, bound, delta = _run_draws(x, eps, norm, random_start, generator, window, eps_outside)
+    mask, bound, delta = _run_draws(x, eps, norm, random_start, generator, window, eps_outside, window_at)
     step_size = alpha * (bound / eps) if torch.is_tensor(bound) else alpha
     x_adv = x.clone()
     if delta is not None:
@@ -193,7 +209,8 @@ def _score(model, x_adv, y, targeted) -> tuple[Tensor, Tensor]:
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",
         random_start: bool = True, restarts: int = 1, targeted: bool = False, clamp: bool = True,
-        generator: torch.Generator | None = None, window: int = 0, eps_outside: float = 0.0) -> Tensor:
+        generator: torch.Generator | None = None, window: int = 0, eps_outside: float = 0.0,
+        window_at: Tensor | None = None) -> Tensor:
     """Projected gradient descent on the cross-entropy, batched; returns detached adversarial images.
 
     Untargeted (default) ascends CE(model(x_adv), y); ``targeted=True`` treats ``y`` as target labels
@@ -210,7 +227,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
     every run, so restarts also try other windows); use it with L∞ ε = 1 for patch-shaped examples.
     ``eps_outside`` (L∞ only, <= ε) lets the rest of the image move by that much at the same time
     (e.g. ε = 1 in the window plus 6/255 everywhere else: a patch and an ordinary example in one);
-    its step is ``alpha * eps_outside / eps``.
+    its step is ``alpha * eps_outside / eps``. ``window_at`` (M, 2) holds (top, left) window positions:
+    half the windows (``WINDOW_AT_SHARE``) go to one of them, the rest stay uniform.
     """
     eps, alpha, steps, restarts, window, eps_outside = _check(eps, alpha, steps, norm, restarts, window, eps_outside)
     if x.shape[0] != y.shape[0]:
@@ -226,13 +244,14 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
             return x
         with eval_mode(model):
             net = attack_view(model)
-            best = _run(net, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window, eps_outside)
+            best = _run(net, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window, eps_outside,
+                        window_at)
             if runs == 1:
                 return best
             best_ok, best_obj = _score(net, best, y, targeted)
             for _ in range(runs - 1):
                 cand = _run(net, x, y, eps, alpha, steps, norm, random_start, targeted, clamp, generator, window,
-                            eps_outside)
+                            eps_outside, window_at)
                 ok, obj = _score(net, cand, y, targeted)
                 take = (ok & ~best_ok) | ((ok == best_ok) & (obj > best_obj))
                 best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), cand, best)
@@ -246,9 +265,15 @@ class PGD:
 
     def __init__(self, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, norm: str = "linf",
                  random_start: bool = True, restarts: int = 1, targeted: bool = False, clamp: bool = True,
-                 generator: torch.Generator | None = None, window: int = 0, eps_outside: float = 0.0):
+                 generator: torch.Generator | None = None, window: int = 0, eps_outside: float = 0.0,
+                 window_at: Tensor | None = None):
         self.eps, self.alpha, self.steps, self.restarts, self.window, self.eps_outside = _check(
             eps, alpha, steps, norm, restarts, window, eps_outside)
+        if window_at is not None:
+            window_at = torch.as_tensor(window_at, dtype=torch.long).reshape(-1, 2)
+            if self.window == 0 or window_at.shape[0] == 0:
+                raise ValueError("window_at needs window > 0 and at least one (top, left) position")
+        self.window_at = window_at
         self.norm, self.random_start = norm, bool(random_start)
         self.targeted, self.clamp = bool(targeted), bool(clamp)
         self.generator = generator
@@ -258,7 +283,7 @@ class PGD:
         return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, random_start=self.random_start,
                    restarts=self.restarts, targeted=self.targeted, clamp=self.clamp,
                    generator=generator if generator is not None else self.generator, window=self.window,
-                   eps_outside=self.eps_outside)
+                   eps_outside=self.eps_outside, window_at=self.window_at)
 
     def skip(self, x: Tensor, generator: torch.Generator | None = None) -> None:
         """Advance the generator exactly as attacking the batch ``x`` would, without attacking it.
@@ -268,12 +293,14 @@ class PGD:
         """
         gen = generator if generator is not None else self.generator
         for _ in range(_run_count(x, self.eps, self.steps, self.random_start, self.restarts, self.window)):
-            _run_draws(x, self.eps, self.norm, self.random_start, gen, self.window, self.eps_outside)
+            _run_draws(x, self.eps, self.norm, self.random_start, gen, self.window, self.eps_outside, self.window_at)
 
     def settings(self) -> dict:
         return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "norm": self.norm,
                 "random_start": self.random_start, "restarts": self.restarts, "targeted": self.targeted,
-                "clamp": self.clamp, "window": self.window, "eps_outside": self.eps_outside}
+                "clamp": self.clamp, "window": self.window, "eps_outside": self.eps_outside,
+                **({"window_at": self.window_at.tolist(), "window_at_share": WINDOW_AT_SHARE}
+                   if self.window_at is not None else {})}
 
     def __repr__(self) -> str:
         return "PGD(" + ", ".join(f"{k}={v!r}" for k, v in self.settings().items()) + ")"

@@ -15,8 +15,10 @@ import torch
 
 from utils.adversarial import NORMS, PGD
 from utils.defenses.selection import clean_indices
+from utils.defenses.window_search import rank_windows
 from utils.run import distributed as dist
 from utils.run.errors import UserError
+from utils.run.stagetimer import stage
 from utils.settings import Settings, fraction, opt, require
 from utils.training import finetune_epoch, make_optimizer
 
@@ -60,14 +62,13 @@ class FinetuneSettings(Settings):
         require(0 <= self.adv_window <= size,
                 f"--adv_window must be between 0 (whole image) and the image size {size}, got {self.adv_window}")
 
-    def pgd(self, eps: float | None = None) -> PGD:
+    def pgd(self, eps: float | None = None, window_at: torch.Tensor | None = None) -> PGD:
         """The fine-tuning PGD; ``eps`` replaces ``--adv_eps`` and scales the step (and ``--adv_eps_outside``) with
-        it (PBE's per-round radius)."""
+        it (PBE's per-round radius); ``window_at``: window positions half the windows go to (AFT's search)."""
         scale = 1.0 if eps is None or self.adv_eps == 0 else eps / self.adv_eps
         return PGD(eps=self.adv_eps if eps is None else eps, alpha=self.adv_alpha * scale, steps=self.adv_steps,
                    norm=self.adv_norm, random_start=self.adv_random_start, restarts=self.adv_restarts,
-                   window=self.adv_window,
-                   eps_outside=self.adv_eps_outside * scale)
+                   window=self.adv_window, eps_outside=self.adv_eps_outside * scale, window_at=window_at)
 
 
 @dataclass(frozen=True)
@@ -81,20 +82,36 @@ class AFTSettings(Settings):
                                  shown="--extra_ratio of the training set")
     aft_epochs: int = opt(20, "fine-tuning epochs", type=int)
     adv_epochs: int = opt(3, "how many of the first epochs fine-tune on PGD examples", type=int)
+    window_search: int = opt(0, "with --adv_window: put half the windows at the N positions where one universal "
+                                "patch fools the infected model most on 32 extra-set images (0: off; "
+                                "docs/ablations.md)", type=int)
 
     def check(self) -> None:
         require(0 < self.extra_ratio <= 1, f"--extra_ratio must be in (0, 1], got {self.extra_ratio}")
         require(self.aft_epochs > 0, f"--aft_epochs must be positive, got {self.aft_epochs}")
         require(0 <= self.adv_epochs <= self.aft_epochs,
                 f"--adv_epochs {self.adv_epochs} must be between 0 and --aft_epochs {self.aft_epochs}")
+        require(self.window_search >= 0, f"--window_search must be >= 0, got {self.window_search}")
 
 
 @dataclass
 class AFTState:
-    """AFT's loop cursor: the last finished epoch, and the clean extra set."""
+    """AFT's loop cursor: the last finished epoch, the clean extra set, and the searched window positions."""
 
     epoch: int = 0
     extra: torch.Tensor | None = None
+    windows: torch.Tensor | None = None  # (N, 2) top-ranked (top, left), with the losses: (N, 3) float
+
+
+WINDOW_SEARCH_IMAGES = 32
+
+
+def search_windows(model, data, indices: torch.Tensor, k: int, top: int, gen: torch.Generator) -> torch.Tensor:
+    """(top, 3): the ``top`` window positions of ``rank_windows`` on 32 seeded extra-set images, with their losses."""
+    pick = indices[torch.randperm(len(indices), generator=gen)[:WINDOW_SEARCH_IMAGES]]
+    _, x, y = next(iter(data.batches(len(pick), indices=pick)))
+    pos, loss = rank_windows(model, x, y, k=k, generator=gen)
+    return torch.cat([pos[:top].float(), loss[:top, None]], 1)
 
 
 def run_aft(s, aft: AFTSettings, ft: FinetuneSettings) -> dict:
@@ -111,11 +128,18 @@ def run_aft(s, aft: AFTSettings, ft: FinetuneSettings) -> dict:
                             "unpoisoned; lower --extra_ratio")
         extra = clean[torch.randperm(len(clean), generator=s.gen)[:n_extra]].sort().values
         data = inf.poisoned.data  # the images as stored: extra indices were never poisoned
+    if aft.window_search and ft.adv_window == 0:
+        raise UserError("--window_search places PGD windows: it needs --adv_window > 0")
     opt = make_optimizer(inf.model, ft.ft_lr)
     objects = {"model": inf.model, "opt": opt}
-    attack = ft.pgd()
     with s.ctl:
         st = s.start(AFTState(extra=extra), **objects)
+        if aft.window_search and st.windows is None:  # on the infected model, before any step (kept for a resume)
+            with stage("window_search"):
+                st.windows = search_windows(inf.model, data, st.extra, ft.adv_window, aft.window_search, s.gen)
+            print(f"window search: the top {aft.window_search} (top, left, loss): "
+                  f"{[(int(t), int(l), round(float(v), 2)) for t, l, v in st.windows]}", flush=True)
+        attack = ft.pgd(window_at=st.windows[:, :2].long() if st.windows is not None else None)
         for epoch in range(st.epoch + 1, aft.aft_epochs + 1):
             adv = epoch <= aft.adv_epochs
             stats = finetune_epoch(s.train_model, opt, dist.epoch_batches(data, bs, s.gen, indices=st.extra),
@@ -128,5 +152,7 @@ def run_aft(s, aft: AFTSettings, ft: FinetuneSettings) -> dict:
         settings = {"extra_size": n_extra, "extra_ratio": aft.extra_ratio if inf.extra is None else None,
                     "extra_data": aft.extra_data, "aft_epochs": aft.aft_epochs,
                     "adv_epochs": aft.adv_epochs, "lr": ft.ft_lr, "pgd": attack.settings(),
-                    "clean_weight": ft.clean_weight}
+                    "clean_weight": ft.clean_weight,
+                    **({"window_search": {"images": WINDOW_SEARCH_IMAGES, "top": aft.window_search,
+                                          "found": st.windows.tolist()}} if st.windows is not None else {})}
         return s.finish(settings)
