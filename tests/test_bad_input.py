@@ -95,6 +95,7 @@ CASES = [
     (P, ("--model_path", "{ck}", "--adv_restarts", "0"), "--adv_restarts must be >= 1"),
     (P, ("--model_path", "{ck}", "--window_search", "4"), "--window_search places PGD windows: it needs --adv_window > 0"),
     (P, ("--model_path", "{ck}", "--window_search=-1"), "--window_search must be >= 0"),
+    (P, ("--model_path", "{ck}", "--progressive", "--window_search", "4"), "--window_search is AFT's"),
     (P, ("--model_path", "{ck}", "--progressive", "--ascent_bs", "0"), "--ascent_bs must be positive"),
     (P, ("--model_path", "{ck}", "--adv_window", "5", "--adv_eps_outside", "8/255"), "--adv_eps_outside must be in (0, --adv_eps"),
     (P, ("--model_path", "{ck}", "--ft_lr", "0"), "--ft_lr must be positive"),

@@ -100,7 +100,7 @@ class AFTState:
 
     epoch: int = 0
     extra: torch.Tensor | None = None
-    windows: torch.Tensor | None = None  # (N, 2) top-ranked (top, left), with the losses: (N, 3) float
+    windows: torch.Tensor | None = None  # (N, 3) float: the top-ranked (top, left, loss), kept for a resume
 
 
 WINDOW_SEARCH_IMAGES = 32

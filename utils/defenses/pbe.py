@@ -133,6 +133,8 @@ class PBEJob(DefenseJob):
         self.pbe.check_for(self.finetune)
         require(not (self.pbe.progressive and self.aft.extra_data),
                 "--extra_data is AFT's clean set; progressive PBE (--progressive) uses no clean data: drop one of them")
+        require(not (self.pbe.progressive and self.aft.window_search),
+                "--window_search is AFT's (it searches on the clean extra set); progressive PBE does not use it")
 
     def check_for_input(self, src) -> None:
         inp = self.infected
