@@ -40,7 +40,7 @@ from utils.run import distributed as dist, interrupt
 from utils.run.progress import n_batches, progress
 from utils.settings import Settings, fraction, opt, require
 
-__all__ = ["NORMS", "PGD", "RobustEvalSettings", "pgd", "robust_accuracy", "robust_eval"]
+__all__ = ["NORMS", "PGD", "RobustEvalSettings", "pgd", "robust_accuracy", "robust_eval", "window_masks"]
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12  # guards the L2 normalisations against zero gradients / zero perturbations
@@ -81,6 +81,18 @@ def _per_sample_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
+def window_masks(top: Tensor, left: Tensor, k: int, like: Tensor) -> Tensor:
+    """(N, 1, H, W) 0/1 masks, mask i one k x k window at (``top[i]``, ``left[i]``), with ``like``'s H, W, device
+    and dtype (the PGD's windows and ``window_search``'s positions)."""
+    h, w = like.shape[-2], like.shape[-1]
+    top = top.to(like.device).view(-1, 1, 1)
+    left = left.to(like.device).view(-1, 1, 1)
+    rows = torch.arange(h, device=like.device).view(1, h, 1)
+    cols = torch.arange(w, device=like.device).view(1, 1, w)
+    inside = (rows >= top) & (rows < top + k) & (cols >= left) & (cols < left + k)
+    return inside.unsqueeze(1).to(like.dtype)
+
+
 def _window_mask(x: Tensor, k: int, generator: torch.Generator | None, at: Tensor | None = None) -> Tensor | None:
     """A (N, 1, H, W) 0/1 mask holding one k x k window per image at a uniform random position (None: k == 0).
 
@@ -101,12 +113,7 @@ def _window_mask(x: Tensor, k: int, generator: torch.Generator | None, at: Tenso
         which = torch.randint(0, at.shape[0], (n,), generator=generator, device=dev)
         top = torch.where(placed, at[which, 0], top)
         left = torch.where(placed, at[which, 1], left)
-    top = top.to(x.device).view(n, 1, 1)
-    left = left.to(x.device).view(n, 1, 1)
-    rows = torch.arange(h, device=x.device).view(1, h, 1)
-    cols = torch.arange(w, device=x.device).view(1, 1, w)
-    inside = (rows >= top) & (rows < top + k) & (cols >= left) & (cols < left + k)
-    return inside.unsqueeze(1).to(x.dtype)
+    return window_masks(top, left, k, x)
 
 
 def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from models import eval_mode
 from models.folding import attack_view
+from utils.adversarial import window_masks
 
 
 def _starts(size: int, k: int, stride: int) -> list[int]:
@@ -33,10 +34,7 @@ def rank_windows(model, x: Tensor, y: Tensor, k: int = 5, stride: int = 3, steps
     """
     n, c, h, w = x.shape
     pos = torch.tensor([(t, l) for t in _starts(h, k, stride) for l in _starts(w, k, stride)], dtype=torch.long)
-    rows = torch.arange(h).view(1, h, 1)
-    cols = torch.arange(w).view(1, 1, w)
-    top, left = pos[:, 0].view(-1, 1, 1), pos[:, 1].view(-1, 1, 1)
-    masks = ((rows >= top) & (rows < top + k) & (cols >= left) & (cols < left + k)).to(x.device, x.dtype)
+    masks = window_masks(pos[:, 0], pos[:, 1], k, x)  # (P, 1, H, W)
     losses = torch.empty(len(pos))
     dev = generator.device if generator is not None else x.device
     with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
