@@ -128,8 +128,6 @@ def run_aft(s, aft: AFTSettings, ft: FinetuneSettings) -> dict:
                             "unpoisoned; lower --extra_ratio")
         extra = clean[torch.randperm(len(clean), generator=s.gen)[:n_extra]].sort().values
         data = inf.poisoned.data  # the images as stored: extra indices were never poisoned
-    if aft.window_search and ft.adv_window == 0:
-        raise UserError("--window_search places PGD windows: it needs --adv_window > 0")
     opt = make_optimizer(inf.model, ft.ft_lr)
     objects = {"model": inf.model, "opt": opt}
     with s.ctl:

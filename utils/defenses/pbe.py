@@ -135,6 +135,8 @@ class PBEJob(DefenseJob):
                 "--extra_data is AFT's clean set; progressive PBE (--progressive) uses no clean data: drop one of them")
         require(not (self.pbe.progressive and self.aft.window_search),
                 "--window_search is AFT's (it searches on the clean extra set); progressive PBE does not use it")
+        require(not self.aft.window_search or self.finetune.adv_window > 0,
+                "--window_search places PGD windows: it needs --adv_window > 0")
 
     def check_for_input(self, src) -> None:
         inp = self.infected
