@@ -189,3 +189,20 @@ def test_one_cells_autoattack_writes_its_result_on_the_seeded_images(tiny_attack
     res = json.load(open(tiny_attack_run / "autoattack.json"))
     assert res["autoattack_eval"]["images"] == 4 and res["autoattack_eval"]["reference_strength"]
     assert 0 <= res["autoattack_acc"] <= res["autoattack_eval"]["clean_correct"] / 4
+
+
+def test_quick_grid_scores_enough_target_class_images():
+    """Target-class accuracy is held to a 10-point bound, so one test image of the target class must move it by
+    well under that: on 43 classes 1,000 scored images held 24 of the target class (4.2 points each)."""
+    from utils.data.datasets import DATASETS, LOADERS, seeded_subset
+
+    preset = grid.PRESETS["quick"]
+    for dataset, attacks in preset.attacks:
+        shared = dict(zip(preset.shared[dataset][::2], preset.shared[dataset][1::2]))
+        n = int(shared["--test_subset"]) if "--test_subset" in shared else None
+        test = LOADERS[dataset](DATASETS[dataset], "", False, False)
+        idx = seeded_subset(len(test), n, 0 + 1)  # the attack's seed 0, as the runs draw it
+        y = test.y if idx is None else test.y[idx]
+        for attack in attacks:
+            if attack.target is not None:
+                assert int((y == attack.target).sum()) >= 45, (dataset, attack.name)
