@@ -114,7 +114,7 @@ PAPER_DEFENSES = (Defense("aft", "pbe_main.py", ()), Defense("pbe", "pbe_main.py
 PRESETS = {
     "quick": Preset("quick", {"synthetic": ("--dataset", "synthetic", "--arch", "cnn"),
                               "synthetic43": ("--dataset", "synthetic43", "--arch", "cnn")},
-                    # 43 classes: every one of the 2,150 test images, so the smallest (target) class has about 52,
+                    # 43 classes: every one of the 2,150 test images, so the target class 0 has 49 of them,
                     # not 24 (one image was 4.2 points of target-class accuracy against a 10-point target)
                     {"synthetic": ("--test_subset", "500"), "synthetic43": ()},
                     (("synthetic", _attacks(("--bs", "64", "--lr_C", "0.05"), QUICK_SCHED, clean_sig=True)),
