@@ -134,3 +134,38 @@ def test_vote_result_reports_the_winner_and_flags_a_spread_vote():
     assert clear["estimate"] == 0 and clear["vote_share"] == 289 / 500 and not clear["weak"]
     assert clear["votes"][0] == 289 and sum(clear["votes"]) == 500
     assert not vote_result(torch.tensor([21, 79]))["weak"] and vote_result(torch.tensor([20, 19, 21]))["weak"]
+
+
+@pytest.mark.parametrize("balanced", [1, 0])
+def test_steps_weigh_the_labels_of_their_extra_set_alike(tiny_attack_run, tmp_path, monkeypatch, balanced):
+    """--step_balanced 1 (default): each step's cross-entropy weighs every label of the extra set it trains on alike
+    (weight x count the same for every present label), so a class the filtering thinned is not outweighed."""
+    import PUD
+    from conftest import cli
+    from utils.defenses import pud as pud_module
+
+    seen, real = [], pud_module.finetune_epoch
+
+    def spy(model, opt, batches, *args, **kwargs):
+        labels = []
+
+        def recorded():
+            for b in batches:
+                labels.append(b[2].cpu())
+                yield b
+        stats = real(model, opt, recorded(), *args, **kwargs)
+        seen.append((kwargs.get("class_weight"), torch.cat(labels)))
+        return stats
+
+    monkeypatch.setattr(pud_module, "finetune_epoch", spy)
+    assert cli(PUD.main, "--model_path", tiny_attack_run / "model.pt", "--out_dir", tmp_path / "pud", *TINY, *FAST,
+               "--step_balanced", balanced) == 0
+    assert len(seen) == 2  # one epoch in each of the 2 steps
+    for weight, labels in seen:
+        if not balanced:
+            assert weight is None
+            continue
+        counts = torch.bincount(labels, minlength=10).float()
+        assert int((counts > 0).sum()) >= 2 and counts.max() > counts[counts > 0].min()  # an uneven extra set
+        mass = weight.cpu() * counts
+        assert torch.allclose(mass[counts > 0], mass[counts > 0].mean()) and bool((weight.cpu()[counts == 0] == 0).all())

@@ -46,11 +46,12 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
                 channels_last: bool = False, clean_weight: float = 0.0, desc: str = "train", total: int | None = None,
                 stage: str = "train", epoch: int | None = None, check_every: int = CHECK_EVERY,
                 loss_fn: Callable | None = None, after_step: Callable | None = None, what: str = "training",
-                timing: str = "train") -> dict:
+                timing: str = "train", class_weight: torch.Tensor | None = None) -> dict:
     """One pass of SGD steps; returns the mean loss and accuracy and the number of images trained on.
 
     Default objective: CE on ``transform(i, x, y)`` (e.g. PGD examples; the batch itself without a transform), and
-    with ``clean_weight`` w > 0 a transformed batch is trained on (1 - w) CE(transformed) + w CE(clean).
+    with ``clean_weight`` w > 0 a transformed batch is trained on (1 - w) CE(transformed) + w CE(clean);
+    ``class_weight`` (one weight per class) makes both CE terms class-weighted means.
     ``loss_fn(i, x, y) -> (loss, logits or None)`` replaces that objective (on the transformed batch; accuracy is
     then counted only where logits are returned; ``clean_weight`` does not apply); ``after_step(i)`` runs after
     each optimizer step. ``stage``, ``epoch`` (the run's epoch number) and ``what`` name the position in
@@ -84,11 +85,13 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         def cross_entropy(i, x, y):
             x_in = transform(i, x, y) if transform is not None else x
             logits = model(x_in)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, weight=class_weight)
             if clean_weight > 0 and x_in is not x:
-                loss = (1 - clean_weight) * loss + clean_weight * F.cross_entropy(model(x), y)
+                loss = (1 - clean_weight) * loss + clean_weight * F.cross_entropy(model(x), y, weight=class_weight)
             return loss, logits
 
+        if loss_fn is not None and class_weight is not None:
+            raise ValueError("class_weight weighs the default cross-entropy; a loss_fn brings its own weighting")
         if loss_fn is None:
             objective = cross_entropy
         elif transform is not None:  # e.g. PGD examples of the clean batch, then the given objective
@@ -131,9 +134,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
 
 def finetune_epoch(model, optimizer, batches, attack, adv_batches: int | None, augment=None, generator=None,
                    channels_last=False, clean_weight: float = 0.0, desc="finetune", total=None,
-                   stage: str = "finetune", epoch: int | None = None, loss_fn: Callable | None = None) -> dict:
+                   stage: str = "finetune", epoch: int | None = None, loss_fn: Callable | None = None,
+                   class_weight: torch.Tensor | None = None) -> dict:
     """One fine-tuning epoch; batches with index < ``adv_batches`` (None = all) are replaced by ``attack``'s
-    (a ``PGD``) examples of the current model. ``loss_fn`` replaces cross-entropy (``train_epoch``).
+    (a ``PGD``) examples of the current model. ``loss_fn`` replaces cross-entropy, ``class_weight`` weighs it
+    (``train_epoch``).
 
     Under torchrun ``model`` is the DDP wrapper and ``batches`` this rank's share; PGD attacks the plain model.
     """
@@ -147,4 +152,4 @@ def finetune_epoch(model, optimizer, batches, attack, adv_batches: int | None, a
                 return attack(plain, x, y, generator=generator)
     return train_epoch(model, optimizer, batches, augment, transform=transform, generator=generator,
                        channels_last=channels_last, clean_weight=clean_weight, desc=desc, total=total, stage=stage,
-                       epoch=epoch, loss_fn=loss_fn)
+                       epoch=epoch, loss_fn=loss_fn, class_weight=class_weight)

@@ -89,6 +89,9 @@ class PUDSettings(Settings):
                                       "always (paper code)", choices=ASCENT_WHERE)
     unlearn_mu: float = opt(1e-4, "unlearning: weight of the L1 distance to the frozen copy", type=fraction)
     poison_loss_bound: float = opt(POISON_LOSS_BOUND, "unlearning: the ascent term is clipped at this CE", type=fraction)
+    step_balanced: int = opt(1, "1: the progressive steps' cross-entropy weighs every label of the extra set alike (a "
+                                "target class the filtering thinned, e.g. 43 GTSRB-like classes, is not suppressed by "
+                                "the PGD epochs); 0: plain mean (paper code)", type=int, choices=(0, 1))
     unlearn_balanced: int = opt(1, "1: unlearning's clean term weighs every label of the extra set alike (a target "
                                    "class the filtering thinned is not forgotten); 0: plain mean (paper code)",
                                 type=int, choices=(0, 1))
@@ -324,13 +327,16 @@ def train_step(s: DefenseSession, st: PUDState, step: int, objects: dict) -> Non
     opt, sched = objects["opt"], objects["sched"]
     attack = pud.step_pgd(step)
     partial = bool(pud.step_partial[step])
+    weight = balanced_class_weights(inf.poisoned.train_labels.cpu()[st.extra], inf.num_classes).to(s.device) \
+        if pud.step_balanced else None  # the step's extra set is fixed: once per step, on the device
     for e in range(st.epoch, pud.step_epochs[step]):
         st.epoch_global += 1
         adv = e < pud.step_adv_epochs[step]
         adv_batches = (pud.partial_batches if partial else None) if adv else 0
         batches = dist.epoch_batches(inf.poisoned, s.job.run.bs, s.gen, inf.augment, indices=st.extra)
         stats = finetune_epoch(s.train_model, opt, batches, attack if adv else None, adv_batches, None, s.gen, s.cl,
-                               desc=f"pud s{step} e{e + 1}", stage=f"pud step {step}", epoch=st.epoch_global)
+                               desc=f"pud s{step} e{e + 1}", stage=f"pud step {step}", epoch=st.epoch_global,
+                               class_weight=weight)
         sched.step()
         last = e == pud.step_epochs[step] - 1
         rec = {"epoch": st.epoch_global, "step": step, "adversarial": adv, "lr": opt.param_groups[0]["lr"], **stats,
