@@ -90,8 +90,9 @@ class PUDSettings(Settings):
     unlearn_mu: float = opt(1e-4, "unlearning: weight of the L1 distance to the frozen copy", type=fraction)
     poison_loss_bound: float = opt(POISON_LOSS_BOUND, "unlearning: the ascent term is clipped at this CE", type=fraction)
     step_balanced: int = opt(1, "1: the progressive steps' cross-entropy weighs every label of the extra set alike (a "
-                                "target class the filtering thinned, e.g. 43 GTSRB-like classes, is not suppressed by "
-                                "the PGD epochs); 0: plain mean (paper code)", type=int, choices=(0, 1))
+                                "target class the filtering thinned and the PGD epochs suppressed, e.g. on 43 "
+                                "GTSRB-like classes, is learnt back); 0: plain mean (paper code)", type=int,
+                             choices=(0, 1))
     unlearn_balanced: int = opt(1, "1: unlearning's clean term weighs every label of the extra set alike (a target "
                                    "class the filtering thinned is not forgotten); 0: plain mean (paper code)",
                                 type=int, choices=(0, 1))
