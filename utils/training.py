@@ -63,6 +63,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     over ranks (``images`` is this rank's count) and rank 0's BatchNorm statistics are copied to every rank, so
     all ranks go on with the same model.
     """
+    if loss_fn is not None and class_weight is not None:
+        raise ValueError("class_weight weighs the default cross-entropy; a loss_fn brings its own weighting")
     with timed_stage(timing):  # the whole epoch, PGD inside it excepted (finetune_epoch: train_pgd)
         model.train()
         hooks = testhooks.ACTIVE  # None in normal use
@@ -90,8 +92,6 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
                 loss = (1 - clean_weight) * loss + clean_weight * F.cross_entropy(model(x), y, weight=class_weight)
             return loss, logits
 
-        if loss_fn is not None and class_weight is not None:
-            raise ValueError("class_weight weighs the default cross-entropy; a loss_fn brings its own weighting")
         if loss_fn is None:
             objective = cross_entropy
         elif transform is not None:  # e.g. PGD examples of the clean batch, then the given objective

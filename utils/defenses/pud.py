@@ -248,6 +248,12 @@ def run_pud(job: PUDJob) -> dict:
                         suspects={**st.removed, "poison_set": st.poison_set})
 
 
+def extra_label_weights(s: DefenseSession, extra: torch.Tensor) -> torch.Tensor:
+    """Class weights under which every label of the extra set counts alike (the steps' and unlearning's CE), made
+    once per stage on the device, not per batch."""
+    return balanced_class_weights(s.inf.poisoned.train_labels.cpu()[extra], s.inf.num_classes).to(s.device)
+
+
 # ----- 1. the target ------------------------------------------------------------------------------------------
 
 def find_target(s: DefenseSession) -> dict:
@@ -328,8 +334,7 @@ def train_step(s: DefenseSession, st: PUDState, step: int, objects: dict) -> Non
     opt, sched = objects["opt"], objects["sched"]
     attack = pud.step_pgd(step)
     partial = bool(pud.step_partial[step])
-    weight = balanced_class_weights(inf.poisoned.train_labels.cpu()[st.extra], inf.num_classes).to(s.device) \
-        if pud.step_balanced else None  # the step's extra set is fixed: once per step, on the device
+    weight = extra_label_weights(s, st.extra) if pud.step_balanced else None  # the step's extra set is fixed
     for e in range(st.epoch, pud.step_epochs[step]):
         st.epoch_global += 1
         adv = e < pud.step_adv_epochs[step]
@@ -380,8 +385,7 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
     model, opt = objects["model"], objects["opt"]
     extra, poison_set = st.extra, st.poison_set
     reference = frozen_copy(model, st.reference)  # the copy taken when unlearning began, also after a resume
-    weight = balanced_class_weights(inf.poisoned.train_labels.cpu()[extra], inf.num_classes).to(s.device) \
-        if pud.unlearn_balanced else None  # on the device once, not per batch
+    weight = extra_label_weights(s, extra) if pud.unlearn_balanced else None
     st.reference = reference.state_dict()
     if st.unlearning is None:
         st.unlearning = {"epochs": pud.unlearn_epochs, "extra_size": len(extra), "poison_set_size": len(poison_set),
