@@ -68,6 +68,35 @@ class _FixedClassifier(torch.nn.Module):
         return torch.nn.functional.one_hot(y, self.n).float()
 
 
+class _WrongFirst(torch.nn.Module):
+    """Right on every image of an in-order test stream except its first ``k`` (predicted one class off)."""
+
+    def __init__(self, labels: torch.Tensor, k: int, n_classes: int = 10):
+        super().__init__()
+        self.labels, self.k, self.n, self.seen = labels, k, n_classes, 0
+
+    def forward(self, x):
+        pos = torch.arange(self.seen, self.seen + len(x))
+        self.seen += len(x)
+        y = self.labels[pos]
+        y = torch.where(pos < self.k, (y + 1) % self.n, y)
+        return torch.nn.functional.one_hot(y, self.n).float()
+
+
+def test_per_class_accuracy_counts_every_batch_and_leaves_absent_classes_empty():
+    """``num_classes`` adds each class's accuracy, summed over batches; a class with no test image is None."""
+    test = make_synthetic(300, seed=5)
+    labels = torch.cat([y for _, _, y in test.batches(300)])
+    out = evaluate(_WrongFirst(labels, k=100), test, None, batch_size=64, num_classes=12)
+    total = torch.bincount(labels, minlength=12)
+    wrong = torch.bincount(labels[:100], minlength=12)
+    expected = [1 - w / t if t else None for w, t in zip(wrong.tolist(), total.tolist())]
+    assert out["per_class_acc"][:10] == pytest.approx(expected[:10])
+    assert out["per_class_acc"][10:] == [None, None]
+    assert sum(a * n for a, n in zip(out["per_class_acc"][:10], total.tolist())) / 300 == pytest.approx(out["clean_acc"])
+    assert "per_class_acc" not in evaluate(_WrongFirst(labels, k=100), test, None, batch_size=64)
+
+
 def test_target_class_accuracy_exposes_a_model_that_never_predicts_the_target():
     """ASR 0 alone cannot tell a removed backdoor from a suppressed target class: evaluate reports both."""
     from utils.data.poison import BackdoorSpec

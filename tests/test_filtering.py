@@ -86,3 +86,9 @@ def test_the_43_class_set_runs_attack_aft_and_pud_end_to_end(tmp_path):
     for d in ("aft", "pud"):
         f = json.loads((tmp_path / d / "summary.json").read_text())["final"]
         assert {"clean_acc", "asr", "robust_acc"} <= set(f), d
+    # every class's accuracy before and after, to read the target class against the others (the attack's too)
+    for summary in (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("attack", "aft", "pud")):
+        for part in [summary["final"]] + ([summary["initial"]] if "initial" in summary else []):
+            acc = part["per_class_acc"]
+            assert len(acc) == 43 and all(a is None or 0 <= a <= 1 for a in acc)
+            assert any(a is not None for a in acc)

@@ -25,7 +25,8 @@ from utils.run.stagetimer import stage
 from utils.settings import Job, Settings, fraction, opt, require
 from utils.training import make_optimizer, train_epoch
 
-FINAL_KEYS = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "noise_acc", "robust_acc", "loss")
+FINAL_KEYS = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "noise_acc", "robust_acc", "loss",
+              "per_class_acc")
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ def run_attack(job: AttackJob) -> dict:
             if epoch % job.attack.eval_every == 0 or epoch == n_iters:
                 with stage("eval_clean"):
                     rec.update(evaluate(model, test, backdoor, run_s.eval_bs, noise_seed=run_s.seed,
-                                            channels_last=cl))
+                                        channels_last=cl,
+                                        num_classes=data_s.num_classes if epoch == n_iters else None))
             print(log_line(f"epoch {epoch}/{n_iters}", rec), flush=True)
             with stage("saving"):
                 run.log(rec)

@@ -28,7 +28,7 @@ def log_line(prefix: str, rec: dict) -> str:
 
 def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch_size: int = 512,
              noise_seed: int = 0, channels_last: bool = False,
-             indices: torch.Tensor | None = None, triggered=None) -> dict:
+             indices: torch.Tensor | None = None, triggered=None, num_classes: int | None = None) -> dict:
     """Evaluate ``model`` on a test split (anything with ``batches``); returns a dict of fractions.
 
     WaNet's noise images come from their own generator seeded with ``noise_seed``: every evaluation sees the same
@@ -39,11 +39,13 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
     those test images (a rank's shard); under ``torchrun`` the counts of all ranks are summed.
     ``triggered`` (only without ``backdoor``) is a triggered test set: its ``asr`` is the share of its images
     predicted as their (backdoor) label.
+    With ``num_classes``, ``per_class_acc`` is the clean accuracy of each class (None for a class with no test
+    image): a target class 10 points down reads differently when every class lost as much.
     """
     if triggered is not None:
         if backdoor is not None:
             raise ValueError("ASR comes from the trigger or from a triggered test set, not both")
-        out = evaluate(model, test, None, batch_size, noise_seed, channels_last, indices)
+        out = evaluate(model, test, None, batch_size, noise_seed, channels_last, indices, num_classes=num_classes)
         hits = evaluate(model, triggered, None, batch_size, noise_seed, channels_last)["clean_acc"]
         return {**out, "asr": hits}
     if indices is None and dist.world_size() > 1:  # torchrun: same weights and BN statistics everywhere, own shard
@@ -51,6 +53,7 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
         indices = dist.eval_shard(len(test))
     warp = backdoor is not None and isinstance(backdoor.trigger, WarpTrigger)
     counts = None  # n, correct, bd_hits, bd_n, bd_hits_all, noise_correct, target_n, target_correct
+    per_class = None  # (2, num_classes): test images, correct ones
     target = backdoor.target_label if backdoor is not None and backdoor.attack_mode == "all2one" else None
     generator = torch.Generator().manual_seed(noise_seed) if warp else None  # CPU: the same noise on any device
     with eval_mode(model), torch.inference_mode():
@@ -63,6 +66,11 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
             counts[0] += y.numel()
             right = model(x).argmax(1) == y
             counts[1] += right.sum()
+            if num_classes is not None:
+                if per_class is None:
+                    per_class = torch.zeros(2, num_classes, dtype=torch.long, device=y.device)
+                per_class[0] += torch.bincount(y, minlength=num_classes)
+                per_class[1] += torch.bincount(y[right], minlength=num_classes)
             if target is not None:
                 is_target = y == target
                 counts[6] += is_target.sum()
@@ -81,6 +89,11 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
         counts = torch.zeros(8, dtype=torch.long)
     n, correct, bd_hits, bd_n, bd_hits_all, noise_correct, target_n, target_correct = dist.all_reduce_sum(counts).tolist()
     out = {"clean_acc": correct / max(n, 1)}
+    if num_classes is not None:
+        if per_class is None:
+            per_class = torch.zeros(2, num_classes, dtype=torch.long)
+        totals, rights = dist.all_reduce_sum(per_class).tolist()
+        out["per_class_acc"] = [r / t if t else None for t, r in zip(totals, rights)]
     if backdoor is not None:
         out["asr"] = bd_hits / max(bd_n, 1)
         out["asr_incl_target"] = bd_hits_all / max(n, 1)

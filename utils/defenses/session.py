@@ -32,7 +32,8 @@ from utils.run.stagetimer import stage, stage_line
 from utils.settings import Job, Settings, opt, require
 
 SCRIPT_OF = {"aft": "pbe", "pbe": "pbe", "pud": "pud"}
-SUMMARY_KEYS = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "robust_acc", "autoattack_acc", "noise_acc")
+SUMMARY_KEYS = ("clean_acc", "target_class_acc", "asr", "asr_incl_target", "robust_acc", "autoattack_acc", "noise_acc",
+                "per_class_acc")
 META_KEYS = ("arch", "arch_kwargs", "dataset", "num_classes", "input_size", "seed")
 SUSPECTS_FILE = "suspects.csv"
 SUSPECTS_COLUMNS = ("rank", "index", "path", "label", "score", "stages")
@@ -110,7 +111,7 @@ class DefenseSession:
         print(f"{self.name}: {self.inf.describe()} on {self.device}; writing to {self.job.run.out_dir}", flush=True)
         for what, why in self.inf.not_measurable().items():
             print(f"note: {'ASR' if what == 'asr' else 'poison detection'} is not measurable: {why}", flush=True)
-        self.initial = self.evaluate(robust=True, earlier=(self.inf.ck or {}).get("metrics"))
+        self.initial = self.evaluate(robust=True, earlier=(self.inf.ck or {}).get("metrics"), per_class=True)
         print(log_line("initial", self.initial), flush=True)
         self.save("the initial evaluation", state, **objects)
         return state
@@ -127,13 +128,16 @@ class DefenseSession:
             return self.evaluate(robust=robust)
         return {}
 
-    def evaluate(self, robust: bool = False, final: bool = False, earlier: dict | None = None) -> dict:
+    def evaluate(self, robust: bool = False, final: bool = False, earlier: dict | None = None,
+                 per_class: bool = False) -> dict:
         """Clean accuracy and ASR; with ``robust`` the PGD robust accuracy (taken from ``earlier``, e.g. the attack
-        run's final metrics, when that evaluation had the same key); ``final`` adds AutoAttack if asked."""
+        run's final metrics, when that evaluation had the same key); ``final`` adds AutoAttack if asked, and it and
+        ``per_class`` each class's accuracy (the summary's, not every epoch's)."""
         m, run, amp = self.inf.model, self.job.run, self.amp["amp"]
         with stage("eval_clean"):
             out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, noise_seed=run.seed, channels_last=self.cl,
-                           triggered=self.inf.test_bd)
+                           triggered=self.inf.test_bd,
+                           num_classes=self.inf.num_classes if per_class or final else None)
         with stage("eval_robust"):
             if final:
                 out.update(final_robustness(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl, amp))
