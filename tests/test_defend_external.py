@@ -272,7 +272,8 @@ def test_without_ground_truth_or_triggered_test_set_the_run_says_what_it_cannot_
     log = capsys.readouterr().out
     assert "note: ASR is not measurable" in log and "note: poison detection is not measurable" in log
     s = summary(out)
-    assert set(s["not_measurable"]) == {"asr", "detection"} and set(s["final"]) == {"clean_acc", "robust_acc"}
+    assert set(s["not_measurable"]) == {"asr", "detection"}
+    assert set(s["final"]) == {"clean_acc", "robust_acc", "per_class_acc"}  # test labels give each class's accuracy
     assert s["suspects"]["precision"] is None and s["steps"][0]["poison_precision"] is None
     assert read_csv(out / "suspects.csv")
 
