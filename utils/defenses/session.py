@@ -131,13 +131,13 @@ class DefenseSession:
     def evaluate(self, robust: bool = False, final: bool = False, earlier: dict | None = None,
                  per_class: bool = False) -> dict:
         """Clean accuracy and ASR; with ``robust`` the PGD robust accuracy (taken from ``earlier``, e.g. the attack
-        run's final metrics, when that evaluation had the same key); ``final`` adds AutoAttack if asked, and it and
-        ``per_class`` each class's accuracy (the summary's, not every epoch's)."""
+        run's final metrics, when that evaluation had the same key); ``final`` adds AutoAttack if asked;
+        ``per_class`` each class's accuracy (the summary's initial and final, not every epoch's)."""
         m, run, amp = self.inf.model, self.job.run, self.amp["amp"]
         with stage("eval_clean"):
             out = evaluate(m, self.inf.test, self.inf.backdoor, run.eval_bs, noise_seed=run.seed, channels_last=self.cl,
                            triggered=self.inf.test_bd,
-                           num_classes=self.inf.num_classes if per_class or final else None)
+                           num_classes=self.inf.num_classes if per_class else None)
         with stage("eval_robust"):
             if final:
                 out.update(final_robustness(m, self.inf.test, self.job.robust, run.seed, run.eval_bs, self.cl, amp))
@@ -197,7 +197,7 @@ class DefenseSession:
     def finish(self, settings: dict, extra_summary: dict | None = None, suspects: dict | None = None) -> dict:
         """Final evaluation (AutoAttack too if asked), model.pt, the figures (``utils.figures``), summary.json and,
         with ``suspects`` (stage name -> flagged training indices), suspects.csv."""
-        final = self.evaluate(final=True)
+        final = self.evaluate(final=True, per_class=True)
         inf = self.inf
         summary = {"defense": self.name, "initial": {k: self.initial[k] for k in SUMMARY_KEYS if k in self.initial},
                    "final": {k: final[k] for k in SUMMARY_KEYS if k in final}, "robust_eval": final.get("robust_eval"),
