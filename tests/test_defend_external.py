@@ -274,6 +274,7 @@ def test_without_ground_truth_or_triggered_test_set_the_run_says_what_it_cannot_
     s = summary(out)
     assert set(s["not_measurable"]) == {"asr", "detection"}
     assert set(s["final"]) == {"clean_acc", "robust_acc", "per_class_acc"}  # test labels give each class's accuracy
+    assert s["target_class"] is None  # no trigger and no triggered test set: no target class to name
     assert s["suspects"]["precision"] is None and s["steps"][0]["poison_precision"] is None
     assert read_csv(out / "suspects.csv")
 

@@ -204,6 +204,7 @@ class DefenseSession:
                    "initial_robust_eval": self.initial.get("robust_eval"),
                    **({"autoattack_eval": final["autoattack_eval"]} if "autoattack_eval" in final else {}),
                    "settings": settings, "amp": self.amp, **late_asr(self.history),
+                   "target_class": inf.true_target,  # the class target_class_acc is of (all2one; else None)
                    "input": {"origin": inf.origin, "files": inf.files}, "not_measurable": inf.not_measurable(),
                    **(extra_summary or {})}
         if suspects is not None:
