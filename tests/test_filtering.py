@@ -1,4 +1,6 @@
 """The evidence a defense weighs before it relies on one backdoor target (utils/defenses/filtering.py)."""
+import csv
+import io
 import json
 
 import pytest
@@ -92,3 +94,17 @@ def test_the_43_class_set_runs_attack_aft_and_pud_end_to_end(tmp_path):
             acc = part["per_class_acc"]
             assert len(acc) == 43 and all(a is None or 0 <= a <= 1 for a in acc)
             assert any(a is not None for a in acc)
+            # the target class's entry is the target-class accuracy measured on its own (the attack's target, 0)
+            assert acc[0] == pytest.approx(part["target_class_acc"])
+    assert [json.loads((tmp_path / d / "summary.json").read_text())["target_class"] for d in ("aft", "pud")] == [0, 0]
+    from utils import report
+    table = report.main([str(tmp_path / d) for d in ("attack", "aft", "pud")] + ["--per_class", "--csv"])
+    rows = list(csv.DictReader(io.StringIO(table)))
+    assert [(r["classes"], r["target_class"]) for r in rows] == [("43", "0")] * 3
+    assert rows[0]["target_drop_rank"] == ""  # an attack run: nothing before it to drop from
+    for r, d in zip(rows[1:], ("aft", "pud")):  # ranked among the classes with test images (100 images: not all 43)
+        s = json.loads((tmp_path / d / "summary.json").read_text())
+        shown = sum(a is not None and b is not None
+                    for a, b in zip(s["initial"]["per_class_acc"], s["final"]["per_class_acc"]))
+        rank, of = map(int, r["target_drop_rank"].split("/"))
+        assert of == shown and 1 <= rank <= of, (r, shown)

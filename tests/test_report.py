@@ -161,3 +161,54 @@ def test_stages_shows_each_runs_split_and_training_share(runs, tmp_path, capsys)
     assert cli(report.main, timed, "--stages", "--csv") == 0
     parsed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert parsed[0]["train_pgd"] == "20.0" and parsed[0]["training_share"] == "0.6"
+
+
+PER_CLASS_BEFORE = [0.9, 0.8, 0.95, None, 0.7]
+PER_CLASS_AFTER = [0.85, 0.5, 0.75, None, 0.9]  # drops 0.05, 0.3, 0.2, -, -0.2
+
+
+def test_per_class_view_ranks_the_target_drop_among_the_classes(tmp_path, tiny_attack_run, capsys):
+    with_target = make_run(tmp_path / "aft", {**DEFENSE_SUMMARIES["aft"], "target_class": 2,
+                                              "initial": {**INITIAL, "per_class_acc": PER_CLASS_BEFORE},
+                                              "final": {**FINAL, "per_class_acc": PER_CLASS_AFTER}})
+    # a PUD summary written before ``target_class``: the target record's true class
+    older = make_run(tmp_path / "pud", {**DEFENSE_SUMMARIES["pud"], "target": {"true": 1, "estimate": 1},
+                                        "initial": {"clean_acc": 0.93, "per_class_acc": PER_CLASS_BEFORE},
+                                        "final": {**FINAL, "per_class_acc": PER_CLASS_AFTER}})
+    bare = make_run(tmp_path / "pbe", DEFENSE_SUMMARIES["pbe"])  # no per-class figures: dashes
+    assert cli(report.main, tiny_attack_run, with_target, older, bare, "--per_class") == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("| run | attack | defense | classes | mean class ACC % | target class |")
+    attack, aft, pud, pbe = rows_of(out)
+    summary = json.loads((tiny_attack_run / "summary.json").read_text())
+    # an attack run: its target from args.json, its class accuracies after only (no drop to rank)
+    acc = [a for a in summary["final"]["per_class_acc"] if a is not None]
+    assert attack[3:6] == [str(len(summary["final"]["per_class_acc"])), f"{100 * sum(acc) / len(acc):.1f}", "0"]
+    assert attack[6] == f"{100 * summary['final']['target_class_acc']:.1f}" and attack[7:] == ["–", "–"]
+    # the mean over the classes with test images; class 2 dropped 20 points, second to class 1's 30
+    assert aft[3:] == ["5", "83.8 → 75.0", "2", "95.0 → 75.0", "2 of 4",
+                       "1: 80.0 → 50.0, 2: 95.0 → 75.0, 0: 90.0 → 85.0"]
+    assert pud[5:8] == ["1", "80.0 → 50.0", "1 of 4"]
+    assert pbe[3:] == ["–"] * 6
+    assert cli(report.main, with_target, older, "--per_class", "--csv") == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0]["target_drop_rank"] == "2/4" and float(rows[0]["mean_class_acc_before"]) == pytest.approx(0.8375)
+    assert rows[0]["largest_drops"] == "1:0.8:0.5;2:0.95:0.75;0:0.9:0.85" and rows[1]["target_class"] == "1"
+
+
+def test_per_class_ties_share_the_better_rank():
+    row = {"per_class": [0.5, 0.5, 0.9], "per_class_before": [0.7, 0.7, 0.9], "target_class": 1}
+    assert report.per_class_summary(row)["rank"] == (1, 3)
+
+
+def test_per_class_refuses_latex_and_stages(runs, capsys):
+    assert cli(report.main, *runs, "--per_class", "--latex") == 2
+    assert "--per_class prints markdown or --csv" in capsys.readouterr().err
+    assert cli(report.main, *runs, "--per_class", "--stages") == 2
+
+
+def test_a_file_is_named_as_a_file_not_a_missing_folder(runs, tmp_path, capsys):
+    log = tmp_path / "run.log"
+    log.write_text("")
+    assert cli(report.main, runs[1], log) == 0
+    assert capsys.readouterr().err.strip() == f"skipped '{log}': a file, not a run folder"

@@ -5,6 +5,7 @@
     python -m utils.report runs/* --latex > results.tex
     python -m utils.report runs/* --strict     # an unfinished folder is an error instead of skipped
     python -m utils.report runs/* --stages     # where each run's time went: seconds per stage, training share
+    python -m utils.report runs/* --per_class  # each class's accuracy: is the target class's loss its own?
 
 A row is read from the run folder's summary.json (plus args.json for dataset and attack): dataset,
 attack (trigger and mode), defense (``none`` for an attack run; with its distinguishing settings, e.g.
@@ -12,6 +13,12 @@ attack (trigger and mode), defense (``none`` for an attack run; with its disting
 (``initial`` -> ``final``; an attack run has only its final numbers), poison-detection precision and recall
 where the defense reports them (PBE: the last round's lowest-scored share; PUD: the last step's poison set)
 and the run's seconds. Markdown and LaTeX show percentages, CSV keeps fractions (one column per number).
+
+``--per_class`` prints instead, per run, the mean of the classes' clean accuracies before -> after, the
+target class's accuracy and where its drop ranks among the classes' drops (1: the largest), and the three
+largest drops (summary.json ``per_class_acc``; runs written before it show dashes). A defense that costs the
+target class much more than the others suppresses the class rather than removing the backdoor; a target
+drop that ranks among many similar ones is the defense's general cost.
 
 ``--stages`` prints instead, per run, its wall time, ``training_share`` (training-epoch seconds / wall
 seconds) and the seconds of each stage (summary.json ``stages``, ``utils.run.stagetimer``); runs written
@@ -82,7 +89,7 @@ def _unfinished(folder: str) -> str:
 def read_run(folder: str) -> dict:
     """One table row from a finished run folder; ``NotFinished`` says why a folder has none."""
     if not os.path.isdir(folder):
-        raise NotFinished("no such folder")
+        raise NotFinished("a file, not a run folder" if os.path.exists(folder) else "no such folder")
     path = os.path.join(folder, "summary.json")
     if not os.path.isfile(path):
         raise NotFinished(_unfinished(folder))
@@ -98,7 +105,21 @@ def read_run(folder: str) -> dict:
            "det_recall": recall, "seconds": summary.get("seconds"), "stages": summary.get("stages") or {}}
     for column, key, _ in METRICS:
         row[column], row[f"{column}_before"] = final.get(key), initial.get(key)
+    row["per_class"], row["per_class_before"] = final.get("per_class_acc"), initial.get("per_class_acc")
+    row["target_class"] = _target_class(summary, args)
     return row
+
+
+def _target_class(summary: dict, args: dict) -> int | None:
+    """The attack's all2one target: a defense's summary names it (older PUD/PBE runs: the target record's
+    ``true``), an attack run's args.json holds it."""
+    if "target_class" in summary:
+        return summary["target_class"]
+    if isinstance(summary.get("target"), dict) and summary["target"].get("true") is not None:
+        return summary["target"]["true"]
+    if summary.get("defense") is None and args.get("attack_mode") == "all2one" and isinstance(args.get("target_label"), int):
+        return args["target_label"]
+    return None
 
 
 def read_runs(folders: list[str], strict: bool) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -171,6 +192,65 @@ def latex(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PER_CLASS_HEAD = ("run", "attack", "defense", "classes", "mean class ACC %", "target class", "target-class ACC %",
+                  "target drop rank", "largest drops (class: before → after %)")
+PER_CLASS_CSV = ("run", "attack", "defense", "classes", "mean_class_acc_before", "mean_class_acc", "target_class",
+                 "target_class_acc_before", "target_class_acc", "target_drop_rank", "largest_drops")
+LARGEST = 3
+
+
+def per_class_summary(row: dict) -> dict:
+    """The per-class figures of one run: mean class accuracy (over classes with test images), the target's
+    accuracy and the rank of its drop (1 = the largest; ties share the better rank), the largest drops."""
+    after, before, t = row["per_class"], row["per_class_before"], row["target_class"]
+    out = {"classes": None, "mean": None, "mean_before": None, "target": t, "target_acc": None, "target_before": None,
+           "rank": None, "largest": []}
+    if after is None:
+        return out
+    mean = lambda v: sum(v) / len(v) if v else None
+    out["classes"] = len(after)
+    out["mean"] = mean([a for a in after if a is not None])
+    if t is not None and 0 <= t < len(after):
+        out["target_acc"] = after[t]
+    if before is None or len(before) != len(after):
+        return out
+    both = {c: (b, a) for c, (b, a) in enumerate(zip(before, after)) if a is not None and b is not None}
+    out["mean_before"] = mean([b for b, _ in both.values()])
+    drops = {c: b - a for c, (b, a) in both.items()}
+    if t in both:
+        out["target_before"] = both[t][0]
+        out["rank"] = (1 + sum(d > drops[t] for d in drops.values()), len(drops))
+    out["largest"] = [(c, *both[c]) for c in sorted(drops, key=lambda c: (-drops[c], c))[:LARGEST]]
+    return out
+
+
+def per_class_table(rows: list[dict], as_csv: bool) -> str:
+    """One row per run (``per_class_summary``); markdown in percent, or CSV with fractions."""
+    table = [(r, per_class_summary(r)) for r in rows]
+    if as_csv:
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(PER_CLASS_CSV)
+        v = lambda x: "" if x is None else _number(x, False)
+        for r, p in table:
+            w.writerow([r["run"], r["attack"], r["defense"], v(p["classes"]), v(p["mean_before"]), v(p["mean"]),
+                        v(p["target"]), v(p["target_before"]), v(p["target_acc"]),
+                        f"{p['rank'][0]}/{p['rank'][1]}" if p["rank"] else "",
+                        ";".join(f"{c}:{_number(b, False)}:{_number(a, False)}" for c, b, a in p["largest"])])
+        return out.getvalue()
+    pct = lambda x: "–" if x is None else f"{100 * x:.1f}"
+    arrow = lambda b, a: "–" if a is None else (f"{pct(b)} → " if b is not None else "") + pct(a)
+    lines = ["| " + " | ".join(PER_CLASS_HEAD) + " |", "|" + "---|" * len(PER_CLASS_HEAD)]
+    for r, p in table:
+        cells = [r["run"], r["attack"], r["defense"], "–" if p["classes"] is None else str(p["classes"]),
+                 arrow(p["mean_before"], p["mean"]), "–" if p["target"] is None else str(p["target"]),
+                 arrow(p["target_before"], p["target_acc"]),
+                 f"{p['rank'][0]} of {p['rank'][1]}" if p["rank"] else "–",
+                 ", ".join(f"{c}: {pct(b)} → {pct(a)}" for c, b, a in p["largest"]) or "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def stage_table(rows: list[dict], as_csv: bool) -> str:
     """One row per run: wall seconds, training share and the seconds of every stage any run has."""
     seen = {k for r in rows for k in r["stages"].get("seconds", {})}
@@ -203,17 +283,23 @@ def main(argv: list[str] | None = None) -> str:
     form.add_argument("--latex", action="store_true", help="a LaTeX (booktabs) table instead of markdown")
     p.add_argument("--stages", action="store_true", help="where each run's time went (seconds per stage, training "
                                                          "share) instead of the results (markdown or --csv)")
+    p.add_argument("--per_class", action="store_true", help="each run's class accuracies instead of the results: the "
+                                                            "mean, the target class and the rank of its drop, the "
+                                                            "largest drops (markdown or --csv)")
     p.add_argument("--strict", action="store_true", help="fail on a folder without a finished run instead of "
                                                          "skipping it")
     args = p.parse_args(argv)
-    if args.stages and args.latex:
-        p.error("--stages prints markdown or --csv, not --latex")
+    if args.stages and args.per_class:
+        p.error("--stages and --per_class are two different tables: ask for one")
+    if (args.stages or args.per_class) and args.latex:
+        p.error(f"{'--stages' if args.stages else '--per_class'} prints markdown or --csv, not --latex")
     rows, skipped = read_runs(args.runs, args.strict)  # every folder is read before anything is printed
     for folder, reason in skipped:
         print(f"skipped '{folder}': {reason}", file=sys.stderr)
     if not rows:
         raise UserError(f"none of the {len(args.runs)} folder(s) given holds a finished run (see above)")
-    text = (stage_table(rows, args.csv) if args.stages else to_csv(rows) if args.csv else latex(rows) if args.latex
+    text = (stage_table(rows, args.csv) if args.stages else per_class_table(rows, args.csv) if args.per_class
+            else to_csv(rows) if args.csv else latex(rows) if args.latex
             else markdown(rows))
     sys.stdout.write(text)
     return text
