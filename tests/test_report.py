@@ -196,9 +196,11 @@ def test_per_class_view_ranks_the_target_drop_among_the_classes(tmp_path, tiny_a
     assert rows[0]["largest_drops"] == "1:0.8:0.5;2:0.95:0.75;0:0.9:0.85" and rows[1]["target_class"] == "1"
 
 
-def test_per_class_ties_share_the_better_rank():
+def test_per_class_ties_share_the_better_rank_and_gains_are_not_drops():
     row = {"per_class": [0.5, 0.5, 0.9], "per_class_before": [0.7, 0.7, 0.9], "target_class": 1}
     assert report.per_class_summary(row)["rank"] == (1, 3)
+    gains = report.per_class_summary({"per_class": [0.8, 0.9], "per_class_before": [0.7, 0.9], "target_class": 0})
+    assert gains["rank"] == (2, 2) and gains["largest"] == []  # class 0 gained: no drop to list
 
 
 def test_per_class_refuses_latex_and_stages(runs, capsys):

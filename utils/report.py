@@ -16,9 +16,9 @@ and the run's seconds. Markdown and LaTeX show percentages, CSV keeps fractions 
 
 ``--per_class`` prints instead, per run, the mean of the classes' clean accuracies before -> after, the
 target class's accuracy and where its drop ranks among the classes' drops (1: the largest), and the three
-largest drops (summary.json ``per_class_acc``; runs written before it show dashes). A defense that costs the
-target class much more than the others suppresses the class rather than removing the backdoor; a target
-drop that ranks among many similar ones is the defense's general cost.
+largest drops of classes that lost accuracy (summary.json ``per_class_acc``; runs written before it show
+dashes). A defense that costs the target class much more than the others suppresses the class rather than
+removing the backdoor; a target drop that ranks among many similar ones is the defense's general cost.
 
 ``--stages`` prints instead, per run, its wall time, ``training_share`` (training-epoch seconds / wall
 seconds) and the seconds of each stage (summary.json ``stages``, ``utils.run.stagetimer``); runs written
@@ -117,7 +117,8 @@ def _target_class(summary: dict, args: dict) -> int | None:
         return summary["target_class"]
     if isinstance(summary.get("target"), dict) and summary["target"].get("true") is not None:
         return summary["target"]["true"]
-    if summary.get("defense") is None and args.get("attack_mode") == "all2one" and isinstance(args.get("target_label"), int):
+    attack_run = summary.get("defense") is None
+    if attack_run and args.get("attack_mode") == "all2one" and isinstance(args.get("target_label"), int):
         return args["target_label"]
     return None
 
@@ -201,7 +202,8 @@ LARGEST = 3
 
 def per_class_summary(row: dict) -> dict:
     """The per-class figures of one run: mean class accuracy (over classes with test images), the target's
-    accuracy and the rank of its drop (1 = the largest; ties share the better rank), the largest drops."""
+    accuracy and the rank of its drop (1 = the largest; ties share the better rank), the largest drops (classes
+    that lost accuracy only)."""
     after, before, t = row["per_class"], row["per_class_before"], row["target_class"]
     out = {"classes": None, "mean": None, "mean_before": None, "target": t, "target_acc": None, "target_before": None,
            "rank": None, "largest": []}
@@ -220,7 +222,7 @@ def per_class_summary(row: dict) -> dict:
     if t in both:
         out["target_before"] = both[t][0]
         out["rank"] = (1 + sum(d > drops[t] for d in drops.values()), len(drops))
-    out["largest"] = [(c, *both[c]) for c in sorted(drops, key=lambda c: (-drops[c], c))[:LARGEST]]
+    out["largest"] = [(c, *both[c]) for c in sorted(drops, key=lambda c: (-drops[c], c))[:LARGEST] if drops[c] > 0]
     return out
 
 
