@@ -9,11 +9,13 @@
 #   benchmarks/gpu_check.sh > gpu-check.json      # from the repository root, with the venv active
 #   GPU_CHECK_TINY=1 benchmarks/gpu_check.sh      # tiny settings everywhere (what the test runs; seconds)
 #   GPU_CHECK_THREADS=1 ...                       # --threads of the CPU parts (default: torch's choice)
+#   GPU_CHECK_DEFENSES="aft" ...                  # the defense benchmark's defenses (default: aft pbe pud)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 TINY=${GPU_CHECK_TINY:-0}
 THREADS=${GPU_CHECK_THREADS:-}
+DEFENSES=${GPU_CHECK_DEFENSES:-aft pbe pud}
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-XXXXXX")
 trap 'rm -rf "$OUT"' EXIT
 START=$(date +%s)
@@ -44,8 +46,9 @@ for arch in $ARCHS; do
 done
 
 if [ "$TINY" = 1 ]; then DEF="--tiny"; else DEF=""; fi
-log "bench_defense.py $DEF"
-$PY -m benchmarks.bench_defense $DEF --device $DEVICE $(thr) --json "$OUT/defense.json" >&2
+log "bench_defense.py $DEF --defenses $DEFENSES"
+# shellcheck disable=SC2086  # DEFENSES is a list of words
+$PY -m benchmarks.bench_defense $DEF --defenses $DEFENSES --device $DEVICE $(thr) --json "$OUT/defense.json" >&2
 
 if [ "$GPUS" -ge 2 ]; then TR_DEVICE=cuda; else TR_DEVICE=cpu; fi
 if [ "$DEVICE" = cuda ] && [ "$GPUS" -lt 2 ]; then
