@@ -69,8 +69,9 @@ def evaluate(model: nn.Module, test, backdoor: BackdoorSpec | None = None, batch
             if num_classes is not None:
                 if per_class is None:
                     per_class = torch.zeros(2, num_classes, dtype=torch.long, device=y.device)
-                per_class[0] += torch.bincount(y, minlength=num_classes)
-                per_class[1] += torch.bincount(y[right], minlength=num_classes)
+                # scatter_add_: no boolean indexing, so no host sync per batch on a GPU
+                per_class[0].scatter_add_(0, y, torch.ones_like(y))
+                per_class[1].scatter_add_(0, y, right.long())
             if target is not None:
                 is_target = y == target
                 counts[6] += is_target.sum()
