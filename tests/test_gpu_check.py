@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_the_cpu_part_of_the_gpu_check_prints_one_json_and_says_what_it_skipped():
     # one defense: the check's JSON glue is the same for each, and test_stagetimer runs all three tiny defenses
-    env = {**os.environ, "GPU_CHECK_TINY": "1", "GPU_CHECK_THREADS": "1", "GPU_CHECK_DEFENSES": "aft"}
+    # PYTHON: this interpreter, so the check runs also where the venv is not on PATH (.venv/bin/python -m pytest)
+    env = {**os.environ, "GPU_CHECK_TINY": "1", "GPU_CHECK_THREADS": "1", "GPU_CHECK_DEFENSES": "aft",
+           "PYTHON": sys.executable}
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, env=env,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
