@@ -30,46 +30,39 @@ def _run(argv, env_extra=None, timeout=600):
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_share_the_epoch_and_rank_0_alone_writes(tmp_path):
-    ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
-    r2 = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               "train_blend.py", *COMMON, "--out_dir", str(ddp_dir)])
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    r1 = _run(["train_blend.py", *COMMON, "--out_dir", str(one_dir)], {"OMP_NUM_THREADS": "1"})
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    # rank 0 alone printed and wrote: one start line, one epoch line, one metrics line
-    assert r2.stdout.count("attack: ") == 1 and r2.stdout.count("epoch 1/1") == 1, r2.stdout
-    assert len((ddp_dir / "metrics.jsonl").read_text().strip().splitlines()) == 1
-    for f in ("model.pt", "summary.json", "args.json", "curves.png", "samples.png"):
-        assert (ddp_dir / f).stat().st_size > 0
-    ck = torch.load(ddp_dir / "model.pt", weights_only=False)
-    assert not any(k.startswith("module.") for k in ck["state_dict"])  # the plain model, not the DDP wrapper
-    one = torch.load(one_dir / "model.pt", weights_only=False)
-    assert torch.equal(ck["poisoned_indices"], one["poisoned_indices"])  # the same poisoned training set
-    a = json.loads((ddp_dir / "summary.json").read_text())
-    b = json.loads((one_dir / "summary.json").read_text())
-    assert a["train_size"] == b["train_size"] == 400 and a["test_size"] == b["test_size"] == 200
-    # each process trained on its half of the epoch (400 images, global batch 64: 7 steps of 32 per rank)
-    seen = [json.loads((d / "metrics.jsonl").read_text())["images"] for d in (ddp_dir, one_dir)]
-    assert seen == [200, 400], seen
-    assert 0 < a["final"]["loss"] < 10 and 0 <= a["final"]["clean_acc"] <= 1
-
-
 def _torchrun(args, env_extra=None):
     return _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                  "train_blend.py", *args], env_extra)
 
 
 @pytest.mark.slow
-def test_a_signal_on_one_rank_stops_both_and_the_run_resumes_to_the_uninterrupted_result(tmp_path):
-    """SIGTERM reaches rank 1 only (mid epoch 2): both ranks stop at the same batch (none hangs in a
-    collective), rank 0 keeps the state of epoch 1, and a torchrun --resume ends where an uninterrupted
-    2-process run ends."""
+def test_torchrun_shares_the_epoch_rank_0_alone_writes_and_a_signal_on_one_rank_resumes_to_the_same_result(tmp_path):
+    """An uninterrupted 2-process attack: each rank trains on half of every epoch, rank 0 alone prints and writes
+    (the plain model, the one-process run's poisoned set). Then SIGTERM reaches rank 1 only (mid epoch 2): both
+    ranks stop at the same batch (none hangs in a collective), rank 0 keeps the state of epoch 1, and a torchrun
+    --resume ends where the uninterrupted run ended. (One test: each torchrun start costs seconds.)"""
     args = [*COMMON, "--n_iters", "2", "--train_subset", "256", "--test_subset", "100"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
+    full, cut, one_dir = tmp_path / "full", tmp_path / "cut", tmp_path / "one"
     r = _torchrun([*args, "--out_dir", str(full)])
     assert r.returncode == 0, r.stderr[-3000:]
+    # rank 0 alone printed and wrote: one start line, one line per epoch, one metrics line per epoch
+    assert r.stdout.count("attack: ") == 1 and r.stdout.count("epoch 1/2") == 1, r.stdout
+    for f in ("model.pt", "summary.json", "args.json", "curves.png", "samples.png"):
+        assert (full / f).stat().st_size > 0
+    r1 = _run(["train_blend.py", *args, "--out_dir", str(one_dir)], {"OMP_NUM_THREADS": "1"})
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    ck = torch.load(full / "model.pt", weights_only=False)
+    assert not any(k.startswith("module.") for k in ck["state_dict"])  # the plain model, not the DDP wrapper
+    one = torch.load(one_dir / "model.pt", weights_only=False)
+    assert torch.equal(ck["poisoned_indices"], one["poisoned_indices"])  # the same poisoned training set
+    a = json.loads((full / "summary.json").read_text())
+    b = json.loads((one_dir / "summary.json").read_text())
+    assert a["train_size"] == b["train_size"] == 256 and a["test_size"] == b["test_size"] == 100
+    assert 0 < a["final"]["loss"] < 10 and 0 <= a["final"]["clean_acc"] <= 1
+    # each process trained on its half of every epoch (256 images, global batch 64: 4 steps of 32 per rank)
+    seen = [[json.loads(x)["images"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, one_dir)]
+    assert seen == [[128, 128], [256, 256]], seen
+
     r = _torchrun([*args, "--out_dir", str(cut)], {"PUD_INJECT_SIGTERM_AT": "2:1", "PUD_INJECT_RANK": "1"})
     assert r.returncode != 0
     assert "interrupted (SIGTERM) at attack epoch 2, batch 1" in r.stderr, r.stderr[-3000:]
@@ -78,12 +71,10 @@ def test_a_signal_on_one_rank_stops_both_and_the_run_resumes_to_the_uninterrupte
     r = _torchrun([*args, "--out_dir", str(cut), "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (cut / "state.pt").exists()
-    a = json.loads((full / "summary.json").read_text())["final"]
-    b = json.loads((cut / "summary.json").read_text())["final"]
-    assert a == b
+    assert a["final"] == json.loads((cut / "summary.json").read_text())["final"]
     lines = (cut / "metrics.jsonl").read_text().strip().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
-    wa = torch.load(full / "model.pt", weights_only=False)["state_dict"]
+    wa = ck["state_dict"]
     wb = torch.load(cut / "model.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -184,12 +175,14 @@ def test_progressive_pbe_under_torchrun_completes_with_one_writer(infected_run, 
     assert r0["next_extra_filter_removed"] == 0
 
 
-@pytest.mark.slow
-def test_global_batch_size_must_divide_by_the_process_count(tmp_path):
-    r = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-              "train_blend.py", *COMMON, "--bs", "63", "--out_dir", str(tmp_path / "x")])
-    assert r.returncode != 0 and "--bs 63 is the global batch size" in r.stderr
-    assert not (tmp_path / "x" / "summary.json").exists()
+def test_global_batch_size_must_divide_by_the_process_count(tmp_path, monkeypatch, capsys):
+    """Checked with the settings, before the process group: as torchrun's 2 processes see it (WORLD_SIZE 2)."""
+    import train_blend
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli(train_blend.main, *COMMON, "--bs", "63", "--out_dir", tmp_path / "x") == 2
+    assert "--bs 63 is the global batch size and must divide by the 2 processes" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 # ----- exact check of the helpers, in-process ranks ------------------------------------------------------------
