@@ -49,8 +49,11 @@ def cli(main, *argv) -> int:
     return 0
 
 
+# Runs whose figures no test looks at skip them (about 1.5 s of matplotlib a run); tests/test_figures.py and the
+# tests that check a run's files draw them (a later --figures wins over this).
+NO_FIGURES = ("--no-figures",)
 TINY_ATTACK = ("--dataset", "synthetic", "--arch", "cnn", "--trigger_type", "patch", "--train_subset", "300",
-               "--test_subset", "100", "--bs", "64", "--lr_C", "0.05", "--device", "cpu")
+               "--test_subset", "100", "--bs", "64", "--lr_C", "0.05", "--device", "cpu", *NO_FIGURES)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import PUD
 import pbe_main
 import train_blend
 import utils.data.external as ext
-from conftest import TINY_ATTACK, cli
+from conftest import NO_FIGURES, TINY_ATTACK, cli
 from test_external import Payload, foreign_preact, write_attack_result
 from models import build_model
 from utils.data.build import (DataSource, backdoor_from_checkpoint, data_from_checkpoint, load_data,
@@ -35,9 +35,9 @@ TEST_N = 100  # the test subset every run here evaluates on
 PUD_TINY = ("--steps", "2", "--step_epochs", "1", "1", "--step_adv_epochs", "1", "0", "--step_partial", "0", "0",
             "--step_eps", "6/255", "4/255", "--step_alpha_div", "5", "6", "--step_pgd_steps", "2", "--top_rates", "0.5",
             "--spectre_min", "5", "--unlearn_epochs", "1", "--mt_epochs", "1", "--target_images", "100",
-            "--test_subset", str(TEST_N), "--eval_steps", "1", "--device", "cpu")
+            "--test_subset", str(TEST_N), "--eval_steps", "1", "--device", "cpu", *NO_FIGURES)
 AFT_TINY = ("--aft_epochs", "2", "--adv_epochs", "1", "--extra_ratio", "0.2", "--test_subset", str(TEST_N),
-            "--eval_steps", "1", "--device", "cpu")
+            "--eval_steps", "1", "--device", "cpu", *NO_FIGURES)
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +308,7 @@ def backdoorbench(tmp_path, monkeypatch):
 BB_PUD = ("--steps", "1", "--step_epochs", "1", "--step_adv_epochs", "1", "--step_partial", "0", "--step_eps",
           "4/255", "--step_alpha_div", "5", "--step_pgd_steps", "1", "--top_rates", "--spectre_min", "5",
           "--unlearn_epochs", "1", "--mt_epochs", "1", "--target_images", "20", "--eval_steps", "1", "--bs", "32",
-          "--device", "cpu")
+          "--device", "cpu", *NO_FIGURES)
 
 
 @pytest.mark.slow

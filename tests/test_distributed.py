@@ -19,10 +19,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, cli
+from conftest import NO_FIGURES, ROOT, cli
 
 COMMON = ["--dataset", "synthetic", "--arch", "cnn", "--train_subset", "400", "--test_subset", "200", "--n_iters", "1",
-          "--bs", "64", "--lr_C", "0.05", "--device", "cpu", "--seed", "3"]
+          "--bs", "64", "--lr_C", "0.05", "--device", "cpu", "--seed", "3", *NO_FIGURES]
 
 
 def _run(argv, env_extra=None, timeout=600):
@@ -43,7 +43,7 @@ def test_torchrun_shares_the_epoch_rank_0_alone_writes_and_a_signal_on_one_rank_
     --resume ends where the uninterrupted run ended. (One test: each torchrun start costs seconds.)"""
     args = [*COMMON, "--n_iters", "2", "--train_subset", "256", "--test_subset", "100"]
     full, cut, one_dir = tmp_path / "full", tmp_path / "cut", tmp_path / "one"
-    r = _torchrun([*args, "--out_dir", str(full)])
+    r = _torchrun([*args, "--figures", "--out_dir", str(full)])
     assert r.returncode == 0, r.stderr[-3000:]
     # rank 0 alone printed and wrote: one start line, one line per epoch, one metrics line per epoch
     assert r.stdout.count("attack: ") == 1 and r.stdout.count("epoch 1/2") == 1, r.stdout
@@ -118,7 +118,7 @@ def test_pud_under_torchrun_completes_with_one_writer_and_the_same_filtering(inf
 
 # --eval_bs 64: 4 test batches, so each process attacks 2 in the robust evaluation (sharded, summed)
 AFT = ["--aft_epochs", "2", "--adv_epochs", "1", "--extra_ratio", "0.2", "--bs", "64", "--ft_lr", "0.01",
-       "--test_subset", "200", "--eval_steps", "2", "--eval_bs", "64", "--device", "cpu"]
+       "--test_subset", "200", "--eval_steps", "2", "--eval_bs", "64", "--device", "cpu", *NO_FIGURES]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def sig_infected_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sig") / "attack"
     assert cli(train_blend.main, "--dataset", "synthetic", "--arch", "cnn", "--trigger_type", "sig", "--train_subset",
                "2000", "--test_subset", "500", "--n_iters", "4", "--bs", "64", "--lr_C", "0.05",
-               "--schedulerC_milestones", "3", "--device", "cpu", "--out_dir", out) == 0
+               "--schedulerC_milestones", "3", "--device", "cpu", *NO_FIGURES, "--out_dir", out) == 0
     return out
 
 
@@ -166,7 +166,7 @@ def test_progressive_pbe_under_torchrun_completes_with_one_writer(infected_run, 
     r = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
               "pbe_main.py", "--model_path", str(infected_run / "model.pt"), "--progressive", "--rounds", "2",
               "--round_epochs", "1", "--top_rates", "0.5", "--target_images", "200", "--bs", "64",
-              "--test_subset", "200", "--eval_steps", "2", "--device", "cpu", "--out_dir", str(out)])
+              "--test_subset", "200", "--eval_steps", "2", "--device", "cpu", *NO_FIGURES, "--out_dir", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("round 1: extra set") == 1, r.stdout
     s = json.loads((out / "summary.json").read_text())

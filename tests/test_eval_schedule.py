@@ -6,7 +6,7 @@ import torch
 
 import pbe_main
 import train_blend
-from conftest import TINY_ATTACK, cli
+from conftest import NO_FIGURES, TINY_ATTACK, cli
 from utils.defenses.session import EvalSchedule, late_asr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,7 +37,7 @@ def test_evaluating_less_often_leaves_the_defense_unchanged(tmp_path):
         out = tmp_path / f"every{every}"
         assert cli(pbe_main.main, "--model_path", attack / "model.pt", "--aft_epochs", "8", "--adv_epochs", "2",
                    "--extra_ratio", "0.2", "--test_subset", "100", "--eval_steps", "1", "--device", "cpu",
-                   "--eval_every", str(every), "--out_dir", out) == 0
+                   "--eval_every", str(every), *NO_FIGURES, "--out_dir", out) == 0
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[every] = (torch.load(out / "model.pt", weights_only=False)["state_dict"],
                        json.loads((out / "summary.json").read_text()),

@@ -65,9 +65,9 @@ def test_the_43_class_set_runs_attack_aft_and_pud_end_to_end(tmp_path):
     import PUD
     import pbe_main
     import train_blend
-    from conftest import cli
+    from conftest import NO_FIGURES, cli
 
-    common = ("--device", "cpu", "--bs", "64", "--eval_steps", "1", "--test_subset", "100")
+    common = ("--device", "cpu", "--bs", "64", "--eval_steps", "1", "--test_subset", "100", *NO_FIGURES)
     attack = tmp_path / "attack"
     assert cli(train_blend.main, "--dataset", "synthetic43", "--arch", "cnn", "--trigger_type", "patch",
                "--train_subset", "900", "--n_iters", "1", "--lr_C", "0.05", *common, "--out_dir", attack) == 0

@@ -6,9 +6,10 @@ import os
 import pytest
 
 from benchmarks import grid
-from conftest import cli
+from conftest import NO_FIGURES, cli
 
-PRESET = grid.Preset("tiny", {"synthetic": ("--dataset", "synthetic")}, {"synthetic": ("--test_subset", "50")},
+PRESET = grid.Preset("tiny", {"synthetic": ("--dataset", "synthetic")},
+                     {"synthetic": ("--test_subset", "50", *NO_FIGURES)},
                      (("synthetic", [grid.Attack("patch-all2one", ("--trigger_type", "patch"), 0),
                                      grid.Attack("patch-all2all", ("--trigger_type", "patch", "--attack_mode", "all2all"),
                                                  None)]),),

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import run_script
+from conftest import NO_FIGURES, run_script
 from test_pud import FAST
 
 # PUD's stages, shortened to about 15 s on the 2,000-image models (TINY of test_pud does not remove the backdoor)
@@ -20,7 +20,7 @@ def all2all_run(tmp_path_factory):
     r = run_script("train_blend.py", "--dataset", "synthetic", "--arch", "cnn", "--trigger_type", "patch",
                    "--patch_size", "2", "--attack_mode", "all2all", "--pc", "0.4", "--train_subset", "2000",
                    "--test_subset", "500", "--n_iters", "8", "--bs", "64", "--lr_C", "0.05", "--schedulerC_milestones",
-                   "6", "--device", "cpu", "--out_dir", str(out))
+                   "6", "--device", "cpu", *NO_FIGURES, "--out_dir", str(out))
     assert r.returncode == 0, r.stderr
     return out
 

@@ -3,17 +3,17 @@ import json
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import NO_FIGURES, run_script
 from utils.defenses.selection import bottom_fraction, consistency_scores, detection_stats, top_fraction
 
-FAST = ("--test_subset", "200", "--eval_steps", "2", "--device", "cpu")
+FAST = ("--test_subset", "200", "--eval_steps", "2", "--device", "cpu", *NO_FIGURES)
 
 
 @pytest.mark.slow
 def test_aft_runs_from_the_checkpoint_alone_and_writes_its_outputs(infected_run, tmp_path):
     out = tmp_path / "aft"
     r = run_script("pbe_main.py", "--model_path", str(infected_run / "model.pt"), "--aft_epochs", "2", "--adv_epochs", "1",
-                   "--extra_ratio", "0.1", "--out_dir", str(out), *FAST)
+                   "--extra_ratio", "0.1", "--out_dir", str(out), *FAST, "--figures")
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["defense"] == "aft" and s["settings"]["extra_size"] == 200

@@ -2,9 +2,9 @@ import pytest
 import json
 import torch
 
-from conftest import run_script
+from conftest import NO_FIGURES, run_script
 
-FAST = ("--test_subset", "200", "--eval_steps", "2", "--device", "cpu")
+FAST = ("--test_subset", "200", "--eval_steps", "2", "--device", "cpu", *NO_FIGURES)
 TINY = ("--steps", "2", "--step_epochs", "1", "1", "--step_adv_epochs", "1", "0", "--step_partial", "0", "0",
         "--step_eps", "6/255", "4/255", "--step_alpha_div", "5", "6", "--top_rates", "0.5", "--unlearn_epochs", "1",
         "--mt_epochs", "1", "--target_images", "200")
@@ -13,7 +13,8 @@ TINY = ("--steps", "2", "--step_epochs", "1", "1", "--step_adv_epochs", "1", "0"
 @pytest.mark.slow
 def test_pud_runs_end_to_end_and_writes_its_outputs(infected_run, tmp_path):
     out = tmp_path / "pud"
-    r = run_script("PUD.py", "--model_path", str(infected_run / "model.pt"), "--out_dir", str(out), *TINY, *FAST)
+    r = run_script("PUD.py", "--model_path", str(infected_run / "model.pt"), "--out_dir", str(out), *TINY, *FAST,
+                   "--figures")
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["defense"] == "pud"

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import pbe_main
-from conftest import cli
+from conftest import NO_FIGURES, cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-AFT = ("--aft_epochs", "1", "--adv_epochs", "1", "--extra_ratio", "0.2", "--test_subset", "100", "--device", "cpu")
+AFT = ("--aft_epochs", "1", "--adv_epochs", "1", "--extra_ratio", "0.2", "--test_subset", "100", "--device", "cpu",
+       *NO_FIGURES)
 
 
 def test_the_attack_reports_robust_accuracy_and_the_defense_reuses_it(tiny_attack_run, tmp_path):
@@ -19,6 +20,9 @@ def test_the_attack_reports_robust_accuracy_and_the_defense_reuses_it(tiny_attac
     same = json.loads((tmp_path / "same" / "summary.json").read_text())
     assert same["initial"]["robust_acc"] == metrics["robust_acc"]
     assert same["initial_robust_eval"]["reused"] is True
+    # --no-figures: no figure drawn, no figures stage timed; the run's other files are there
+    assert not list((tmp_path / "same").glob("*.png")) and "figures" not in same["stages"]["seconds"]
+    assert (tmp_path / "same" / "model.pt").exists()
     # another PGD strength: the attack's figure does not apply, the defense attacks the model itself
     assert cli(pbe_main.main, "--model_path", tiny_attack_run / "model.pt", "--out_dir", tmp_path / "other", *AFT,
                "--eval_steps", "2") == 0

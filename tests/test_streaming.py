@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import NO_FIGURES, run_script
 from utils.run.errors import UserError
 from utils.data.streaming import StreamingSplit, resolve_classes
 
@@ -57,7 +57,7 @@ def test_attack_runs_on_a_class_subset_and_records_the_classes(tree, tmp_path):
     out = tmp_path / "run"
     r = run_script("train_blend.py", "--dataset", "imagenet", "--data_root", str(tree), "--imagenet_classes", "3",
                    "--arch", "cnn", "--n_iters", "1", "--bs", "8", "--num_workers", "2", "--pc", "0.2",
-                   "--device", "cpu", "--out_dir", str(out))
+                   "--device", "cpu", *NO_FIGURES, "--out_dir", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     args = json.loads((out / "args.json").read_text())
     assert args["num_classes"] == 3 and args["imagenet_class_names"] == ["n001", "n002", "n003"]
@@ -75,7 +75,8 @@ def test_the_224px_path_runs_the_attack_and_every_defense_with_resnet18(tmp_path
     from utils.data.streaming import write_synthetic_folders
 
     names = write_synthetic_folders(str(tmp_path / "data"), num_classes=3, train_per_class=6, val_per_class=2)
-    common = ("--device", "cpu", "--num_workers", "0", "--bs", "6", "--eval_bs", "6", "--eval_steps", "1")
+    common = ("--device", "cpu", "--num_workers", "0", "--bs", "6", "--eval_bs", "6", "--eval_steps", "1",
+              *NO_FIGURES)
     attack = tmp_path / "attack"
     assert cli(train_blend.main, "--dataset", "imagenet", "--data_root", tmp_path / "data", "--imagenet_classes", "3",
                "--trigger_type", "patch", "--pc", "0.2", "--n_iters", "1", *common, "--out_dir", attack) == 0

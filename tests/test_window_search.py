@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_script
+from conftest import NO_FIGURES, run_script
 from utils.adversarial import WINDOW_AT_SHARE, _window_mask
 from utils.defenses.window_search import rank_windows
 
@@ -51,7 +51,7 @@ def test_aft_window_search_is_run_recorded_and_used(infected_run, tmp_path):
     r = run_script("pbe_main.py", "--model_path", str(infected_run / "model.pt"), "--aft_epochs", "1", "--adv_epochs", "1",
                    "--adv_window", "5", "--adv_eps", "1", "--adv_alpha", "1/4", "--adv_random_start",
                    "--adv_eps_outside", "6/255", "--window_search", "3", "--out_dir", str(out),
-                   "--test_subset", "200", "--eval_steps", "2", "--device", "cpu")
+                   "--test_subset", "200", "--eval_steps", "2", "--device", "cpu", *NO_FIGURES)
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     found = s["settings"]["window_search"]["found"]

@@ -168,8 +168,10 @@ def run_attack(job: AttackJob) -> dict:
         summary = {"final": final, "epochs": n_iters, "amp": amp_choice(job.model.amp, device),
                    "poisoned": len(poisoned.poison_idx),
                    "train_size": len(poisoned), "test_size": len(test)}
-        with stage("figures"):
-            write_figures(run_s.out_dir, run.records(), summary, job.flat(), test, backdoor, {"infected": model}, cl)
+        if run_s.figures:
+            with stage("figures"):
+                write_figures(run_s.out_dir, run.records(), summary, job.flat(), test, backdoor, {"infected": model},
+                              cl)
         summary["stages"] = ctl.stages()
         summary["seconds"] = summary["stages"]["wall"]
         run.write_json("summary.json", summary)

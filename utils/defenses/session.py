@@ -211,9 +211,10 @@ class DefenseSession:
             summary["suspects"] = self.write_suspects(suspects)
         with stage("saving"):
             self._save_model(settings, summary)
-        with stage("figures"):
-            write_figures(self.job.run.out_dir, self.run.records(), summary, self.job.flat(), inf.test, inf.backdoor,
-                          {"infected": inf.reference, "repaired": inf.model}, self.cl)
+        if self.job.run.figures:
+            with stage("figures"):
+                write_figures(self.job.run.out_dir, self.run.records(), summary, self.job.flat(), inf.test,
+                              inf.backdoor, {"infected": inf.reference, "repaired": inf.model}, self.cl)
         summary["stages"] = self.ctl.stages()
         summary["seconds"] = summary["stages"]["wall"]
         self.run.write_json("summary.json", summary)

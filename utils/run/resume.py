@@ -42,7 +42,7 @@ VERSION = 2  # 2: only plain values (weights_only); 1: numpy RNG state as an arr
 READABLE = (1, 2)
 SCRIPT_FILES = {"attack": "train_blend.py", "pbe": "pbe_main.py", "pud": "PUD.py"}
 # Arguments a resumed run may change: where it runs and how it is told to resume, not what it computes.
-NOT_COMPARED = ("resume", "overwrite", "out_dir", "device", "num_workers", "threads", "command")
+NOT_COMPARED = ("resume", "overwrite", "out_dir", "device", "num_workers", "threads", "figures", "command")
 
 
 def comparable_args(job) -> dict:

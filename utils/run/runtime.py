@@ -1,6 +1,7 @@
 """Where and how a run runs: device choice, seeding, and the run settings every entry script shares."""
 from __future__ import annotations
 
+import argparse
 import os
 import random
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ class RunSettings(Settings):
                               "otherwise)", action="store_true")
     bs: int = opt(128, "training batch size (under torchrun the global one)", type=int)
     eval_bs: int = opt(512, "evaluation batch size", type=int)
+    figures: bool = opt(True, "draw curves.png and samples.png when the run ends (--no-figures skips them, about "
+                              "1.5 s a run on a CPU; python -m utils.figures FOLDER draws the curves later)",
+                        action=argparse.BooleanOptionalAction)
     threads: int | None = opt(None, "CPU threads torch computes with (1 is the fastest when other jobs share the "
                                     "CPU)", type=int, shown="torch's own choice")
 
