@@ -6,7 +6,12 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-torch.set_num_threads(2)
+# Under pytest-xdist (`-n 2`, the README's command) each worker is one process of its own: one thread each, and
+# the scripts the tests start inherit OMP_NUM_THREADS=1, so two workers fill the two cores without oversubscribing.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if XDIST_WORKER else 2)
 
 
 def run_script(*argv, timeout=600):
@@ -14,15 +19,37 @@ def run_script(*argv, timeout=600):
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def built_once(tmp_path_factory, name: str, build) -> str:
+    """The folder ``name`` made by ``build(folder)`` once per test session: under pytest-xdist once for all the
+    workers (they share the parent of their temporary folders; a file lock lets one build while the others wait)."""
+    from filelock import FileLock
+
+    if not XDIST_WORKER:
+        out = tmp_path_factory.mktemp(name) / "run"
+        build(out)
+        return out
+    shared = tmp_path_factory.getbasetemp().parent
+    out, done = shared / name / "run", shared / name / "done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def infected_run(tmp_path_factory):
     """A tiny patch-infected CNN on the synthetic set, trained once for the whole session."""
-    out = tmp_path_factory.mktemp("attack") / "run"
+    return built_once(tmp_path_factory, "attack", _train_infected)
+
+
+def _train_infected(out):
     r = run_script("train_blend.py", "--dataset", "synthetic", "--arch", "cnn", "--trigger_type", "patch",
                    "--train_subset", "2000", "--test_subset", "500", "--n_iters", "4", "--bs", "64", "--lr_C", "0.05",
-                   "--schedulerC_milestones", "3", "--device", "cpu", "--out_dir", str(out))
+                   "--schedulerC_milestones", "3", "--device", "cpu", "--no-eval_robust", "--out_dir", str(out))
+    # --no-eval_robust: the defense tests attack the model with their own (cheaper) PGD settings, so the attack's
+    # PGD-20 on 500 test images (15 s a fixture) is never read
     assert r.returncode == 0, r.stderr
-    return out
 
 
 @pytest.fixture(scope="module")

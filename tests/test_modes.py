@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from conftest import NO_FIGURES, run_script
+import PUD
+import train_blend
+from conftest import NO_FIGURES, cli
 from test_pud import FAST
 
 # PUD's stages, shortened to about 15 s on the 2,000-image models (TINY of test_pud does not remove the backdoor)
@@ -17,17 +19,15 @@ def all2all_run(tmp_path_factory):
     """A tiny all2all model: 2x2 patch poisons carry label y + 1. On 2,000 images a 10 % poison rate does not
     take within a test's budget (ASR 6 % after 7 epochs), so 40 % of the images are poisoned: ASR about 65 %."""
     out = tmp_path_factory.mktemp("all2all") / "run"
-    r = run_script("train_blend.py", "--dataset", "synthetic", "--arch", "cnn", "--trigger_type", "patch",
-                   "--patch_size", "2", "--attack_mode", "all2all", "--pc", "0.4", "--train_subset", "2000",
-                   "--test_subset", "500", "--n_iters", "8", "--bs", "64", "--lr_C", "0.05", "--schedulerC_milestones",
-                   "6", "--device", "cpu", *NO_FIGURES, "--out_dir", str(out))
-    assert r.returncode == 0, r.stderr
+    assert cli(train_blend.main, "--dataset", "synthetic", "--arch", "cnn", "--trigger_type", "patch", "--patch_size",
+               "2", "--attack_mode", "all2all", "--pc", "0.4", "--train_subset", "2000", "--test_subset", "500",
+               "--n_iters", "8", "--bs", "64", "--lr_C", "0.05", "--schedulerC_milestones", "6", "--device", "cpu",
+               "--no-eval_robust", *NO_FIGURES, "--out_dir", out) == 0
     return out
 
 
 def run_pud(model_dir, out, *extra):
-    r = run_script("PUD.py", "--model_path", str(model_dir / "model.pt"), "--out_dir", str(out), *SHORT, *FAST, *extra)
-    assert r.returncode == 0, r.stderr
+    assert cli(PUD.main, "--model_path", model_dir / "model.pt", "--out_dir", out, *SHORT, *FAST, *extra) == 0
     return json.loads((out / "summary.json").read_text())
 
 

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from conftest import NO_FIGURES, run_script
+import pbe_main
+from conftest import NO_FIGURES, cli, run_script
 from utils.defenses.selection import bottom_fraction, consistency_scores, detection_stats, top_fraction
 
 FAST = ("--test_subset", "200", "--eval_steps", "2", "--device", "cpu", *NO_FIGURES)
@@ -30,10 +31,9 @@ def test_aft_runs_from_the_checkpoint_alone_and_writes_its_outputs(infected_run,
 def test_aft_patch_shaped_examples_are_used_and_recorded(infected_run, tmp_path):
     """--adv_window / --adv_eps_outside reach the fine-tuning PGD and are stored with the run's settings."""
     out = tmp_path / "aft-window"
-    r = run_script("pbe_main.py", "--model_path", str(infected_run / "model.pt"), "--aft_epochs", "1", "--adv_epochs", "1",
-                   "--adv_window", "5", "--adv_eps", "1", "--adv_alpha", "1/4", "--adv_random_start",
-                   "--adv_eps_outside", "6/255", "--out_dir", str(out), *FAST)
-    assert r.returncode == 0, r.stderr
+    assert cli(pbe_main.main, "--model_path", infected_run / "model.pt", "--aft_epochs", "1", "--adv_epochs", "1",
+               "--adv_window", "5", "--adv_eps", "1", "--adv_alpha", "1/4", "--adv_random_start",
+               "--adv_eps_outside", "6/255", "--out_dir", out, *FAST) == 0
     pgd = json.loads((out / "summary.json").read_text())["settings"]["pgd"]
     assert (pgd["window"], pgd["eps"], pgd["alpha"], pgd["random_start"]) == (5, 1.0, 0.25, True)
     assert pgd["eps_outside"] == pytest.approx(6 / 255)
@@ -44,10 +44,9 @@ PAPER = ("--init_pool", "all", "--argmax_penalty", "0", "--poison_candidates", "
 
 
 def run_pbe(infected_run, out, *extra):
-    r = run_script("pbe_main.py", "--model_path", str(infected_run / "model.pt"), "--progressive", "--rounds", "2",
-                   "--round_epochs", "2", "--top_rates", "0.5", "--ft_lr", "0.01", "--later_lr", "0.002",
-                   "--target_images", "200", "--out_dir", str(out), *extra, *FAST)
-    assert r.returncode == 0, r.stderr
+    assert cli(pbe_main.main, "--model_path", infected_run / "model.pt", "--progressive", "--rounds", "2",
+               "--round_epochs", "2", "--top_rates", "0.5", "--ft_lr", "0.01", "--later_lr", "0.002",
+               "--target_images", "200", "--out_dir", out, *extra, *FAST) == 0
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     return json.loads((out / "summary.json").read_text()), [rec for rec in recs if "round" in rec and "lr" in rec]
 
