@@ -1,12 +1,13 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Under pytest-xdist (`-n 2`, the README's command) each worker is one process of its own: one thread each, and
+# Under pytest-xdist (`-n auto`, the README's command) each worker is one process of its own: one thread each, and
 # the scripts the tests start inherit OMP_NUM_THREADS=1, so two workers fill the two cores without oversubscribing.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
@@ -19,7 +20,7 @@ def run_script(*argv, timeout=600):
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def built_once(tmp_path_factory, name: str, build) -> str:
+def built_once(tmp_path_factory, name: str, build) -> Path:
     """The folder ``name`` made by ``build(folder)`` once per test session: under pytest-xdist once for all the
     workers (they share the parent of their temporary folders; a file lock lets one build while the others wait)."""
     from filelock import FileLock
@@ -44,11 +45,11 @@ def infected_run(tmp_path_factory):
 
 
 def _train_infected(out):
+    # --no-eval_robust: the defense tests attack the model with their own (cheaper) PGD settings, so the attack's
+    # PGD-20 on 500 test images (15 s a fixture) would never be read
     r = run_script("train_blend.py", "--dataset", "synthetic", "--arch", "cnn", "--trigger_type", "patch",
                    "--train_subset", "2000", "--test_subset", "500", "--n_iters", "4", "--bs", "64", "--lr_C", "0.05",
                    "--schedulerC_milestones", "3", "--device", "cpu", "--no-eval_robust", "--out_dir", str(out))
-    # --no-eval_robust: the defense tests attack the model with their own (cheaper) PGD settings, so the attack's
-    # PGD-20 on 500 test images (15 s a fixture) is never read
     assert r.returncode == 0, r.stderr
 
 

@@ -50,8 +50,9 @@ class RunSettings(Settings):
                               "otherwise)", action="store_true")
     bs: int = opt(128, "training batch size (under torchrun the global one)", type=int)
     eval_bs: int = opt(512, "evaluation batch size", type=int)
-    figures: bool = opt(True, "draw curves.png and samples.png when the run ends (--no-figures skips them, about "
-                              "1.5 s a run on a CPU; python -m utils.figures FOLDER draws the curves later)",
+    figures: bool = opt(True, "draw the run's figures when it ends (curves.png, samples.png, PBE's rounds.png; "
+                              "--no-figures skips them, about 1.5 s a run on a CPU; python -m utils.figures FOLDER "
+                              "draws the curves later)",
                         action=argparse.BooleanOptionalAction)
     threads: int | None = opt(None, "CPU threads torch computes with (1 is the fastest when other jobs share the "
                                     "CPU)", type=int, shown="torch's own choice")
