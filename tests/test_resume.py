@@ -16,11 +16,11 @@ from conftest import NO_FIGURES, ROOT, TINY_ATTACK, cli, run_script
 from utils.run.checkpoint import atomic_write, load_checkpoint
 
 ATTACK = ("train_blend.py", *TINY_ATTACK, "--n_iters", "2", "--schedulerC_milestones", "1")
+# PUD_TINY's metrics epochs: steps 1-2, unlearning 3-4, mean teacher 5-6
 PUD_TINY = ("--test_subset", "100", "--eval_steps", "1", "--device", "cpu", "--target_label", "0", "--steps", "2",
             "--step_epochs", "1", "1", "--step_adv_epochs", "1", "0", "--step_partial", "0", "0", "--step_eps", "6/255",
             "4/255", "--step_alpha_div", "5", "6", "--step_pgd_steps", "2", "--top_rates", "0.5", "--spectre_min", "5",
             "--unlearn_epochs", "2", "--mt_epochs", "2", *NO_FIGURES)
-# metrics epochs: steps 1-2, unlearning 3-4, mean teacher 5-6
 
 
 def records(folder):
