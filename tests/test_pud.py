@@ -83,6 +83,59 @@ def test_poison_set_is_drawn_from_target_labelled_samples_by_default():
     assert torch.equal(bottom_fraction(scores, 0.2), torch.tensor([1, 3]))
 
 
+def test_a_confirmed_split_cluster_gives_a_poison_set_of_half_of_it():
+    """--split_poison_share 0.5: from a confirmed target's split cluster the poison set is at least half of it; from
+    any other candidates (or with the share 0) it is --poison_fraction of all samples."""
+    from utils.defenses.pud import PUDSettings, poison_set_fraction
+
+    cluster = torch.arange(500)
+    pud = PUDSettings(poison_fraction=0.02)
+    assert poison_set_fraction(pud, "split", cluster, 5000) == pytest.approx(0.05)  # 250 of the 500
+    assert poison_set_fraction(pud, "split", cluster[:100], 5000) == pytest.approx(0.02)  # a fifth would be fewer
+    assert poison_set_fraction(pud, "filtered", cluster, 5000) == pytest.approx(0.02)
+    assert poison_set_fraction(PUDSettings(poison_fraction=0.02, split_poison_share=0), "split", cluster, 5000) == \
+        pytest.approx(0.02)
+
+
+def test_the_mean_teacher_goes_on_ascending_on_the_poison_set(tiny_attack_run, tmp_path, monkeypatch):
+    """--mt_ascent 1 (default): every mean-teacher batch is joined by a poison-set batch whose clipped CE is
+    subtracted, with unlearning's weight (clean epochs alone let the backdoor back)."""
+    import PUD
+    from conftest import cli
+    from utils.defenses import pud as pud_module
+
+    calls, real = [], pud_module.bounded_poison_ce
+
+    def spy(logits, y, bound=None):
+        calls.append((len(y), bound))
+        return real(logits, y, bound)
+
+    monkeypatch.setattr(pud_module, "bounded_poison_ce", spy)
+    out = tmp_path / "pud"
+    # --unlearn_where always: unlearning ascends whatever this one-epoch model's class split finds
+    assert cli(PUD.main, "--model_path", tiny_attack_run / "model.pt", "--out_dir", out, *TINY, *FAST,
+               "--unlearn_where", "always", "--unlearn_lambda", "0.3") == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["mean_teacher"]["ascent"]["used"] and s["mean_teacher"]["ascent"]["lambda"] == 0.3
+    poison_size = s["steps"][-1]["poison_set_size"]
+    assert calls and all(0 < n <= poison_size and bound == 10 for n, bound in calls)
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    images = sum(r["images"] for r in recs if r.get("stage") == "mean_teacher")
+    assert len(calls) == -(-images // 128)  # one poison batch joined to every mean-teacher batch (--bs 128)
+
+
+def test_the_mean_teacher_ascends_only_where_unlearning_did():
+    from utils.defenses.pud import PUDSettings, PUDState, teacher_ascent
+
+    ascended = PUDState(unlearning={"ascent": {"used": True, "lambda": 0.3}}, poison_set=torch.arange(5))
+    assert teacher_ascent(PUDSettings(), ascended) == {**teacher_ascent(PUDSettings(), ascended), "used": True,
+                                                       "lambda": 0.3}
+    assert not teacher_ascent(PUDSettings(mt_ascent=0), ascended)["used"]
+    assert not teacher_ascent(PUDSettings(), PUDState(unlearning={"ascent": {"used": False}},
+                                                      poison_set=torch.arange(5)))["used"]
+    assert teacher_ascent(PUDSettings(), PUDState(unlearning={"ascent": {"used": False}}))["lambda"] == 0.0
+
+
 def test_balanced_selection_keeps_each_labels_top_share():
     import torch
 

@@ -11,14 +11,17 @@
 3. ``progressive_steps``: (adversarial) fine-tuning on an extra set, then every training sample is scored by
    the consistency of the infected and current logits (arg-max disagreement penalised). The most consistent
    share of the pool becomes the next extra set (cleaned once more by SPECTRE on its target part), the
-   least consistent share of the candidates the poison set.
+   least consistent share of the candidates the poison set (from a confirmed target's split cluster at least
+   half of it, ``--split_poison_share``).
 4. ``unlearn``: CE on the extra set − λ·bounded CE on the poison set + μ·L1 to a frozen copy; the ascent term
    only where the poison set was ranked within a confirmed target's split cluster (``--unlearn_where``).
-5. ``mean_teacher``: fine-tuning on the extra set with an EMA teacher and a softmax-consistency term.
+5. ``mean_teacher``: fine-tuning on the extra set with an EMA teacher and a softmax-consistency term; where
+   unlearning ascended, its ascent goes on (``--mt_ascent``): clean epochs alone let a BadNets patch back.
 
 How this departs from the authors' code, and why, is in docs/pud.md. Under torchrun every training epoch
-is data-parallel (each rank its share of the extra set, and in unlearning of the poison set; DDP averages
-the gradients); scores, SPECTRE flags, the class split and selections are the same on every rank.
+is data-parallel (each rank its share of the extra set, and in unlearning and the mean teacher of the poison
+set; DDP averages the gradients); scores, SPECTRE flags, the class split and selections are the same on every
+rank.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, bottom_
                                       resolve_candidates, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
-from utils.defenses.unlearning import (ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, ascent_decision,
-                                       balanced_class_weights)
+from utils.defenses.unlearning import (ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, PoisonStream,
+                                       ascent_decision, balanced_class_weights, bounded_poison_ce)
 from utils.run import distributed as dist
 from utils.run.errors import UserError
 from utils.run.stagetimer import stage
@@ -78,6 +81,10 @@ class PUDSettings(Settings):
                                          "found a cluster in a confirmed target, else target, else filtered",
                                  choices=("auto", *POISON_CANDIDATES))
     poison_fraction: float = opt(0.01, "poison set: this least consistent share of all samples", type=fraction)
+    split_poison_share: float = opt(0.5, "where the poison set is drawn from a confirmed target's split cluster (all "
+                                         "poisons on every all2one cell of the quick grids), it is at least this "
+                                         "least consistent share of that cluster (0: --poison_fraction alone)",
+                                    type=fraction)
     pud_lr: float = opt(0.01, "SGD learning rate", type=fraction)
     pud_milestones: tuple = opt([30, 60], "MultiStepLR milestones over the progressive epochs (decay 0.1)",
                                 type=int, nargs="+")
@@ -101,6 +108,9 @@ class PUDSettings(Settings):
     ema_decay: float = opt(0.99, "mean teacher: EMA decay of the teacher", type=fraction)
     mt_refresh: int = opt(1, "1: before the mean teacher, drop target-labelled extra samples the unlearned model no "
                              "longer predicts as the target (0: the paper code)", type=int, choices=(0, 1))
+    mt_ascent: int = opt(1, "1: the mean-teacher epochs keep unlearning's ascent on the poison set (where unlearning "
+                            "used it, with its weight and bound), so that fine-tuning on clean samples does not let the "
+                            "backdoor back; 0: plain mean teacher (paper code)", type=int, choices=(0, 1))
     mt_adv: bool = opt(False, "mean teacher: the student trains on the teacher's PGD examples", action="store_true")
     return_teacher: bool = opt(False, "keep the teacher instead of the student", action="store_true")
     model_repair: bool = opt(False, "step 0 uses a known clean extra set (the model-repair setting)",
@@ -110,6 +120,8 @@ class PUDSettings(Settings):
         for name in ("init_ratio", "poison_fraction"):
             v = getattr(self, name)
             require(0 < v <= 1, f"--{name} must be in (0, 1], got {v}")
+        require(0 <= self.split_poison_share <= 1, f"--split_poison_share must be in [0, 1], got "
+                                                   f"{self.split_poison_share}")
         require(0 < self.spectre_step_remove < 1,
                 f"--spectre_step_remove must be in (0, 1), got {self.spectre_step_remove}")
         require(self.spectre_min > 0, f"--spectre_min must be positive, got {self.spectre_min}")
@@ -244,7 +256,8 @@ def run_pud(job: PUDJob) -> dict:
         settings = {**s.job.target.as_dict(), **s.job.filter.as_dict(), **pud.as_dict()}
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
         return s.finish(settings, {"target": st.target, "spectre_initial": st.spectre_initial, "steps": st.steps,
-                                   "unlearning": st.unlearning, "mt_refresh": st.mt_refresh},
+                                   "unlearning": st.unlearning, "mt_refresh": st.mt_refresh,
+                                   "mean_teacher": {"ascent": teacher_ascent(pud, st)}},
                         suspects={**st.removed, "poison_set": st.poison_set})
 
 
@@ -356,13 +369,23 @@ def train_step(s: DefenseSession, st: PUDState, step: int, objects: dict) -> Non
         s.log(rec, f"pud step {step} (no epochs)")
 
 
+def poison_set_fraction(pud: PUDSettings, mode: str, candidates: torch.Tensor | None, n: int) -> float:
+    """The poison set's share of all ``n`` samples: ``--poison_fraction``, and from a confirmed target's split cluster
+    at least ``--split_poison_share`` of it. The cluster is poisons by construction, and unlearning that ascends on
+    a fifth of them (the grid's 2 %) leaves a BadNets patch at 9-10 % ASR where half of them take it to 5-6 %."""
+    if mode != "split" or candidates is None:
+        return pud.poison_fraction
+    return max(pud.poison_fraction, pud.split_poison_share * len(candidates) / n)
+
+
 def score_step(s: DefenseSession, st: PUDState, step: int, ref_logits, candidates, truth, labels) -> None:
     """Score every training sample; the poison set from the candidates, the next extra set from the pool."""
     pud, inf = s.job.pud, s.inf
     info = st.step_info
     scores = consistency_scores(ref_logits, s.logits(inf.model),
                                 argmax_penalty=True)
-    st.poison_set = bottom_fraction(scores, pud.poison_fraction, candidates)
+    st.poison_set = bottom_fraction(scores, poison_set_fraction(pud, st.spectre_initial["poison_candidates"],
+                                                                candidates, len(scores)), candidates)
     det = detection_stats(st.poison_set, truth)
     info.update({"poison_set_size": len(st.poison_set), "poison_precision": det["precision"],
                  "poison_recall": det["recall"], **{k: s.history[-1].get(k) for k in ("clean_acc", "asr", "robust_acc")}})
@@ -451,27 +474,50 @@ def refresh_before_teacher(s: DefenseSession, st: PUDState) -> dict:
 
 # ----- 5. the mean teacher ------------------------------------------------------------------------------------
 
+def teacher_ascent(pud: PUDSettings, st: PUDState) -> dict:
+    """Whether the mean-teacher epochs go on ascending on the poison set (``--mt_ascent``), with unlearning's weight,
+    and why (for ``summary.json``)."""
+    ascent = (st.unlearning or {}).get("ascent", {})
+    if not pud.mt_ascent:
+        return {"used": False, "lambda": 0.0, "why": "--mt_ascent 0"}
+    if not ascent.get("used") or not len(st.poison_set):
+        return {"used": False, "lambda": 0.0, "why": "unlearning did not ascend"}
+    return {"used": True, "lambda": ascent["lambda"], "why": "unlearning ascended; clean epochs alone let the backdoor "
+                                                             "back"}
+
+
 def mean_teacher(s: DefenseSession, st: PUDState, objects: dict) -> None:
     """Mean-teacher fine-tuning on the extra set; the teacher's weights and the EMA step are in the state."""
     pud, inf = s.job.pud, s.inf
     model, opt = objects["model"], objects["opt"]
     attack = pud.step_pgd(pud.steps - 1)
     teacher = frozen_copy(model, st.teacher)
+    lam = teacher_ascent(pud, st)["lambda"]
     for e in range(st.epoch, pud.mt_epochs):
         st.epoch_global += 1
         ep = st.epoch_global
+        # restarted every epoch, as in unlearning, so that a run resumed at an epoch boundary goes on identically
+        poison = PoisonStream(inf.poisoned, st.poison_set, s.job.run.bs, s.gen, inf.augment) if lam > 0 else None
         seen = {"loss": 0.0, "n": 0}
 
         def loss_fn(i, x, y):
             if pud.mt_adv:
                 with stage("train_pgd"):
                     x = attack(teacher, x, y, generator=s.gen)
-            logits = s.train_model(x)
+            if poison is None:
+                logits = s.train_model(x)
+            else:  # unlearning's ascent goes on: the poison batch joins the clean one
+                _, xp, yp = poison.next()
+                both = torch.cat([x, xp])
+                logits, logits_p = s.train_model(both.contiguous(memory_format=torch.channels_last) if s.cl
+                                                 else both).split([len(y), len(yp)])
             with torch.no_grad():
                 t_logits = teacher(x)
             loss = F.cross_entropy(logits, y) + pud.mt_weight * softmax_consistency(logits, t_logits)
             seen["loss"] += loss.item() * len(y)
             seen["n"] += len(y)
+            if poison is not None:
+                loss = loss - lam * bounded_poison_ce(logits_p, yp, pud.poison_loss_bound)[0]
             return loss, None
 
         def after_step(i):

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from utils.run import distributed as dist
 
-__all__ = ["ASCENT_WHERE", "AscentObjective", "POISON_LOSS_BOUND", "ascent_decision", "balanced_class_weights",
-           "l1_distance", "unlearning_loss"]
+__all__ = ["ASCENT_WHERE", "AscentObjective", "POISON_LOSS_BOUND", "PoisonStream", "ascent_decision",
+           "balanced_class_weights", "bounded_poison_ce", "l1_distance", "unlearning_loss"]
 
 POISON_LOSS_BOUND = 10.0  # the default bound of the ascent term (PUD's --poison_loss_bound, PBE's ascent)
 ASCENT_WHERE = ("split", "always")  # --unlearn_where: when the ascent term is used
@@ -92,6 +92,16 @@ def balanced_class_weights(labels: Tensor, num_classes: int) -> Tensor:
     return w.float()
 
 
+def bounded_poison_ce(logits_poison: Tensor, y_poison: Tensor,
+                      bound: Optional[float] = None) -> Tuple[Tensor, Tensor, bool]:
+    """The ascent term: the poison set's mean CE, clamped at ``bound`` (its gradient is 0 past it). Returns the term,
+    the unclamped CE and whether it was clamped."""
+    ce = _mean_ce(logits_poison, y_poison)
+    if bound is None or logits_poison.shape[0] == 0:
+        return ce, ce, False
+    return torch.clamp(ce, max=float(bound)), ce, bool(ce.detach().item() > bound)
+
+
 def unlearning_loss(logits_clean: Tensor, y_clean: Tensor, logits_poison: Tensor, y_poison: Tensor,
                     model: nn.Module, reference: Optional[nn.Module], lam: float = 0.003, mu: float = 1e-4,
                     poison_loss_bound: Optional[float] = None,
@@ -105,12 +115,7 @@ def unlearning_loss(logits_clean: Tensor, y_clean: Tensor, logits_poison: Tensor
     (``balanced_class_weights``).
     """
     ce_clean = _mean_ce(logits_clean, y_clean, class_weight)
-    ce_poison = _mean_ce(logits_poison, y_poison)
-    clipped = False
-    ascent = ce_poison
-    if poison_loss_bound is not None and logits_poison.shape[0] > 0:
-        clipped = bool(ce_poison.detach().item() > poison_loss_bound)
-        ascent = torch.clamp(ce_poison, max=float(poison_loss_bound))  # d/dx = 0 where clamped
+    ascent, ce_poison, clipped = bounded_poison_ce(logits_poison, y_poison, poison_loss_bound)
     l1 = l1_distance(model, reference).to(ce_clean.device) if mu > 0 and reference is not None \
         else ce_clean.new_zeros(())
     loss = ce_clean - lam * ascent + mu * l1
@@ -124,12 +129,30 @@ def unlearning_loss(logits_clean: Tensor, y_clean: Tensor, logits_poison: Tensor
     return loss, parts
 
 
+class PoisonStream:
+    """Batches of the poison set without end: reshuffled and restarted whenever it runs out. Under torchrun every
+    rank restarts its shard at the same batch (the shards are equal)."""
+
+    def __init__(self, data, poison_set: Tensor, batch_size: int, generator: torch.Generator, augment=None):
+        self.data, self.poison_set, self.bs = data, poison_set, batch_size
+        self.generator, self.augment = generator, augment
+        self._batches = iter(())
+
+    def next(self):
+        batch = next(self._batches, None)
+        if batch is None:
+            self._batches = iter(dist.epoch_batches(self.data, self.bs, self.generator, self.augment,
+                                                    indices=self.poison_set))
+            batch = next(self._batches)
+        return batch
+
+
 class AscentObjective:
     """``train_epoch``'s ``loss_fn`` for one unlearning epoch: each clean batch is joined by the next batch of the
-    poison set (reshuffled and restarted whenever it runs out) and trained on ``unlearning_loss``.
+    poison set (a ``PoisonStream``) and trained on ``unlearning_loss``.
 
-    The sums of the loss parts over the epoch are kept for the run's records. Under torchrun every rank restarts
-    its poison shard at the same batch (the shards are equal), and ``train_model`` is the DDP wrapper.
+    The sums of the loss parts over the epoch are kept for the run's records. ``train_model`` is the DDP wrapper
+    under torchrun.
     """
 
     def __init__(self, model: nn.Module, train_model: nn.Module, data, poison_set: Tensor, batch_size: int,
@@ -137,23 +160,14 @@ class AscentObjective:
                  mu: float = 0.0, bound: Optional[float] = None, reference: Optional[nn.Module] = None,
                  class_weight: Optional[Tensor] = None):
         self.model, self.train_model, self.reference = model, train_model, reference
-        self.data, self.poison_set, self.bs = data, poison_set, batch_size
-        self.generator, self.augment, self.cl = generator, augment, channels_last
+        self.poison_set, self.cl = poison_set, channels_last
         self.lam, self.mu, self.bound, self.class_weight = lam, mu, bound, class_weight
-        self._poison = iter(())
+        self._poison = PoisonStream(data, poison_set, batch_size, generator, augment)
         self.sums = {"clean_ce": 0.0, "poison_ce": 0.0, "loss": 0.0}
         self.batches = self.clipped_batches = self.images = 0  # images: poison-set images joined so far
 
-    def _next_poison(self):
-        batch = next(self._poison, None)
-        if batch is None:
-            self._poison = iter(dist.epoch_batches(self.data, self.bs, self.generator, self.augment,
-                                                   indices=self.poison_set))
-            batch = next(self._poison)
-        return batch
-
     def __call__(self, i: int, xc: Tensor, yc: Tensor):
-        _, xp, yp = self._next_poison()
+        _, xp, yp = self._poison.next()
         x = torch.cat([xc, xp])
         if self.cl:
             x = x.contiguous(memory_format=torch.channels_last)
