@@ -125,11 +125,13 @@ def test_the_mean_teacher_goes_on_ascending_on_the_poison_set(tiny_attack_run, t
 
 
 def test_the_mean_teacher_ascends_only_where_unlearning_did():
+    """Unlearning's weight where it ascended on a non-empty poison set; nothing with --mt_ascent 0 or where it did
+    not ascend (all2all, clean-label: no confirmed target)."""
     from utils.defenses.pud import PUDSettings, PUDState, teacher_ascent
 
     ascended = PUDState(unlearning={"ascent": {"used": True, "lambda": 0.3}}, poison_set=torch.arange(5))
-    assert teacher_ascent(PUDSettings(), ascended) == {**teacher_ascent(PUDSettings(), ascended), "used": True,
-                                                       "lambda": 0.3}
+    decision = teacher_ascent(PUDSettings(), ascended)
+    assert decision["used"] and decision["lambda"] == 0.3
     assert not teacher_ascent(PUDSettings(mt_ascent=0), ascended)["used"]
     assert not teacher_ascent(PUDSettings(), PUDState(unlearning={"ascent": {"used": False}},
                                                       poison_set=torch.arange(5)))["used"]

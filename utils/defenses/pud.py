@@ -487,7 +487,8 @@ def teacher_ascent(pud: PUDSettings, st: PUDState) -> dict:
 
 
 def mean_teacher(s: DefenseSession, st: PUDState, objects: dict) -> None:
-    """Mean-teacher fine-tuning on the extra set; the teacher's weights and the EMA step are in the state."""
+    """Mean-teacher fine-tuning on the extra set (with unlearning's ascent, ``teacher_ascent``); the teacher's weights
+    and the EMA step are in the state."""
     pud, inf = s.job.pud, s.inf
     model, opt = objects["model"], objects["opt"]
     attack = pud.step_pgd(pud.steps - 1)
