@@ -41,7 +41,7 @@ from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, bottom_
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import (ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, PoisonStream,
-                                       ascent_decision, balanced_class_weights, bounded_poison_ce)
+                                       ascent_decision, balanced_class_weights, bounded_poison_ce, joined_forward)
 from utils.run import distributed as dist
 from utils.run.errors import UserError
 from utils.run.stagetimer import stage
@@ -109,8 +109,8 @@ class PUDSettings(Settings):
     mt_refresh: int = opt(1, "1: before the mean teacher, drop target-labelled extra samples the unlearned model no "
                              "longer predicts as the target (0: the paper code)", type=int, choices=(0, 1))
     mt_ascent: int = opt(1, "1: the mean-teacher epochs keep unlearning's ascent on the poison set (where unlearning "
-                            "used it, with its weight and bound), so that fine-tuning on clean samples does not let the "
-                            "backdoor back; 0: plain mean teacher (paper code)", type=int, choices=(0, 1))
+                            "used it, with its weight and bound), so that fine-tuning on clean samples does not let "
+                            "the backdoor back; 0: plain mean teacher (paper code)", type=int, choices=(0, 1))
     mt_adv: bool = opt(False, "mean teacher: the student trains on the teacher's PGD examples", action="store_true")
     return_teacher: bool = opt(False, "keep the teacher instead of the student", action="store_true")
     model_repair: bool = opt(False, "step 0 uses a known clean extra set (the model-repair setting)",
@@ -509,9 +509,7 @@ def mean_teacher(s: DefenseSession, st: PUDState, objects: dict) -> None:
                 logits = s.train_model(x)
             else:  # unlearning's ascent goes on: the poison batch joins the clean one
                 _, xp, yp = poison.next()
-                both = torch.cat([x, xp])
-                logits, logits_p = s.train_model(both.contiguous(memory_format=torch.channels_last) if s.cl
-                                                 else both).split([len(y), len(yp)])
+                logits, logits_p = joined_forward(s.train_model, x, xp, s.cl)
             with torch.no_grad():
                 t_logits = teacher(x)
             loss = F.cross_entropy(logits, y) + pud.mt_weight * softmax_consistency(logits, t_logits)

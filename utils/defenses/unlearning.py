@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from utils.run import distributed as dist
 
 __all__ = ["ASCENT_WHERE", "AscentObjective", "POISON_LOSS_BOUND", "PoisonStream", "ascent_decision",
-           "balanced_class_weights", "bounded_poison_ce", "l1_distance", "unlearning_loss"]
+           "balanced_class_weights", "bounded_poison_ce", "joined_forward", "l1_distance", "unlearning_loss"]
 
 POISON_LOSS_BOUND = 10.0  # the default bound of the ascent term (PUD's --poison_loss_bound, PBE's ascent)
 ASCENT_WHERE = ("split", "always")  # --unlearn_where: when the ascent term is used
@@ -147,6 +147,17 @@ class PoisonStream:
         return batch
 
 
+def joined_forward(train_model: nn.Module, xc: Tensor, xp: Tensor,
+                   channels_last: bool = False) -> Tuple[Tensor, Tensor]:
+    """One forward of a clean batch joined by a poison batch (their BatchNorm statistics taken together, as the
+    ascent has always trained); returns the clean and the poison logits."""
+    x = torch.cat([xc, xp])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    logits = train_model(x)
+    return logits[:len(xc)], logits[len(xc):]
+
+
 class AscentObjective:
     """``train_epoch``'s ``loss_fn`` for one unlearning epoch: each clean batch is joined by the next batch of the
     poison set (a ``PoisonStream``) and trained on ``unlearning_loss``.
@@ -168,11 +179,8 @@ class AscentObjective:
 
     def __call__(self, i: int, xc: Tensor, yc: Tensor):
         _, xp, yp = self._poison.next()
-        x = torch.cat([xc, xp])
-        if self.cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.train_model(x)
-        loss, parts = unlearning_loss(logits[:len(yc)], yc, logits[len(yc):], yp, self.model, self.reference,
+        logits_c, logits_p = joined_forward(self.train_model, xc, xp, self.cl)
+        loss, parts = unlearning_loss(logits_c, yc, logits_p, yp, self.model, self.reference,
                                       lam=self.lam, mu=self.mu, poison_loss_bound=self.bound,
                                       class_weight=self.class_weight)
         for k in self.sums:
@@ -180,7 +188,7 @@ class AscentObjective:
         self.clipped_batches += int(parts["poison_clipped"])
         self.batches += 1
         self.images += len(yp)
-        return loss, logits[:len(yc)]
+        return loss, logits_c
 
     def means(self) -> dict:
         """The epoch's mean loss parts, averaged over ranks."""
