@@ -16,7 +16,7 @@ import PUD
 import pbe_main
 import train_blend
 import utils.data.external as ext
-from conftest import NO_FIGURES, TINY_ATTACK, cli
+from conftest import NO_FIGURES, TINY_ATTACK, built_once, cli
 from test_external import Payload, foreign_preact, write_attack_result
 from models import build_model
 from utils.data.build import (DataSource, backdoor_from_checkpoint, data_from_checkpoint, load_data,
@@ -43,9 +43,11 @@ AFT_TINY = ("--aft_epochs", "2", "--adv_epochs", "1", "--extra_ratio", "0.2", "-
 @pytest.fixture(scope="module")
 def attack(tmp_path_factory):
     """A patch-infected CNN on 300 synthetic images (6 epochs, in this process)."""
-    out = tmp_path_factory.mktemp("attack") / "run"
+    return built_once(tmp_path_factory, "external_attack", _train_attack)
+
+
+def _train_attack(out):
     assert cli(train_blend.main, *ATTACK, "--out_dir", out) == 0
-    return out
 
 
 def export(model_pt, out) -> dict:

@@ -5,7 +5,7 @@ import pytest
 
 import PUD
 import train_blend
-from conftest import NO_FIGURES, cli
+from conftest import NO_FIGURES, built_once, cli
 from test_pud import FAST
 
 # PUD's stages, shortened to about 15 s on the 2,000-image models (TINY of test_pud does not remove the backdoor)
@@ -18,12 +18,14 @@ SHORT = ("--steps", "2", "--step_epochs", "3", "3", "--step_adv_epochs", "3", "1
 def all2all_run(tmp_path_factory):
     """A tiny all2all model: 2x2 patch poisons carry label y + 1. On 2,000 images a 10 % poison rate does not
     take within a test's budget (ASR 6 % after 7 epochs), so 40 % of the images are poisoned: ASR about 65 %."""
-    out = tmp_path_factory.mktemp("all2all") / "run"
+    return built_once(tmp_path_factory, "all2all", _train_all2all)
+
+
+def _train_all2all(out):
     assert cli(train_blend.main, "--dataset", "synthetic", "--arch", "cnn", "--trigger_type", "patch", "--patch_size",
                "2", "--attack_mode", "all2all", "--pc", "0.4", "--train_subset", "2000", "--test_subset", "500",
                "--n_iters", "8", "--bs", "64", "--lr_C", "0.05", "--schedulerC_milestones", "6", "--device", "cpu",
                "--no-eval_robust", *NO_FIGURES, "--out_dir", out) == 0
-    return out
 
 
 def run_pud(model_dir, out, *extra):

@@ -12,7 +12,7 @@ import torch
 
 import PUD
 import train_blend
-from conftest import NO_FIGURES, ROOT, TINY_ATTACK, cli, run_script
+from conftest import NO_FIGURES, ROOT, TINY_ATTACK, built_once, cli, run_script
 from utils.run.checkpoint import atomic_write, load_checkpoint
 
 ATTACK = ("train_blend.py", *TINY_ATTACK, "--n_iters", "2", "--schedulerC_milestones", "1")
@@ -49,10 +49,12 @@ def assert_same_run(a, b):
 
 @pytest.fixture(scope="module")
 def attack_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "attack"
+    return built_once(tmp_path_factory, "resume_reference", _train_reference)
+
+
+def _train_reference(out):
     r = run_script(*ATTACK, "--out_dir", str(out))
     assert r.returncode == 0, r.stderr
-    return out
 
 
 @pytest.mark.slow

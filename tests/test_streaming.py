@@ -74,7 +74,7 @@ def test_the_224px_path_runs_the_attack_and_every_defense_with_resnet18(tmp_path
     from conftest import cli
     from utils.data.streaming import write_synthetic_folders
 
-    names = write_synthetic_folders(str(tmp_path / "data"), num_classes=3, train_per_class=6, val_per_class=2)
+    names = write_synthetic_folders(str(tmp_path / "data"), num_classes=3, train_per_class=4, val_per_class=1)
     common = ("--device", "cpu", "--num_workers", "0", "--bs", "6", "--eval_bs", "6", "--eval_steps", "1",
               *NO_FIGURES)
     attack = tmp_path / "attack"
@@ -86,11 +86,11 @@ def test_the_224px_path_runs_the_attack_and_every_defense_with_resnet18(tmp_path
     assert cli(pbe_main.main, *model, "--aft_epochs", "1", "--adv_epochs", "1", "--adv_steps", "1", "--extra_ratio", "0.5",
                "--out_dir", tmp_path / "aft") == 0
     assert cli(pbe_main.main, *model, "--progressive", "--rounds", "2", "--round_epochs", "1", "--top_rates", "0.5",
-               "--adv_steps", "1", "--init_ratio", "0.3", "--target_images", "6", "--out_dir", tmp_path / "pbe") == 0
+               "--adv_steps", "1", "--init_ratio", "0.3", "--target_images", "3", "--out_dir", tmp_path / "pbe") == 0
     assert cli(PUD.main, *model, "--steps", "2", "--step_epochs", "1", "1", "--step_adv_epochs", "1", "0",
                "--step_partial", "0", "0", "--step_eps", "6/255", "4/255", "--step_alpha_div", "5", "6",
                "--step_pgd_steps", "1", "--top_rates", "0.5", "--init_ratio", "0.3", "--unlearn_epochs", "1",
-               "--mt_epochs", "1", "--target_images", "6", "--spectre_min", "2", "--out_dir", tmp_path / "pud") == 0
+               "--mt_epochs", "1", "--target_images", "3", "--spectre_min", "2", "--out_dir", tmp_path / "pud") == 0
     for d in ("aft", "pbe", "pud"):
         s = json.loads((tmp_path / d / "summary.json").read_text())
         assert {"clean_acc", "asr", "robust_acc"} <= set(s["final"]), d
