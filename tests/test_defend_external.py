@@ -42,7 +42,7 @@ AFT_TINY = ("--aft_epochs", "2", "--adv_epochs", "1", "--extra_ratio", "0.2", "-
 
 @pytest.fixture(scope="module")
 def attack(tmp_path_factory):
-    """A patch-infected CNN on 300 synthetic images (6 epochs, in this process)."""
+    """A patch-infected CNN on 300 synthetic images (6 epochs), trained once a session for every worker."""
     return built_once(tmp_path_factory, "external_attack", _train_attack)
 
 

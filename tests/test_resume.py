@@ -49,6 +49,7 @@ def assert_same_run(a, b):
 
 @pytest.fixture(scope="module")
 def attack_reference(tmp_path_factory):
+    """The uninterrupted tiny attack the resumed runs must equal, trained once a session for every worker."""
     return built_once(tmp_path_factory, "resume_reference", _train_reference)
 
 
