@@ -48,3 +48,6 @@ def test_evaluating_less_often_leaves_the_defense_unchanged(tmp_path):
     for key in ("asr_late_max", "asr_late_epochs"):
         assert dense[1][key] == sparse[1][key]
     assert dense[1]["final"] == sparse[1]["final"]
+    # the thread count a run computed with is on record (float sums in another order give another result)
+    attack_summary = json.loads((attack / "summary.json").read_text())
+    assert attack_summary["torch_threads"] == dense[1]["torch_threads"] == torch.get_num_threads()

@@ -166,6 +166,7 @@ def run_attack(job: AttackJob) -> dict:
                 save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned,
                                                                          train_indices, final))
         summary = {"final": final, "epochs": n_iters, "amp": amp_choice(job.model.amp, device),
+                   "torch_threads": torch.get_num_threads(),  # float sums in another order: another result
                    "poisoned": len(poisoned.poison_idx),
                    "train_size": len(poisoned), "test_size": len(test)}
         if run_s.figures:

@@ -15,6 +15,8 @@ import csv
 import io
 from dataclasses import dataclass, fields
 
+import torch
+
 from models.speed import SpeedSettings, amp_choice
 from utils.adversarial import RobustEvalSettings, robust_eval
 from utils.autoattack import final_robustness
@@ -203,7 +205,8 @@ class DefenseSession:
                    "final": {k: final[k] for k in SUMMARY_KEYS if k in final}, "robust_eval": final.get("robust_eval"),
                    "initial_robust_eval": self.initial.get("robust_eval"),
                    **({"autoattack_eval": final["autoattack_eval"]} if "autoattack_eval" in final else {}),
-                   "settings": settings, "amp": self.amp, **late_asr(self.history),
+                   "settings": settings, "amp": self.amp, "torch_threads": torch.get_num_threads(),
+                   **late_asr(self.history),
                    "target_class": inf.true_target,  # the class target_class_acc is of (all2one; else None)
                    "input": {"origin": inf.origin, "files": inf.files}, "not_measurable": inf.not_measurable(),
                    **(extra_summary or {})}
