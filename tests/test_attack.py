@@ -42,6 +42,20 @@ def test_checkpoint_round_trips_and_re_evaluates_to_the_same_accuracy(infected_r
     assert again["asr"] == pytest.approx(ck["metrics"]["asr"], abs=1e-9)
 
 
+def test_pc_0_trains_a_clean_model_that_keeps_the_trigger_and_reports_its_asr(tmp_path):
+    # the grid's clean-model row: what the trigger does to a model that never saw a poisoned image
+    import train_blend
+    from conftest import TINY_ATTACK, cli
+
+    out = tmp_path / "clean"
+    assert cli(train_blend.main, *TINY_ATTACK, "--n_iters", "1", "--pc", "0", "--no-eval_robust", "--out_dir", out) == 0
+    ck = load_checkpoint(str(out / "model.pt"))
+    assert len(ck["poisoned_indices"]) == 0 and ck["args"]["pc"] == 0
+    assert backdoor_from_checkpoint(ck).trigger.name == "patch"
+    final = json.loads((out / "summary.json").read_text())["final"]
+    assert 0 <= final["asr"] <= 1 and final["clean_acc"] > 0
+
+
 def test_gtsrb_missing_offline_names_download_script(tmp_path, monkeypatch):
     import torchvision
 

@@ -112,6 +112,25 @@ def test_a_defense_reports_autoattack_beside_pgd_on_the_same_images(tiny_attack_
     assert s["final"]["autoattack_acc"] <= s["final"]["robust_acc"]
 
 
+def test_the_clean_model_row_retrains_the_attack_without_poisons_and_is_not_judged(tmp_path):
+    root = str(tmp_path / "grid")
+    preset = grid.Preset("tiny", PRESET.datasets, PRESET.shared, PRESET.attacks,
+                         (grid.CLEAN_MODEL, grid.Defense("aft", "pbe_main.py", ())), {"synthetic": 10})
+    runner = FakeRunner(fail={"patch-all2all/attack"})
+    status = grid.run_grid(preset, "synthetic", root, runner=runner)
+    calls = dict(runner.calls)
+    clean, attack = calls["patch-all2one/clean-model"], calls["patch-all2one/attack"]
+    # the attack's own command (script, trigger, mode, test images) with --pc 0 added; no model to defend
+    assert clean[1] == "train_blend.py" and "--model_path" not in clean
+    assert clean[clean.index("--pc") + 1] == "0" and "--pc" not in attack
+    assert clean[:clean.index("--pc")] == attack[:attack.index("--out_dir")]
+    # it needs no infected model: it runs where the attack failed, while that attack's defense cannot
+    assert status["patch-all2all/clean-model"] == "done" and status["patch-all2all/aft"] == "failed"
+    rows = {(r["cell"], r["defense"]): r for r in grid.table_rows(preset, "synthetic", root)}
+    assert rows["patch-all2one", "clean-model"]["asr"] == 0.97  # FakeRunner's attack-run summary
+    assert rows["patch-all2one", "clean-model"]["misses"] is None and rows["patch-all2one", "aft"]["misses"] == ""
+
+
 def test_a_defended_cell_names_the_targets_it_misses():
     infected = {"defense": "none", "status": "done", "acc": 0.97, "asr": 0.98, "asr_late_max": None, "ra": 0.01,
                 "tca": 0.96, "det_precision": None}

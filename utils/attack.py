@@ -34,7 +34,8 @@ class AttackSettings(Settings):
     GROUP = "attack"
     attack_mode: str = opt("all2one", "all2one (every triggered image -> the target) or all2all (y -> y+1 mod C)")
     target_label: int = opt(0, "the all2one target class", type=int)
-    pc: float = opt(0.1, "poisoning rate, in (0, 1)", type=fraction)
+    pc: float = opt(0.1, "poisoning rate, in [0, 1); 0 trains a clean model that keeps the trigger, so its ASR is "
+                         "what the trigger does to a model that never saw a poisoned image", type=fraction)
     poison_mode: str = opt("fixed", "fixed: seeded poisoned indices saved with the model; batch: the first pc*bs "
                                     "images of every batch, as in the paper code")
     lr_C: float = opt(0.01, "SGD learning rate", type=fraction)
@@ -54,7 +55,7 @@ class AttackSettings(Settings):
                 f"unknown attack mode '{self.attack_mode}'; choose one of {', '.join(LABEL_MAPS)}")
         require(self.poison_mode in POISON_MODES,
                 f"unknown --poison_mode '{self.poison_mode}'; choose one of {', '.join(POISON_MODES)}")
-        require(0 < self.pc < 1, f"--pc must be in (0, 1), got {self.pc}")
+        require(0 <= self.pc < 1, f"--pc must be in [0, 1), got {self.pc}")
         require(0 <= self.target_label < data.num_classes,
                 f"--target_label {self.target_label} is not a class of {data.dataset} "
                 f"(classes 0..{data.num_classes - 1})")

@@ -29,6 +29,8 @@ def attack_label(args: dict) -> str:
     attack = " ".join(str(args[k]) for k in ("trigger_type", "attack_mode") if args.get(k))
     if not attack and (args.get("from_backdoorbench") or args.get("train_data")):
         attack = "backdoorbench" if args.get("from_backdoorbench") else "other code"
+    if attack and args.get("pc") == 0:  # train_blend.py --pc 0: a clean model that keeps the trigger
+        attack += " (no poisoned image)"
     return attack
 
 
