@@ -54,6 +54,9 @@ def test_pc_0_trains_a_clean_model_that_keeps_the_trigger_and_reports_its_asr(tm
     assert backdoor_from_checkpoint(ck).trigger.name == "patch"
     final = json.loads((out / "summary.json").read_text())["final"]
     assert 0 <= final["asr"] <= 1 and final["clean_acc"] > 0
+    from utils.run.describe import attack_label
+
+    assert attack_label(json.loads((out / "args.json").read_text())) == "patch all2one (no poisoned image)"
 
 
 def test_gtsrb_missing_offline_names_download_script(tmp_path, monkeypatch):
