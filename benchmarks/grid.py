@@ -356,9 +356,9 @@ TARGETS = (("ASR", lambda r, inf: r["asr"] is None or r["asr"] <= 0.10),
 
 
 def misses(row: dict, infected: dict | None) -> str | None:
-    """The targets a defended cell misses ("" = meets all; None for the attack row, the clean-model reference or a
-    cell not finished)."""
-    if (row["defense"] in ("none", CLEAN_MODEL.name) or row["status"] != "done" or not infected
+    """The targets a defended cell misses ("" = meets all; None for the attack row, a reference row (``retrain``,
+    the clean model) or a cell not finished)."""
+    if (row["defense"] == "none" or row.get("reference") or row["status"] != "done" or not infected
             or infected["status"] != "done"):
         return None
     return ", ".join(name for name, ok in TARGETS if not ok(row, infected))
@@ -371,7 +371,8 @@ def table_rows(preset: Preset, dataset: str, root: str) -> list:
     rows = []
     for cell in cells_of(preset, dataset, root):
         row = {k: None for k in COLUMNS}
-        row.update(cell=cell.attack.name, defense=cell.defense.name if cell.defense else "none")
+        row.update(cell=cell.attack.name, defense=cell.defense.name if cell.defense else "none",
+                   reference=bool(cell.defense and cell.defense.retrain))
         if finished(cell.folder):
             run = read_run(cell.folder)
             summary = json.load(open(os.path.join(cell.folder, "summary.json")))

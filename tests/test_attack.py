@@ -6,9 +6,11 @@ import torch
 from dataloader import backdoor_from_checkpoint
 from models import model_from_checkpoint
 from models.speed import SpeedSettings, prepare_model
+from conftest import TINY_ATTACK, cli
 from utils.run.checkpoint import load_checkpoint
 from utils.data.datasets import make_synthetic, seeded_subset
 from utils.evaluation import evaluate
+from utils.run.describe import attack_label
 
 
 @pytest.mark.slow
@@ -45,7 +47,6 @@ def test_checkpoint_round_trips_and_re_evaluates_to_the_same_accuracy(infected_r
 def test_pc_0_trains_a_clean_model_that_keeps_the_trigger_and_reports_its_asr(tmp_path):
     # the grid's clean-model row: what the trigger does to a model that never saw a poisoned image
     import train_blend
-    from conftest import TINY_ATTACK, cli
 
     out = tmp_path / "clean"
     assert cli(train_blend.main, *TINY_ATTACK, "--n_iters", "1", "--pc", "0", "--no-eval_robust", "--out_dir", out) == 0
@@ -54,8 +55,6 @@ def test_pc_0_trains_a_clean_model_that_keeps_the_trigger_and_reports_its_asr(tm
     assert backdoor_from_checkpoint(ck).trigger.name == "patch"
     final = json.loads((out / "summary.json").read_text())["final"]
     assert 0 <= final["asr"] <= 1 and final["clean_acc"] > 0
-    from utils.run.describe import attack_label
-
     assert attack_label(json.loads((out / "args.json").read_text())) == "patch all2one (no poisoned image)"
 
 
