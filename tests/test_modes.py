@@ -41,7 +41,10 @@ def test_pud_on_an_all2all_backdoor_goes_class_agnostic_says_so_and_lowers_the_a
     assert s["target"]["used"] is None
     # the poison set comes from what the per-class filter removed, and unlearning does not ascend on it
     assert s["spectre_initial"]["poison_candidates"] == "filtered"
+    assert s["spectre_initial"]["poison_score"] == "label"  # ranked by their own label's probability
     assert s["unlearning"]["ascent"]["used"] is False and "split cluster" in s["unlearning"]["ascent"]["why"]
+    # without the ascent no poison batch joins the clean ones, so there is no poison CE to record
+    assert s["unlearning"]["history"] and all("poison_ce" not in h for h in s["unlearning"]["history"])
     # a 40 %-poisoned set leaves a quarter of every extra set poisoned: PUD halves the ASR, it does not remove it
     assert s["initial"]["asr"] > 0.5 and s["final"]["asr"] < 0.6 * s["initial"]["asr"], (s["initial"], s["final"])
 
@@ -52,6 +55,7 @@ def test_pud_given_a_wrong_target_label_finds_the_real_one_and_removes_the_backd
     decision = s["target"]["decision"]
     assert decision["given"] == 3 and decision["target"] == 0 and "given target 3 is not confirmed" in decision["why"]
     assert s["target"]["used"] == 0 and s["unlearning"]["ascent"]["used"] is True
+    assert s["spectre_initial"]["poison_score"] == "consistency"  # a confirmed target: the papers' score
     assert s["initial"]["asr"] > 0.9 and s["final"]["asr"] <= 0.10, s["final"]
 
 

@@ -83,6 +83,20 @@ def test_poison_set_is_drawn_from_target_labelled_samples_by_default():
     assert torch.equal(bottom_fraction(scores, 0.2), torch.tensor([1, 3]))
 
 
+def test_without_a_confirmed_target_the_poison_set_is_ranked_by_its_own_labels_probability():
+    """Two suspects labelled 0: a poison (an image of class 1 the infected model gave its backdoor label 0, which the
+    current model now calls 1 but still finds close to 0) and a clean image the fine-tuning merely moved (now
+    unsure). Consistency ranks the moved clean image lower; the label's probability ranks the poison lower."""
+    from utils.defenses.selection import POISON_SCORES, auto_poison_score, bottom_fraction
+
+    ref = torch.tensor([[5.0, 4.0, 0.0], [5.0, 0.0, 0.0]])
+    cur = torch.tensor([[4.0, 5.0, 0.0], [0.4, 0.5, 0.0]])
+    labels = torch.tensor([0, 0])
+    pick = {name: bottom_fraction(score(ref, cur, labels), 0.5).tolist() for name, score in POISON_SCORES.items()}
+    assert pick == {"consistency": [1], "label": [0]}
+    assert auto_poison_score(None) == "label" and auto_poison_score(3) == "consistency"
+
+
 def test_a_confirmed_split_cluster_gives_a_poison_set_of_half_of_it():
     """--split_poison_share 0.5: from a confirmed target's split cluster the poison set is at least half of it; from
     any other candidates (or with the share 0) it is --poison_fraction of all samples."""

@@ -237,6 +237,24 @@ def test_ascent_objective_joins_every_clean_batch_with_the_next_poison_batch_and
     assert set(obj.means()) == {"clean_ce", "poison_ce", "loss"}
 
 
+def test_ascent_objective_without_the_ascent_draws_no_poison_batch():
+    """lam 0: every forward is the clean batch alone (a poison batch would only move BatchNorm's statistics), the
+    loss is the clean CE, and the records have no poison CE."""
+    from utils.defenses.unlearning import AscentObjective
+
+    data, model = _image_set(), _Flat()
+    seen = []
+    real = model.forward
+    model.forward = lambda x: (seen.append(len(x)), real(x))[1]
+    obj = AscentObjective(model, model, data, torch.tensor([7, 8, 9]), 2, torch.Generator().manual_seed(0), lam=0.0)
+    xc, yc = torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0])
+    for i in range(3):
+        loss, logits = obj(i, xc, yc)
+        assert loss.item() == pytest.approx(F.cross_entropy(real(xc), yc).item(), rel=1e-5)
+    assert seen == [4, 4, 4] and obj.images == 0
+    assert set(obj.means()) == {"clean_ce", "loss"}
+
+
 def test_ascent_objective_drives_the_poison_set_away_from_its_labels():
     """A few SGD steps: with lam > 0 the poison samples' CE under their (backdoor) labels rises; with lam 0 (only
     the clean term) the same steps do not push it up as far."""

@@ -12,7 +12,8 @@
    the consistency of the infected and current logits (arg-max disagreement penalised). The most consistent
    share of the pool becomes the next extra set (cleaned once more by SPECTRE on its target part), the
    least consistent share of the candidates the poison set (from a confirmed target's split cluster at least
-   half of it, ``--split_poison_share``).
+   half of it, ``--split_poison_share``; without a confirmed target the candidates whose own label the model
+   now finds least likely, ``--poison_score``).
 4. ``unlearn``: CE on the extra set − λ·bounded CE on the poison set + μ·L1 to a frozen copy; the ascent term
    only where the poison set was ranked within a confirmed target's split cluster (``--unlearn_where``).
 5. ``mean_teacher``: fine-tuning on the extra set with an EMA teacher and a softmax-consistency term; where
@@ -35,9 +36,9 @@ from utils.adversarial import PGD
 from utils.defenses.filtering import (FilterSettings, class_representations, filter_classes_and_decide,
                                       removed_record, spectre_flags)
 from utils.defenses.mean_teacher import ema_update, softmax_consistency
-from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, bottom_fraction, clean_indices,
-                                      consistency_scores, detection_stats, poison_count, poison_share,
-                                      resolve_candidates, shown, top_fraction)
+from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, POISON_SCORES, auto_poison_score,
+                                      bottom_fraction, clean_indices, consistency_scores, detection_stats,
+                                      poison_count, poison_share, resolve_candidates, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import (ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, PoisonStream,
@@ -80,7 +81,12 @@ class PUDSettings(Settings):
                                          "filtering removed (filtered), or all (paper code); auto: split if the split "
                                          "found a cluster in a confirmed target, else target, else filtered",
                                  choices=("auto", *POISON_CANDIDATES))
-    poison_fraction: float = opt(0.01, "poison set: this least consistent share of all samples", type=fraction)
+    poison_score: str = opt("auto", "how the poison set ranks its candidates, lowest first: consistency of the "
+                                    "infected and current logits (the papers'), or label = the current model's "
+                                    "probability of the sample's own label; auto: label where no target is "
+                                    "confirmed (suspects of every class), else consistency",
+                            choices=("auto", *POISON_SCORES))
+    poison_fraction: float = opt(0.01, "poison set: this lowest-ranked share of all samples (--poison_score)", type=fraction)
     split_poison_share: float = opt(0.5, "where the poison set is drawn from a confirmed target's split cluster (all "
                                          "poisons on every all2one cell of the quick grids), it is at least this "
                                          "least consistent share of that cluster (0: --poison_fraction alone)",
@@ -303,6 +309,7 @@ def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
     mode, candidates = resolve_candidates(pud.poison_candidates, labels, target, st.filtered,
                                           st.removed.get("class_split"))
     st.spectre_initial["poison_candidates"] = mode
+    st.spectre_initial["poison_score"] = pud.poison_score if pud.poison_score != "auto" else auto_poison_score(target)
     for step in range(st.step, pud.steps):
         if st.step_info is None:
             with stage("filtering"):
@@ -382,9 +389,10 @@ def score_step(s: DefenseSession, st: PUDState, step: int, ref_logits, candidate
     """Score every training sample; the poison set from the candidates, the next extra set from the pool."""
     pud, inf = s.job.pud, s.inf
     info = st.step_info
-    scores = consistency_scores(ref_logits, s.logits(inf.model),
-                                argmax_penalty=True)
-    st.poison_set = bottom_fraction(scores, poison_set_fraction(pud, st.spectre_initial["poison_candidates"],
+    cur_logits = s.logits(inf.model)
+    scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=True)
+    ranked = POISON_SCORES[st.spectre_initial["poison_score"]](ref_logits, cur_logits, labels)
+    st.poison_set = bottom_fraction(ranked, poison_set_fraction(pud, st.spectre_initial["poison_candidates"],
                                                                 candidates, len(scores)), candidates)
     det = detection_stats(st.poison_set, truth)
     info.update({"poison_set_size": len(st.poison_set), "poison_precision": det["precision"],

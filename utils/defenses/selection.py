@@ -34,6 +34,30 @@ def consistency_scores(ref_logits: torch.Tensor, cur_logits: torch.Tensor, argma
     return s
 
 
+def label_scores(ref_logits: torch.Tensor, cur_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The current model's probability of each sample's own label (low = likely a dirty-label poison).
+
+    A poison of an all2all (or unknown-target) attack carries the label of a class its image is not; once the
+    backdoor is weakened the model gives it its true class, so its label's probability falls. Consistency with the
+    infected logits also falls for clean images the fine-tuning merely moved, which are many among every class's
+    suspects. ``ref_logits`` is unused: the signature of ``POISON_SCORES``."""
+    return cur_logits.float().softmax(1).gather(1, labels.to(cur_logits.device).view(-1, 1)).squeeze(1).cpu()
+
+
+# How a poison set ranks its candidates, lowest first: (infected logits, current logits, labels) -> scores.
+POISON_SCORES = {
+    "consistency": lambda ref, cur, labels: consistency_scores(ref, cur, argmax_penalty=True),  # the papers'
+    "label": label_scores,
+}
+
+
+def auto_poison_score(target: int | None) -> str:
+    """``--poison_score auto``: the label's probability where no target is confirmed (the candidates are suspects
+    of every class: 100 % precise on the quick grid's all2all cells, where consistency is 78-95 %), else the
+    papers' consistency."""
+    return "label" if target is None else "consistency"
+
+
 def top_fraction(scores: torch.Tensor, fraction: float, among: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the highest-scored ``fraction`` of samples (of ``among`` if given), sorted by index.

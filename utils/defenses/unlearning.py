@@ -163,7 +163,8 @@ class AscentObjective:
     poison set (a ``PoisonStream``) and trained on ``unlearning_loss``.
 
     The sums of the loss parts over the epoch are kept for the run's records. ``train_model`` is the DDP wrapper
-    under torchrun.
+    under torchrun. With ``lam`` 0 (no ascent) no poison batch is drawn: it would add nothing to the loss but a
+    forward pass and its images in the clean batch's BatchNorm statistics; the records then have no ``poison_ce``.
     """
 
     def __init__(self, model: nn.Module, train_model: nn.Module, data, poison_set: Tensor, batch_size: int,
@@ -173,12 +174,15 @@ class AscentObjective:
         self.model, self.train_model, self.reference = model, train_model, reference
         self.poison_set, self.cl = poison_set, channels_last
         self.lam, self.mu, self.bound, self.class_weight = lam, mu, bound, class_weight
-        self._poison = PoisonStream(data, poison_set, batch_size, generator, augment)
-        self.sums = {"clean_ce": 0.0, "poison_ce": 0.0, "loss": 0.0}
+        self._poison = PoisonStream(data, poison_set, batch_size, generator, augment) if lam > 0 else None
+        self.sums = {"clean_ce": 0.0, "poison_ce": 0.0, "loss": 0.0} if lam > 0 else {"clean_ce": 0.0, "loss": 0.0}
         self.batches = self.clipped_batches = self.images = 0  # images: poison-set images joined so far
 
     def __call__(self, i: int, xc: Tensor, yc: Tensor):
-        _, xp, yp = self._poison.next()
+        if self._poison is None:
+            xp, yp = xc[:0], yc[:0]
+        else:
+            _, xp, yp = self._poison.next()
         logits_c, logits_p = joined_forward(self.train_model, xc, xp, self.cl)
         loss, parts = unlearning_loss(logits_c, yc, logits_p, yp, self.model, self.reference,
                                       lam=self.lam, mu=self.mu, poison_loss_bound=self.bound,
