@@ -53,8 +53,8 @@ POISON_SCORES = {
 
 def auto_poison_score(target: int | None) -> str:
     """``--poison_score auto``: the label's probability where no target is confirmed (the candidates are suspects
-    of every class: 100 % precise on the quick grid's all2all cells, where consistency is 78-95 %), else the
-    papers' consistency."""
+    of every class; the last step's poison set of the quick grid's four all2all cells is 100 % precise with it on
+    seeds 0 and 1, 78-95 % with consistency), else the papers' consistency."""
     return "label" if target is None else "consistency"
 
 
