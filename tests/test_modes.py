@@ -65,6 +65,7 @@ def test_pbe_on_an_all2all_backdoor_ascends_on_its_flags_with_the_unconfirmed_we
 
     s, recs = run_pbe(all2all_run, tmp_path / "pbe")
     assert s["target"]["decision"]["mode"] == "agnostic" and s["filtering"]["poison_candidates"] == "filtered"
+    assert s["filtering"]["poison_score"] == "label"  # suspects of every class: ranked by their own label's probability
     # the split's clusters in several classes were the evidence against one target; they are not removed
     split = s["filtering"]["class_split"]
     assert split["clusters_in"] == s["target"]["decision"]["split_classes"] and len(split["clusters_in"]) >= 3

@@ -73,6 +73,7 @@ def test_progressive_pbe_keeps_target_labelled_samples_out_of_round_0_and_quaran
     # each batch of 128 is joined by at most --ascent_bs 32 flagged samples, not a second batch of 128
     assert all(0 < rec["ascent_images"] <= 32 * -(-rec["images"] // 128) for rec in recs[2:])
     assert s["filtering"]["poison_candidates"] == "split" and s["filtering"]["ascent"]["used"] is True
+    assert s["filtering"]["poison_score"] == "consistency" and s["settings"]["poison_score"] == "auto"
     # the patch target is confirmed (the split finds its poison cluster): round 0 from the non-target samples
     assert s["target"]["decision"]["mode"] == "target" and s["filtering"]["init_pool"] == "non_target"
 

@@ -9,7 +9,9 @@ Departures from the paper code, each an option whose other value is the paper's:
 samples not labelled as the (estimated) target (``--init_pool non_target``: a random share keeps the all2one
 poisons among it, which re-teach the backdoor in their PGD copies); the score subtracts 0.5 where the arg-max
 changed (``--argmax_penalty``, PUD's score); the detector ranks among the target's class-split cluster, or its
-target-labelled samples (``--poison_candidates auto``), and what it flags stays out of every later extra set
+target-labelled samples (``--poison_candidates auto``; without a confirmed target among what the per-class filter
+removed, ranked by the probability of their own label, ``--poison_score``), and what it flags stays out of every
+later extra set
 (``--quarantine``); later extra sets are drawn only from what the per-class filter kept (``--later_pool kept``)
 and take the top share of every label (``--balanced_selection 1``): round 0 without target-labelled samples stops
 the model predicting that class, a global top share then never selects a target image again, and what the filter
@@ -29,8 +31,9 @@ import torch
 
 from utils.defenses.aft import AFTSettings, FinetuneSettings, run_aft
 from utils.defenses.filtering import FilterSettings, filter_classes_and_decide
-from utils.defenses.selection import (INIT_POOLS, POISON_CANDIDATES, bottom_fraction, consistency_scores,
-                                      detection_stats, poison_share, resolve_candidates, shown, top_fraction)
+from utils.defenses.selection import (INIT_POOLS, POISON_CANDIDATES, POISON_SCORES, auto_poison_score,
+                                      bottom_fraction, consistency_scores, detection_stats, poison_share,
+                                      resolve_candidates, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, ascent_decision
@@ -67,6 +70,10 @@ class PBESettings(Settings):
                                          "(filtered) or all samples (all, paper code); auto: split if the split found "
                                          "a cluster in a confirmed target, else target, else filtered",
                                  choices=("auto", *POISON_CANDIDATES))
+    poison_score: str = opt("auto", "how the detector ranks its candidates, lowest first: consistency (as "
+                                    "--argmax_penalty says), or label = the current model's probability of the "
+                                    "sample's own label; auto: label where no target is confirmed (suspects of "
+                                    "every class), else consistency", choices=("auto", *POISON_SCORES))
     balanced_selection: int = opt(1, "1: the next extra set keeps the top share of every label (a class round 0 "
                                      "stopped predicting comes back); 0: one global top share (paper code)", type=int,
                                   choices=(0, 1))
@@ -256,6 +263,7 @@ def run_pbe(job: PBEJob) -> dict:
         target = st.target["used"]
         mode, candidates = resolve_candidates(pbe.poison_candidates, labels, target, st.filtered, st.split)
         st.filtering["poison_candidates"] = mode
+        st.filtering["poison_score"] = pbe.poison_score if pbe.poison_score != "auto" else auto_poison_score(target)
         st.filtering["ascent"] = {**ascent_decision(pbe.unlearn_lambda, mode, pbe.unlearn_where,
                                                    pbe.unlearn_lambda_unconfirmed),
                                   "bound": POISON_LOSS_BOUND}
@@ -303,7 +311,8 @@ def run_pbe(job: PBEJob) -> dict:
                     "pgd": [a.settings() for a in attacks], "detect_fraction": pbe.detect_fraction,
                     "target_label": job.target.target_label, "init_pool": pbe.init_pool,
                     "argmax_penalty": pbe.argmax_penalty, "quarantine": pbe.quarantine,
-                    "poison_candidates": pbe.poison_candidates, "balanced_selection": pbe.balanced_selection,
+                    "poison_candidates": pbe.poison_candidates, "poison_score": pbe.poison_score,
+                    "balanced_selection": pbe.balanced_selection,
                     "later_pool": pbe.later_pool, "unlearn_lambda": pbe.unlearn_lambda,
                     "unlearn_where": pbe.unlearn_where, "ascent_bs": pbe.ascent_bs,
                     "unlearn_lambda_unconfirmed": pbe.unlearn_lambda_unconfirmed,
@@ -330,7 +339,9 @@ def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logi
     pbe = s.job.pbe
     cur_logits = s.logits(s.inf.model)
     scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=bool(pbe.argmax_penalty))
-    flagged = bottom_fraction(scores, pbe.detect_fraction, candidates)
+    how = st.filtering["poison_score"]
+    flagged = bottom_fraction(scores if how == "consistency" else POISON_SCORES[how](ref_logits, cur_logits, labels),
+                              pbe.detect_fraction, candidates)
     st.flagged.append(flagged)
     det = detection_stats(flagged, truth)
     if pbe.quarantine:
