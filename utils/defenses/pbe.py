@@ -263,7 +263,8 @@ def run_pbe(job: PBEJob) -> dict:
         target = st.target["used"]
         mode, candidates = resolve_candidates(pbe.poison_candidates, labels, target, st.filtered, st.split)
         st.filtering["poison_candidates"] = mode
-        st.filtering["poison_score"] = pbe.poison_score if pbe.poison_score != "auto" else auto_poison_score(target)
+        st.filtering["poison_score"] = (pbe.poison_score if pbe.poison_score != "auto"
+                                        else auto_poison_score(target))
         st.filtering["ascent"] = {**ascent_decision(pbe.unlearn_lambda, mode, pbe.unlearn_where,
                                                    pbe.unlearn_lambda_unconfirmed),
                                   "bound": POISON_LOSS_BOUND}

@@ -86,7 +86,8 @@ class PUDSettings(Settings):
                                     "probability of the sample's own label; auto: label where no target is "
                                     "confirmed (suspects of every class), else consistency",
                             choices=("auto", *POISON_SCORES))
-    poison_fraction: float = opt(0.01, "poison set: this lowest-ranked share of all samples (--poison_score)", type=fraction)
+    poison_fraction: float = opt(0.01, "poison set: this lowest-ranked share of all samples (--poison_score)",
+                                 type=fraction)
     split_poison_share: float = opt(0.5, "where the poison set is drawn from a confirmed target's split cluster (all "
                                          "poisons on every all2one cell of the quick grids), it is at least this "
                                          "least consistent share of that cluster (0: --poison_fraction alone)",
