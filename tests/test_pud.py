@@ -87,14 +87,17 @@ def test_without_a_confirmed_target_the_poison_set_is_ranked_by_its_own_labels_p
     """Two suspects labelled 0: a poison (an image of class 1 the infected model gave its backdoor label 0, which the
     current model now calls 1 but still finds close to 0) and a clean image the fine-tuning merely moved (now
     unsure). Consistency ranks the moved clean image lower; the label's probability ranks the poison lower."""
-    from utils.defenses.selection import POISON_SCORES, auto_poison_score, bottom_fraction
+    from utils.defenses.selection import POISON_SCORES, bottom_fraction, consistency_scores, resolve_poison_score
 
     ref = torch.tensor([[5.0, 4.0, 0.0], [5.0, 0.0, 0.0]])
     cur = torch.tensor([[4.0, 5.0, 0.0], [0.4, 0.5, 0.0]])
     labels = torch.tensor([0, 0])
-    pick = {name: bottom_fraction(score(ref, cur, labels), 0.5).tolist() for name, score in POISON_SCORES.items()}
+    consistency = consistency_scores(ref, cur, argmax_penalty=True)
+    pick = {name: bottom_fraction(score(consistency, cur, labels), 0.5).tolist()
+            for name, score in POISON_SCORES.items()}
     assert pick == {"consistency": [1], "label": [0]}
-    assert auto_poison_score(None) == "label" and auto_poison_score(3) == "consistency"
+    assert resolve_poison_score("auto", None) == "label" and resolve_poison_score("auto", 3) == "consistency"
+    assert resolve_poison_score("consistency", None) == "consistency"
 
 
 def test_a_confirmed_split_cluster_gives_a_poison_set_of_half_of_it():

@@ -31,9 +31,9 @@ import torch
 
 from utils.defenses.aft import AFTSettings, FinetuneSettings, run_aft
 from utils.defenses.filtering import FilterSettings, filter_classes_and_decide
-from utils.defenses.selection import (INIT_POOLS, POISON_CANDIDATES, POISON_SCORES, auto_poison_score,
-                                      bottom_fraction, consistency_scores, detection_stats, poison_share,
-                                      resolve_candidates, shown, top_fraction)
+from utils.defenses.selection import (INIT_POOLS, POISON_CANDIDATES, POISON_SCORES, bottom_fraction,
+                                      consistency_scores, detection_stats, poison_share, resolve_candidates,
+                                      resolve_poison_score, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, ascent_decision
@@ -263,8 +263,7 @@ def run_pbe(job: PBEJob) -> dict:
         target = st.target["used"]
         mode, candidates = resolve_candidates(pbe.poison_candidates, labels, target, st.filtered, st.split)
         st.filtering["poison_candidates"] = mode
-        st.filtering["poison_score"] = (pbe.poison_score if pbe.poison_score != "auto"
-                                        else auto_poison_score(target))
+        st.filtering["poison_score"] = resolve_poison_score(pbe.poison_score, target)
         st.filtering["ascent"] = {**ascent_decision(pbe.unlearn_lambda, mode, pbe.unlearn_where,
                                                    pbe.unlearn_lambda_unconfirmed),
                                   "bound": POISON_LOSS_BOUND}
@@ -340,9 +339,8 @@ def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logi
     pbe = s.job.pbe
     cur_logits = s.logits(s.inf.model)
     scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=bool(pbe.argmax_penalty))
-    how = st.filtering["poison_score"]
-    flagged = bottom_fraction(scores if how == "consistency" else POISON_SCORES[how](ref_logits, cur_logits, labels),
-                              pbe.detect_fraction, candidates)
+    ranked = POISON_SCORES[st.filtering["poison_score"]](scores, cur_logits, labels)
+    flagged = bottom_fraction(ranked, pbe.detect_fraction, candidates)
     st.flagged.append(flagged)
     det = detection_stats(flagged, truth)
     if pbe.quarantine:

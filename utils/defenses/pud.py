@@ -36,9 +36,10 @@ from utils.adversarial import PGD
 from utils.defenses.filtering import (FilterSettings, class_representations, filter_classes_and_decide,
                                       removed_record, spectre_flags)
 from utils.defenses.mean_teacher import ema_update, softmax_consistency
-from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, POISON_SCORES, auto_poison_score,
+from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, POISON_SCORES,
                                       bottom_fraction, clean_indices, consistency_scores, detection_stats,
-                                      poison_count, poison_share, resolve_candidates, shown, top_fraction)
+                                      poison_count, poison_share, resolve_candidates, resolve_poison_score, shown,
+                                      top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import (ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, PoisonStream,
@@ -310,7 +311,7 @@ def progressive_steps(s: DefenseSession, st: PUDState, objects: dict) -> None:
     mode, candidates = resolve_candidates(pud.poison_candidates, labels, target, st.filtered,
                                           st.removed.get("class_split"))
     st.spectre_initial["poison_candidates"] = mode
-    st.spectre_initial["poison_score"] = pud.poison_score if pud.poison_score != "auto" else auto_poison_score(target)
+    st.spectre_initial["poison_score"] = resolve_poison_score(pud.poison_score, target)
     for step in range(st.step, pud.steps):
         if st.step_info is None:
             with stage("filtering"):
@@ -392,7 +393,7 @@ def score_step(s: DefenseSession, st: PUDState, step: int, ref_logits, candidate
     info = st.step_info
     cur_logits = s.logits(inf.model)
     scores = consistency_scores(ref_logits, cur_logits, argmax_penalty=True)
-    ranked = POISON_SCORES[st.spectre_initial["poison_score"]](ref_logits, cur_logits, labels)
+    ranked = POISON_SCORES[st.spectre_initial["poison_score"]](scores, cur_logits, labels)
     st.poison_set = bottom_fraction(ranked, poison_set_fraction(pud, st.spectre_initial["poison_candidates"],
                                                                 candidates, len(scores)), candidates)
     det = detection_stats(st.poison_set, truth)

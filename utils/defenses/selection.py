@@ -34,27 +34,31 @@ def consistency_scores(ref_logits: torch.Tensor, cur_logits: torch.Tensor, argma
     return s
 
 
-def label_scores(ref_logits: torch.Tensor, cur_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def label_scores(cur_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The current model's probability of each sample's own label (low = likely a dirty-label poison).
 
     A poison of an all2all (or unknown-target) attack carries the label of a class its image is not; once the
     backdoor is weakened the model gives it its true class, so its label's probability falls. Consistency with the
     infected logits also falls for clean images the fine-tuning merely moved, which are many among every class's
-    suspects. ``ref_logits`` is unused: the signature of ``POISON_SCORES``."""
+    suspects."""
     return cur_logits.float().softmax(1).gather(1, labels.to(cur_logits.device).view(-1, 1)).squeeze(1).cpu()
 
 
-# How a poison set ranks its candidates, lowest first: (infected logits, current logits, labels) -> scores.
+# How a poison set ranks its candidates, lowest first: (the defense's consistency scores, current logits, labels)
+# -> scores. The consistency scores are the ones the defense already computed for its extra set (PBE's with its own
+# --argmax_penalty).
 POISON_SCORES = {
-    "consistency": lambda ref, cur, labels: consistency_scores(ref, cur, argmax_penalty=True),  # the papers'
-    "label": label_scores,
+    "consistency": lambda consistency, cur, labels: consistency,  # the papers'
+    "label": lambda consistency, cur, labels: label_scores(cur, labels),
 }
 
 
-def auto_poison_score(target: int | None) -> str:
-    """``--poison_score auto``: the label's probability where no target is confirmed (the candidates are suspects
-    of every class; the last step's poison set of the quick grid's four all2all cells is 100 % precise with it on
-    seeds 0 and 1, 78-95 % with consistency), else the papers' consistency."""
+def resolve_poison_score(setting: str, target: int | None) -> str:
+    """``--poison_score`` for this run; ``auto``: the label's probability where no target is confirmed (the
+    candidates are suspects of every class; the last step's poison set of the quick grid's four all2all cells is
+    100 % precise with it on seeds 0 and 1, 78-95 % with consistency), else the papers' consistency."""
+    if setting != "auto":
+        return setting
     return "label" if target is None else "consistency"
 
 
