@@ -2,6 +2,7 @@
 
     python -m benchmarks.grid --preset quick                       # synthetic set, cnn: a 2-core CPU
     python -m benchmarks.grid --preset quick --autoattack 200      # then AutoAttack on 200 seeded test images
+    python -m benchmarks.grid --preset quick --autoattack 200 --autoattack_only   # only that pass, no cell
     python -m benchmarks.grid --preset paper --dataset cifar10     # a GPU: PreActResNet18, the papers' schedules
     python -m benchmarks.grid --preset quick --report_only         # table and figure from the run folders
 
@@ -13,7 +14,8 @@ retried, and a cell that still fails is shown as failed in the table (``grid_fai
 exit code and the end of its log; logs are in ``<root>/logs``). Every run of a preset evaluates on the
 same seeded test images (``--test_subset`` of the attack and the defenses). ``--autoattack N`` is a second
 pass over the finished cells: AutoAttack at the reference strength on N seeded test images (the same
-images for every cell), written to the cell's ``autoattack.json``. At the end the table (markdown and
+images for every cell), written to the cell's ``autoattack.json``; with ``--autoattack_only`` no cell is run
+(without it the unfinished cells run first, with this checkout's code). At the end the table (markdown and
 CSV, through ``utils.report``) and the heatmap of ASR, ACC and RA per cell are written to ``<root>``.
 """
 from __future__ import annotations
@@ -513,6 +515,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--autoattack", type=int, default=0, metavar="N",
                    help="then AutoAttack on N seeded test images of every finished cell (0: no; at least 200 for "
                         "the published table)")
+    p.add_argument("--autoattack_only", action="store_true",
+                   help="with --autoattack: run no cell, only the AutoAttack pass on the finished ones (safe beside "
+                        "other runs in the folder: unfinished cells are left to them)")
     p.add_argument("--autoattack_cell", default=None, metavar="FOLDER",
                    help="only AutoAttack of this one finished cell (what the pass runs per cell)")
     p.add_argument("--threads", type=int, default=1, help="with --autoattack_cell: torch threads")
@@ -527,6 +532,8 @@ def parse(argv=None) -> argparse.Namespace:
     if a.dataset not in preset.datasets:
         p.error(f"the {a.preset} preset has no dataset '{a.dataset}'; choose one of {', '.join(preset.datasets)}")
     a.root = os.path.abspath(a.root or default_root(a.preset, a.dataset))
+    if a.autoattack_only and not a.autoattack:
+        p.error("--autoattack_only needs --autoattack N")
     return a
 
 
@@ -537,7 +544,7 @@ def main(argv=None) -> int:
         return 0
     preset = PRESETS[a.preset]
     t0 = time.time()
-    if not a.report_only:
+    if not a.report_only and not a.autoattack_only:
         before = {c.name for c in cells_of(preset, a.dataset, a.root) if finished(c.folder)}
         status = run_grid(preset, a.dataset, a.root, a.jobs, only=tuple(a.only))
         ran = sum(1 for n, s in status.items() if s == "done" and n not in before)
@@ -545,10 +552,10 @@ def main(argv=None) -> int:
               f"{time.time() - t0:.0f}s", flush=True)
         if ran:
             record_run(a.root, "cells", time.time() - t0, a.jobs, ran)
-        if a.autoattack:
-            seconds = autoattack_pass(preset, a.dataset, a.root, a.autoattack, a.jobs)
-            print(f"[grid] AutoAttack pass: {seconds:.0f}s", flush=True)
-            record_run(a.root, f"autoattack {a.autoattack}", seconds, a.jobs, 0)
+    if a.autoattack and not a.report_only:
+        seconds = autoattack_pass(preset, a.dataset, a.root, a.autoattack, a.jobs)
+        print(f"[grid] AutoAttack pass: {seconds:.0f}s", flush=True)
+        record_run(a.root, f"autoattack {a.autoattack}", seconds, a.jobs, 0)
     rows = write_outputs(preset, a.dataset, a.root)
     sys.stdout.write(markdown(rows))
     if a.readme:
@@ -566,7 +573,7 @@ def main(argv=None) -> int:
                      + (f" --root {os.path.relpath(a.root, ROOT)}" if a.root != default_root(a.preset, a.dataset) else ""),
                      markdown(rows) + note)
     print(f"[grid] table: {os.path.join(a.root, 'grid.md')} (and .csv); figure: {os.path.join(a.root, 'grid.png')}")
-    return 0 if all(r["status"] == "done" for r in rows) or a.report_only else 1
+    return 0 if all(r["status"] == "done" for r in rows) or a.report_only or a.autoattack_only else 1
 
 
 if __name__ == "__main__":

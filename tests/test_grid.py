@@ -189,6 +189,22 @@ def test_the_autoattack_pass_runs_every_finished_cell_without_a_result_once_seve
     assert again.calls == []
 
 
+def test_autoattack_only_runs_the_pass_and_no_cell(tmp_path, monkeypatch):
+    root = str(tmp_path / "grid")
+    grid.run_grid(PRESET, "synthetic", root, runner=FakeRunner(fail={"patch-all2one/pud"}))  # one cell unfinished
+    calls = []
+    monkeypatch.setattr(grid, "run_grid", lambda *a, **k: calls.append("cells") or {})
+    monkeypatch.setattr(grid, "autoattack_pass", lambda preset, ds, r, n, jobs: calls.append(("aa", r, n)) or 1.0)
+    assert grid.main(["--preset", "quick", "--root", root, "--autoattack", "200", "--autoattack_only"]) == 0
+    assert calls == [("aa", root, 200)]
+    assert json.loads(open(os.path.join(root, "grid_runs.jsonl")).readline())["what"] == "autoattack 200"
+    calls.clear()
+    grid.main(["--preset", "quick", "--root", root, "--autoattack", "200"])  # without it: the cells first
+    assert calls == ["cells", ("aa", root, 200)]
+    with pytest.raises(SystemExit):
+        grid.parse(["--autoattack_only"])
+
+
 def test_the_readme_note_gives_the_recorded_wall_time_of_the_grid_runs(tmp_path):
     root = str(tmp_path / "grid")
     readme = tmp_path / "README.md"
