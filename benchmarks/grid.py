@@ -143,36 +143,57 @@ class Cell:
     defense: Defense | None  # None: the attack run itself
     folder: str
     log: str
+    seed: int = 0  # the defenses' --seed (0: the grid's own; the attacks are always seed 0's)
+    attack_folder: str = ""  # the infected model's run folder (seed 0's grid)
 
     @property
     def name(self) -> str:
         return f"{self.attack.name}/{self.defense.name if self.defense else 'attack'}"
 
-    def command(self, preset: Preset, dataset: str, root: str) -> list:
+    @property
+    def borrowed(self) -> bool:
+        """An attack cell of another seed's grid: its infected model comes from the seed-0 grid, never run here."""
+        return self.defense is None and self.seed != 0
+
+    def command(self, preset: Preset, dataset: str) -> list:
         if self.defense is None or self.defense.retrain:
             argv = [SCRIPTS["attack"], *preset.datasets[dataset], *preset.shared[dataset], *self.attack.args,
                     *(self.defense.args if self.defense else ())]
         else:
-            model = os.path.join(root, self.attack.name, "attack", "model.pt")
+            model = os.path.join(self.attack_folder, "model.pt")
             argv = [self.defense.script, "--model_path", model, *preset.shared[dataset], *self.defense.args]
             if self.defense.wrong_target:
                 wrong = (self.attack.target + 1) % preset.num_classes[dataset]
                 argv += ["--target_label", str(wrong)]
+        if self.seed:
+            argv += ["--seed", str(self.seed)]
         argv += ["--out_dir", self.folder]
         if os.path.exists(os.path.join(self.folder, "state.pt")):
             argv.append("--resume")
         return [sys.executable, *argv]
 
 
-def cells_of(preset: Preset, dataset: str, root: str) -> list:
+def seed_root(root: str, seed: int) -> str:
+    """Where the defenses run with ``--seed seed``: the grid's own folder for 0, ``<root>-seed<N>`` otherwise."""
+    return root if seed == 0 else f"{root}-seed{seed}"
+
+
+def cells_of(preset: Preset, dataset: str, root: str, seed: int = 0) -> list:
+    """The cells of the grid at ``root`` (the seed-0 folder); with ``seed`` N > 0 the defenses of
+    ``seed_root(root, N)``, run with ``--seed N`` on seed 0's infected models (a defense evaluates on its infected
+    model's seeded test images, so every seed's rows are scored on the same images). The clean-model reference
+    is not repeated: trained with another seed it would have its own trigger pattern and test images."""
     attacks = dict(preset.attacks)[dataset]
+    here = seed_root(root, seed)
     out = []
     for a in attacks:
-        out.append(Cell(a, None, os.path.join(root, a.name, "attack"), os.path.join(root, "logs", f"{a.name}-attack.log")))
+        infected = os.path.join(root, a.name, "attack")
+        out.append(Cell(a, None, infected, os.path.join(root, "logs", f"{a.name}-attack.log"), seed, infected))
         for d in preset.defenses:
-            if d.wrong_target and a.target is None:
+            if (d.wrong_target and a.target is None) or (d.retrain and seed):  # a retrained reference is seed 0's
                 continue
-            out.append(Cell(a, d, os.path.join(root, a.name, d.name), os.path.join(root, "logs", f"{a.name}-{d.name}.log")))
+            log = os.path.join(here, "logs", f"{a.name}-{d.name}.log")
+            out.append(Cell(a, d, os.path.join(here, a.name, d.name), log, seed, infected))
     return out
 
 
@@ -198,15 +219,16 @@ class Failures:
         else:
             self.items[cell.name] = {"rc": rc, "log": cell.log, "tail": tail, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         tmp = self.path + ".tmp"
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)  # another seed's folder may not exist yet
         with open(tmp, "w") as f:
             json.dump(self.items, f, indent=2, sort_keys=True)
         os.replace(tmp, self.path)
 
 
-def run_cell(cell: Cell, preset: Preset, dataset: str, root: str, threads: int, runner) -> int:
+def run_cell(cell: Cell, preset: Preset, dataset: str, threads: int, runner) -> int:
     os.makedirs(os.path.dirname(cell.log), exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = cell.command(preset, dataset, root)
+    cmd = cell.command(preset, dataset)
     t0 = time.time()
     print(f"[grid] {cell.name}: start", flush=True)
     rc = runner(cmd, env, cell.log)
@@ -235,26 +257,32 @@ def threads_per_job(jobs: int) -> int:
 
 
 def run_grid(preset: Preset, dataset: str, root: str, jobs: int = 1, runner=subprocess_runner,
-             only: tuple = ()) -> dict:
+             only: tuple = (), seed: int = 0) -> dict:
     """Run every unfinished cell (attacks first, each defense once its attack is done); returns {cell: status}.
 
-    ``only``: shell patterns of cell names (``attack/defense``, e.g. ``*/attack`` or ``patch-*/pud``) to run."""
-    every = cells_of(preset, dataset, root)
+    ``only``: shell patterns of cell names (``attack/defense``, e.g. ``*/attack`` or ``patch-*/pud``) to run.
+    ``seed`` N > 0: the defenses with ``--seed N`` in ``seed_root(root, N)`` on the infected models of ``root``
+    (which are not run here: their defenses fail until the seed-0 grid has them)."""
+    every = cells_of(preset, dataset, root, seed)
     chosen = {c.name for c in every if not only or any(fnmatch.fnmatch(c.name, p) for p in only)}
     needed = {c.attack.name for c in every if c.name in chosen}  # a chosen cell needs its attack, only its attack
     cells = [c for c in every if c.name in chosen or (c.defense is None and c.attack.name in needed)]
-    failures = Failures(root)
+    failures = Failures(seed_root(root, seed))
     threads = threads_per_job(jobs)
     status = {c.name: "done" for c in cells if finished(c.folder)}
 
     def one(cell: Cell) -> None:
         if cell.name in status:
             return
+        if cell.borrowed:  # seed 0's infected model, not this grid's to run
+            status[cell.name] = "not run"
+            return
         if cell.defense is not None and not cell.defense.retrain and status.get(f"{cell.attack.name}/attack") != "done":
             status[cell.name] = "failed"
-            failures.set(cell, -1, f"its attack {cell.attack.name} did not finish")
+            failures.set(cell, -1, f"its attack {cell.attack.name} did not finish"
+                         + (f" (the seed-0 grid in {root} must have it)" if seed else ""))
             return
-        rc = run_cell(cell, preset, dataset, root, threads, runner)
+        rc = run_cell(cell, preset, dataset, threads, runner)
         ok = rc == 0 and finished(cell.folder)
         status[cell.name] = "done" if ok else "failed"
         failures.set(cell, None if ok else rc, "" if ok else log_tail(cell.log))
@@ -295,11 +323,11 @@ def autoattack_cell(folder: str, images: int, threads: int = 1) -> dict:
 
 
 def autoattack_pass(preset: Preset, dataset: str, root: str, images: int, jobs: int = 1,
-                    runner=subprocess_runner) -> float:
+                    runner=subprocess_runner, seed: int = 0) -> float:
     """AutoAttack on ``images`` seeded test images of every finished cell without ``autoattack.json``, ``jobs``
     cells at a time (each its own process, as the cells themselves run: ``--autoattack_cell``); seconds."""
     t0 = time.time()
-    pending = [c for c in cells_of(preset, dataset, root)
+    pending = [c for c in cells_of(preset, dataset, root, seed)
                if finished(c.folder) and not os.path.exists(os.path.join(c.folder, "autoattack.json"))]
     threads = threads_per_job(jobs)
 
@@ -316,7 +344,7 @@ def autoattack_pass(preset: Preset, dataset: str, root: str, images: int, jobs: 
         else:
             print(f"[grid] {cell.name}: AutoAttack FAILED (exit {rc}; log {log})", flush=True)
 
-    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+    os.makedirs(os.path.join(seed_root(root, seed), "logs"), exist_ok=True)
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
         list(pool.map(one, pending))
     return time.time() - t0
@@ -366,12 +394,12 @@ def misses(row: dict, infected: dict | None) -> str | None:
     return ", ".join(name for name, ok in TARGETS if not ok(row, infected))
 
 
-def table_rows(preset: Preset, dataset: str, root: str) -> list:
+def table_rows(preset: Preset, dataset: str, root: str, seed: int = 0) -> list:
     from utils.report import read_run
 
-    failures = Failures(root).items
+    failures = Failures(seed_root(root, seed)).items
     rows = []
-    for cell in cells_of(preset, dataset, root):
+    for cell in cells_of(preset, dataset, root, seed):
         row = {k: None for k in COLUMNS}
         row.update(cell=cell.attack.name, defense=cell.defense.name if cell.defense else "none",
                    reference=bool(cell.defense and cell.defense.retrain))
@@ -392,7 +420,7 @@ def table_rows(preset: Preset, dataset: str, root: str) -> list:
             row["status"] = "failed" if cell.name in failures else "not run"
         rows.append(row)
     infected = {r["cell"]: r for r in rows if r["defense"] == "none"}
-    for cell in cells_of(preset, dataset, root):  # an attack run measures no RA: its defenses' "before" figure is it
+    for cell in cells_of(preset, dataset, root, seed):  # an attack run measures no RA: its defenses' "before" is it
         inf = infected[cell.attack.name]
         if cell.defense is not None and inf["ra"] is None and finished(cell.folder):
             before = json.load(open(os.path.join(cell.folder, "summary.json"))).get("initial", {})
@@ -490,15 +518,43 @@ def write_readme(path: str, key: str, args: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def write_outputs(preset: Preset, dataset: str, root: str) -> list:
-    rows = table_rows(preset, dataset, root)
+def write_outputs(preset: Preset, dataset: str, root: str, seed: int = 0) -> list:
+    rows = table_rows(preset, dataset, root, seed)
+    title = f"{preset.name} grid, {dataset}" + (f", defenses' seed {seed}" if seed else "")
+    root = seed_root(root, seed)
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "grid.md"), "w") as f:
         f.write(markdown(rows))
     with open(os.path.join(root, "grid.csv"), "w") as f:
         f.write(to_csv(rows))
-    heatmap(rows, os.path.join(root, "grid.png"), f"{preset.name} grid, {dataset}")
+    heatmap(rows, os.path.join(root, "grid.png"), title)
     return rows
+
+
+SEED_COLUMNS = ("acc", "asr", "asr_late_max", "ra", "tca", "det_precision")
+
+
+def seeds_markdown(preset: Preset, dataset: str, root: str, seeds: tuple) -> str:
+    """Every defense row over the defenses' ``seeds`` (each figure ``seed a / seed b / ...``; the infected models
+    are seed 0's for all), with the targets each seed misses and how many seeds meet every one."""
+    tables = [{(r["cell"], r["defense"]): r for r in table_rows(preset, dataset, root, seed)} for seed in seeds]
+    head = ["attack", "defense", *(HEADERS[k] for k in SEED_COLUMNS), "misses", "seeds meeting every target"]
+    lines = [f"Defenses' seeds {', '.join(map(str, seeds))} (figures in that order) on seed 0's infected models.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, first in tables[0].items():
+        if first["defense"] == "none":
+            continue
+        rows = [t.get(key) for t in tables]
+        done = [r for r in rows if r is not None and r["status"] == "done"]
+
+        def each(k, sep=" / "):  # "·": that seed's run is not finished
+            return sep.join("·" if r is None or r["status"] != "done" else _cell_text(r, k, True) for r in rows)
+
+        judged = [r["misses"] for r in done if r["misses"] is not None]  # None: a reference row
+        met = f"{judged.count('')} of {len(judged)}" if judged else "–"
+        cells = [*key, *(each(k) for k in SEED_COLUMNS), each("misses", "; ") if judged else "–", met]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def default_root(preset: str, dataset: str) -> str:
@@ -511,6 +567,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None, help="the preset's dataset (quick: synthetic; paper: cifar10, gtsrb, "
                                                    "imagenet; default: the preset's first)")
     p.add_argument("--root", default=None, help="where the run folders go (default: runs/grid-<preset>-<dataset>)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="run the defenses (and the clean-model reference) with --seed N on the infected models of "
+                        "--root, in <root>-seed<N> (0: the grid itself, attacks included)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
+                   help="only the table of every defense row over these defenses' seeds (e.g. 0 1 2), from their "
+                        "folders; with --readme also there")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (each gets cores/jobs threads)")
     p.add_argument("--autoattack", type=int, default=0, metavar="N",
                    help="then AutoAttack on N seeded test images of every finished cell (0: no; at least 200 for "
@@ -534,7 +596,32 @@ def parse(argv=None) -> argparse.Namespace:
     a.root = os.path.abspath(a.root or default_root(a.preset, a.dataset))
     if a.autoattack_only and not a.autoattack:
         p.error("--autoattack_only needs --autoattack N")
+    if a.seed < 0 or any(n < 0 for n in a.seeds or ()):
+        p.error("seeds must be >= 0")
     return a
+
+
+def _grid_args(a: argparse.Namespace) -> str:
+    """The command-line arguments that name this grid (for the README's markers)."""
+    return (f"--preset {a.preset} --dataset {a.dataset}"
+            + (f" --root {os.path.relpath(a.root, ROOT)}" if a.root != default_root(a.preset, a.dataset) else ""))
+
+
+def seeds_report(preset: Preset, a: argparse.Namespace) -> int:
+    """``--seeds``: the defense rows over several seeds' folders, to ``<root>/grid_seeds.md`` (and the README)."""
+    seeds = tuple(dict.fromkeys(a.seeds))
+    text = seeds_markdown(preset, a.dataset, a.root, seeds)
+    out = os.path.join(a.root, "grid_seeds.md")
+    os.makedirs(a.root, exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    sys.stdout.write(text)
+    if a.readme:
+        folders = ", ".join(f"`{os.path.relpath(seed_root(a.root, n), ROOT)}`" for n in seeds)
+        write_readme(a.readme, f"{a.preset}-{a.dataset}-seeds", _grid_args(a) + " --seeds " + " ".join(map(str, seeds)),
+                     text + f"\nFrom {folders}; table: `{os.path.relpath(out, ROOT)}`.\n")
+    print(f"[grid] table over seeds {', '.join(map(str, seeds))}: {out}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -543,36 +630,38 @@ def main(argv=None) -> int:
         autoattack_cell(os.path.abspath(a.autoattack_cell), a.autoattack or 200, a.threads)
         return 0
     preset = PRESETS[a.preset]
+    if a.seeds:
+        return seeds_report(preset, a)
+    here = seed_root(a.root, a.seed)  # this run's folder
     t0 = time.time()
     if not a.report_only and not a.autoattack_only:
-        before = {c.name for c in cells_of(preset, a.dataset, a.root) if finished(c.folder)}
-        status = run_grid(preset, a.dataset, a.root, a.jobs, only=tuple(a.only))
+        before = {c.name for c in cells_of(preset, a.dataset, a.root, a.seed) if finished(c.folder)}
+        status = run_grid(preset, a.dataset, a.root, a.jobs, only=tuple(a.only), seed=a.seed)
         ran = sum(1 for n, s in status.items() if s == "done" and n not in before)
         print(f"[grid] {sum(s == 'done' for s in status.values())} of {len(status)} cells done in "
               f"{time.time() - t0:.0f}s", flush=True)
         if ran:
-            record_run(a.root, "cells", time.time() - t0, a.jobs, ran)
+            record_run(here, "cells", time.time() - t0, a.jobs, ran)
     if a.autoattack and not a.report_only:
-        seconds = autoattack_pass(preset, a.dataset, a.root, a.autoattack, a.jobs)
+        seconds = autoattack_pass(preset, a.dataset, a.root, a.autoattack, a.jobs, seed=a.seed)
         print(f"[grid] AutoAttack pass: {seconds:.0f}s", flush=True)
-        record_run(a.root, f"autoattack {a.autoattack}", seconds, a.jobs, 0)
-    rows = write_outputs(preset, a.dataset, a.root)
+        record_run(here, f"autoattack {a.autoattack}", seconds, a.jobs, 0)
+    rows = write_outputs(preset, a.dataset, a.root, a.seed)
     sys.stdout.write(markdown(rows))
     if a.readme:
         done = [r for r in rows if r["status"] == "done"]
         total = sum(r["seconds"] or 0 for r in done)
-        runs = recorded_runs(a.root)
+        runs = recorded_runs(here)
         walls = {what: sum(r["seconds"] for r in runs if r["what"].split()[0] == what) for what in ("cells", "autoattack")}
         wall = (f"; wall time of the grid runs that made them: {walls['cells'] / 60:.0f} min for the cells"
                 + (f", {walls['autoattack'] / 60:.0f} min for the AutoAttack pass" if walls["autoattack"] else "")
                 + f" (`--jobs {runs[-1]['jobs']}` on {runs[-1]['cpus']} CPUs, `grid_runs.jsonl`)") if runs else ""
         note = (f"\n{len(done)} of {len(rows)} cells finished; the cells' own seconds sum to {total / 60:.0f} min"
-                f"{wall}. Table: `{os.path.relpath(os.path.join(a.root, 'grid.md'), ROOT)}`, "
-                f"figure: `{os.path.relpath(os.path.join(a.root, 'grid.png'), ROOT)}`.\n")
-        write_readme(a.readme, f"{a.preset}-{a.dataset}", f"--preset {a.preset} --dataset {a.dataset}"
-                     + (f" --root {os.path.relpath(a.root, ROOT)}" if a.root != default_root(a.preset, a.dataset) else ""),
-                     markdown(rows) + note)
-    print(f"[grid] table: {os.path.join(a.root, 'grid.md')} (and .csv); figure: {os.path.join(a.root, 'grid.png')}")
+                f"{wall}. Table: `{os.path.relpath(os.path.join(here, 'grid.md'), ROOT)}`, "
+                f"figure: `{os.path.relpath(os.path.join(here, 'grid.png'), ROOT)}`.\n")
+        write_readme(a.readme, f"{a.preset}-{a.dataset}" + (f"-seed{a.seed}" if a.seed else ""),
+                     _grid_args(a) + (f" --seed {a.seed}" if a.seed else ""), markdown(rows) + note)
+    print(f"[grid] table: {os.path.join(here, 'grid.md')} (and .csv); figure: {os.path.join(here, 'grid.png')}")
     return 0 if all(r["status"] == "done" for r in rows) or a.report_only or a.autoattack_only else 1
 
 

@@ -91,8 +91,8 @@ def test_an_interrupted_cell_is_resumed_and_a_defense_without_its_attack_fails(t
     aft = cells["patch-all2one/aft"]
     os.makedirs(aft.folder)
     open(os.path.join(aft.folder, "state.pt"), "w").close()
-    assert aft.command(PRESET, "synthetic", root)[-1] == "--resume"
-    assert cells["patch-all2all/aft"].command(PRESET, "synthetic", root)[-1] != "--resume"
+    assert aft.command(PRESET, "synthetic")[-1] == "--resume"
+    assert cells["patch-all2all/aft"].command(PRESET, "synthetic")[-1] != "--resume"
     runner = FakeRunner(fail={"patch-all2all/attack"})
     status = grid.run_grid(PRESET, "synthetic", root, runner=runner)
     assert status["patch-all2all/aft"] == "failed" and "patch-all2all/aft" not in dict(runner.calls)
@@ -194,7 +194,7 @@ def test_autoattack_only_runs_the_pass_and_no_cell(tmp_path, monkeypatch):
     grid.run_grid(PRESET, "synthetic", root, runner=FakeRunner(fail={"patch-all2one/pud"}))  # one cell unfinished
     calls = []
     monkeypatch.setattr(grid, "run_grid", lambda *a, **k: calls.append("cells") or {})
-    monkeypatch.setattr(grid, "autoattack_pass", lambda preset, ds, r, n, jobs: calls.append(("aa", r, n)) or 1.0)
+    monkeypatch.setattr(grid, "autoattack_pass", lambda preset, ds, r, n, jobs, seed: calls.append(("aa", r, n)) or 1.0)
     assert grid.main(["--preset", "quick", "--root", root, "--autoattack", "200", "--autoattack_only"]) == 0
     assert calls == [("aa", root, 200)]
     assert json.loads(open(os.path.join(root, "grid_runs.jsonl")).readline())["what"] == "autoattack 200"
@@ -203,6 +203,42 @@ def test_autoattack_only_runs_the_pass_and_no_cell(tmp_path, monkeypatch):
     assert calls == ["cells", ("aa", root, 200)]
     with pytest.raises(SystemExit):
         grid.parse(["--autoattack_only"])
+
+
+def test_another_seed_runs_the_defenses_with_it_on_seed_0s_infected_models_and_the_seeds_table_shows_both(tmp_path):
+    root = str(tmp_path / "grid")
+    first = FakeRunner()
+    grid.run_grid(PRESET, "synthetic", root, runner=first, only=("patch-all2one/*",))  # seed 0: one attack
+    runner = FakeRunner(fail={"patch-all2one/pud"})
+    status = grid.run_grid(PRESET, "synthetic", root, runner=runner, seed=1)
+    here = grid.seed_root(root, 1)
+    ran = dict(runner.calls)
+    assert not any(name.endswith("/attack") for name in ran)  # the infected models are seed 0's, never retrained
+    cmd = ran["patch-all2one/aft"]
+    assert cmd[cmd.index("--seed") + 1] == "1" and cmd[cmd.index("--out_dir") + 1].startswith(here + os.sep)
+    assert cmd[cmd.index("--model_path") + 1] == os.path.join(root, "patch-all2one", "attack", "model.pt")
+    assert status["patch-all2all/aft"] == "failed" and "patch-all2all/aft" not in ran  # seed 0 has no such attack
+    assert "seed-0 grid" in json.load(open(os.path.join(here, "grid_failures.json")))["patch-all2all/aft"]["tail"]
+    assert "--seed" not in dict(first.calls)["patch-all2one/aft"]  # seed 0: the scripts' default
+    json.dump({"final": {"clean_acc": 0.9, "asr": 0.30, "target_class_acc": 0.88, "robust_acc": 0.1},
+               "initial": {"robust_acc": 0.02}, "defense": "aft", "seconds": 3.0},
+              open(os.path.join(here, "patch-all2one", "aft", "summary.json"), "w"))  # seed 1 misses the ASR
+    rows = {(r["cell"], r["defense"]): r for r in grid.write_outputs(PRESET, "synthetic", root, seed=1)}
+    assert rows[("patch-all2one", "aft")]["misses"] == "ASR" and os.path.exists(os.path.join(here, "grid.md"))
+    assert rows[("patch-all2one", "none")]["status"] == "done"  # seed 0's infected model, read from its folder
+    quick = {seed: {c.name for c in grid.cells_of(grid.PRESETS["quick"], "synthetic", root, seed)} for seed in (0, 1)}
+    assert "blend-all2one/clean-model" in quick[0] and not any(n.endswith("/clean-model") for n in quick[1])
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n")
+    assert grid.main(["--preset", "quick", "--root", root, "--seeds", "0", "1", "--readme", str(readme)]) == 0
+    assert "<!-- grid quick-synthetic-seeds: written by python -m benchmarks.grid" in readme.read_text()
+    text = open(os.path.join(root, "grid_seeds.md")).read()
+    table = {tuple(c.strip() for c in line.split("|")[1:3]): line
+             for line in text.splitlines() if line.startswith("| ")}
+    assert table[("patch-all2one", "aft")].split("|")[4].strip() == "5.0 / 30.0"  # ASR %, seed 0 / seed 1
+    assert table[("patch-all2one", "aft")].rstrip(" |").endswith("1 of 2")
+    assert "none; ASR" in table[("patch-all2one", "aft")]
+    assert table[("patch-all2one", "pud")].split("|")[4].strip() == "5.0 / ·"  # seed 1's run failed
 
 
 def test_the_readme_note_gives_the_recorded_wall_time_of_the_grid_runs(tmp_path):
