@@ -143,8 +143,8 @@ class Cell:
     defense: Defense | None  # None: the attack run itself
     folder: str
     log: str
+    attack_folder: str  # the infected model's run folder (the seed-0 grid's)
     seed: int = 0  # the defenses' --seed (0: the grid's own; the attacks are always seed 0's)
-    attack_folder: str = ""  # the infected model's run folder (seed 0's grid)
 
     @property
     def name(self) -> str:
@@ -188,12 +188,12 @@ def cells_of(preset: Preset, dataset: str, root: str, seed: int = 0) -> list:
     out = []
     for a in attacks:
         infected = os.path.join(root, a.name, "attack")
-        out.append(Cell(a, None, infected, os.path.join(root, "logs", f"{a.name}-attack.log"), seed, infected))
+        out.append(Cell(a, None, infected, os.path.join(root, "logs", f"{a.name}-attack.log"), infected, seed))
         for d in preset.defenses:
             if (d.wrong_target and a.target is None) or (d.retrain and seed):  # a retrained reference is seed 0's
                 continue
             log = os.path.join(here, "logs", f"{a.name}-{d.name}.log")
-            out.append(Cell(a, d, os.path.join(here, a.name, d.name), log, seed, infected))
+            out.append(Cell(a, d, os.path.join(here, a.name, d.name), log, infected, seed))
     return out
 
 
@@ -568,8 +568,8 @@ def parse(argv=None) -> argparse.Namespace:
                                                    "imagenet; default: the preset's first)")
     p.add_argument("--root", default=None, help="where the run folders go (default: runs/grid-<preset>-<dataset>)")
     p.add_argument("--seed", type=int, default=0,
-                   help="run the defenses (and the clean-model reference) with --seed N on the infected models of "
-                        "--root, in <root>-seed<N> (0: the grid itself, attacks included)")
+                   help="run the defenses with --seed N on the infected models of --root, in <root>-seed<N> (0: the "
+                        "grid itself, attacks and clean-model references included)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
                    help="only the table of every defense row over these defenses' seeds (e.g. 0 1 2), from their "
                         "folders; with --readme also there")
