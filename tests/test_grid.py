@@ -5,16 +5,15 @@ import os
 
 import pytest
 
-from benchmarks import grid
+from benchmarks import grid, grid_cells, grid_table
 from conftest import NO_FIGURES, cli
 
-PRESET = grid.Preset("tiny", {"synthetic": ("--dataset", "synthetic")},
-                     {"synthetic": ("--test_subset", "50", *NO_FIGURES)},
-                     (("synthetic", [grid.Attack("patch-all2one", ("--trigger_type", "patch"), 0),
-                                     grid.Attack("patch-all2all", ("--trigger_type", "patch", "--attack_mode", "all2all"),
-                                                 None)]),),
-                     (grid.Defense("aft", "pbe_main.py", ()), grid.Defense("pud", "PUD.py", ()),
-                      grid.Defense("pud-wrong-target", "PUD.py", (), wrong_target=True)), {"synthetic": 10})
+PRESET = grid_cells.Preset(
+    "tiny", {"synthetic": ("--dataset", "synthetic")}, {"synthetic": ("--test_subset", "50", *NO_FIGURES)},
+    (("synthetic", [grid_cells.Attack("patch-all2one", ("--trigger_type", "patch"), 0),
+                    grid_cells.Attack("patch-all2all", ("--trigger_type", "patch", "--attack_mode", "all2all"), None)]),),
+    (grid_cells.Defense("aft", "pbe_main.py", ()), grid_cells.Defense("pud", "PUD.py", ()),
+     grid_cells.Defense("pud-wrong-target", "PUD.py", (), wrong_target=True)), {"synthetic": 10})
 
 
 class FakeRunner:
@@ -67,7 +66,7 @@ def test_the_grid_runs_each_cell_once_skips_finished_ones_and_retries_failures(t
     failures = json.load(open(os.path.join(root, "grid_failures.json")))
     assert list(failures) == ["patch-all2one/pud"] and failures["patch-all2one/pud"]["rc"] == 3
 
-    rows = grid.write_outputs(PRESET, "synthetic", root)
+    rows = grid_table.write_outputs(PRESET, "synthetic", root)
     table = open(os.path.join(root, "grid.md")).read()
     assert "pud (FAILED)" in table and os.path.getsize(os.path.join(root, "grid.png")) > 0
     failed = [r for r in rows if r["status"] == "failed"]
@@ -82,12 +81,12 @@ def test_the_grid_runs_each_cell_once_skips_finished_ones_and_retries_failures(t
     assert [n for n, _ in second.calls] == ["patch-all2one/pud"]  # finished cells are skipped, the failure retried
     assert all(s == "done" for s in status.values())
     assert not json.load(open(os.path.join(root, "grid_failures.json")))
-    assert "FAILED" not in grid.markdown(grid.table_rows(PRESET, "synthetic", root))
+    assert "FAILED" not in grid_table.markdown(grid_table.table_rows(PRESET, "synthetic", root))
 
 
 def test_an_interrupted_cell_is_resumed_and_a_defense_without_its_attack_fails(tmp_path):
     root = str(tmp_path / "grid")
-    cells = {c.name: c for c in grid.cells_of(PRESET, "synthetic", root)}
+    cells = {c.name: c for c in grid_cells.cells_of(PRESET, "synthetic", root)}
     aft = cells["patch-all2one/aft"]
     os.makedirs(aft.folder)
     open(os.path.join(aft.folder, "state.pt"), "w").close()
@@ -114,8 +113,8 @@ def test_a_defense_reports_autoattack_beside_pgd_on_the_same_images(tiny_attack_
 
 def test_the_clean_model_row_retrains_the_attack_without_poisons_and_is_not_judged(tmp_path):
     root = str(tmp_path / "grid")
-    preset = grid.Preset("tiny", PRESET.datasets, PRESET.shared, PRESET.attacks,
-                         (grid.CLEAN_MODEL, grid.Defense("aft", "pbe_main.py", ())), {"synthetic": 10})
+    preset = grid_cells.Preset("tiny", PRESET.datasets, PRESET.shared, PRESET.attacks,
+                         (grid_cells.CLEAN_MODEL, grid_cells.Defense("aft", "pbe_main.py", ())), {"synthetic": 10})
     runner = FakeRunner(fail={"patch-all2all/attack"})
     status = grid.run_grid(preset, "synthetic", root, runner=runner)
     calls = dict(runner.calls)
@@ -126,7 +125,7 @@ def test_the_clean_model_row_retrains_the_attack_without_poisons_and_is_not_judg
     assert clean[:clean.index("--pc")] == attack[:attack.index("--out_dir")]
     # it needs no infected model: it runs where the attack failed, while that attack's defense cannot
     assert status["patch-all2all/clean-model"] == "done" and status["patch-all2all/aft"] == "failed"
-    rows = {(r["cell"], r["defense"]): r for r in grid.table_rows(preset, "synthetic", root)}
+    rows = {(r["cell"], r["defense"]): r for r in grid_table.table_rows(preset, "synthetic", root)}
     assert rows["patch-all2one", "clean-model"]["asr"] == 0.97  # FakeRunner's attack-run summary
     assert rows["patch-all2one", "clean-model"]["misses"] is None and rows["patch-all2one", "aft"]["misses"] == ""
 
@@ -136,22 +135,23 @@ def test_a_defended_cell_names_the_targets_it_misses():
                 "tca": 0.96, "det_precision": None}
     good = {"defense": "pud", "status": "done", "acc": 0.95, "asr": 0.05, "asr_late_max": 0.08, "ra": 0.10,
             "tca": 0.90, "det_precision": 0.9}
-    assert grid.misses(good, infected) == ""
+    assert grid_table.misses(good, infected) == ""
     bad = dict(good, asr_late_max=0.2, tca=0.80, acc=0.90, ra=0.01, det_precision=0.5)
-    assert grid.misses(bad, infected) == "late ASR, ACC, RA, target ACC, precision"
-    assert grid.misses(dict(good, asr=0.11), infected) == "ASR"
-    assert grid.misses(infected, infected) is None and grid.misses(dict(good, status="failed"), infected) is None
-    assert grid._cell_text({"misses": "", "status": "done"}, "misses", True) == "none"
+    assert grid_table.misses(bad, infected) == "late ASR, ACC, RA, target ACC, precision"
+    assert grid_table.misses(dict(good, asr=0.11), infected) == "ASR"
+    assert grid_table.misses(infected, infected) is None
+    assert grid_table.misses(dict(good, status="failed"), infected) is None
+    assert grid_table._cell_text({"misses": "", "status": "done"}, "misses", True) == "none"
 
 
 def test_the_readme_block_is_written_once_and_replaced_in_place(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\n## Results\n\nintro\n")
-    grid.write_readme(str(readme), "quick-synthetic", "--preset quick", "| a |\n|---|\n| 1 |\n")
+    grid_table.write_readme(str(readme), "quick-synthetic", "--preset quick", "| a |\n|---|\n| 1 |\n")
     first = readme.read_text()
     assert first.startswith("# title\n\n## Results\n\nintro\n\n<!-- grid quick-synthetic:") and "| 1 |" in first
     readme.write_text(first + "\n## More\n\ntail\n")
-    grid.write_readme(str(readme), "quick-synthetic", "--preset quick", "| a |\n|---|\n| 2 |\n")
+    grid_table.write_readme(str(readme), "quick-synthetic", "--preset quick", "| a |\n|---|\n| 2 |\n")
     second = readme.read_text()
     assert "| 1 |" not in second and "| 2 |" in second and second.endswith("<!-- /grid quick-synthetic -->\n\n## More\n\ntail\n")
     assert second.count("<!-- grid quick-synthetic:") == 1
@@ -174,7 +174,7 @@ class FakeAutoAttack:
 def test_the_autoattack_pass_runs_every_finished_cell_without_a_result_once_several_at_a_time(tmp_path):
     root = str(tmp_path / "grid")
     grid.run_grid(PRESET, "synthetic", root, runner=FakeRunner(fail={"patch-all2one/pud"}))
-    cells = {c.name: c for c in grid.cells_of(PRESET, "synthetic", root)}
+    cells = {c.name: c for c in grid_cells.cells_of(PRESET, "synthetic", root)}
     json.dump({"autoattack_acc": 0.02}, open(os.path.join(cells["patch-all2all/aft"].folder, "autoattack.json"), "w"))
     fake = FakeAutoAttack()
     grid.autoattack_pass(PRESET, "synthetic", root, 200, jobs=2, runner=fake)
@@ -182,7 +182,7 @@ def test_the_autoattack_pass_runs_every_finished_cell_without_a_result_once_seve
     assert sorted(f for f, _, _ in fake.calls) == sorted(done)  # not the failed cell, not the one with a result
     assert all(cmd[cmd.index("--autoattack") + 1] == "200" and env["OMP_NUM_THREADS"] == cmd[-1]
                for _, cmd, env in fake.calls)
-    rows = {(r["cell"], r["defense"]): r for r in grid.table_rows(PRESET, "synthetic", root)}
+    rows = {(r["cell"], r["defense"]): r for r in grid_table.table_rows(PRESET, "synthetic", root)}
     assert rows[("patch-all2all", "aft")]["aa"] == 0.02 and rows[("patch-all2one", "aft")]["aa"] == 0.01
     again = FakeAutoAttack()
     grid.autoattack_pass(PRESET, "synthetic", root, 200, jobs=2, runner=again)
@@ -211,7 +211,7 @@ def test_another_seed_runs_the_defenses_with_it_on_seed_0s_infected_models_and_t
     grid.run_grid(PRESET, "synthetic", root, runner=first, only=("patch-all2one/*",))  # seed 0: one attack
     runner = FakeRunner(fail={"patch-all2one/pud"})
     status = grid.run_grid(PRESET, "synthetic", root, runner=runner, seed=1)
-    here = grid.seed_root(root, 1)
+    here = grid_cells.seed_root(root, 1)
     ran = dict(runner.calls)
     assert not any(name.endswith("/attack") for name in ran)  # the infected models are seed 0's, never retrained
     cmd = ran["patch-all2one/aft"]
@@ -223,10 +223,11 @@ def test_another_seed_runs_the_defenses_with_it_on_seed_0s_infected_models_and_t
     json.dump({"final": {"clean_acc": 0.9, "asr": 0.30, "target_class_acc": 0.88, "robust_acc": 0.1},
                "initial": {"robust_acc": 0.02}, "defense": "aft", "seconds": 3.0},
               open(os.path.join(here, "patch-all2one", "aft", "summary.json"), "w"))  # seed 1 misses the ASR
-    rows = {(r["cell"], r["defense"]): r for r in grid.write_outputs(PRESET, "synthetic", root, seed=1)}
+    rows = {(r["cell"], r["defense"]): r for r in grid_table.write_outputs(PRESET, "synthetic", root, seed=1)}
     assert rows[("patch-all2one", "aft")]["misses"] == "ASR" and os.path.exists(os.path.join(here, "grid.md"))
     assert rows[("patch-all2one", "none")]["status"] == "done"  # seed 0's infected model, read from its folder
-    quick = {seed: {c.name for c in grid.cells_of(grid.PRESETS["quick"], "synthetic", root, seed)} for seed in (0, 1)}
+    quick = {seed: {c.name for c in grid_cells.cells_of(grid_cells.PRESETS["quick"], "synthetic", root, seed)}
+             for seed in (0, 1)}
     assert "blend-all2one/clean-model" in quick[0] and not any(n.endswith("/clean-model") for n in quick[1])
     readme = tmp_path / "README.md"
     readme.write_text("# t\n")
@@ -268,7 +269,7 @@ def test_quick_grid_scores_enough_target_class_images():
     well under that: on 43 classes 1,000 scored images held 24 of the target class (4.2 points each)."""
     from utils.data.datasets import DATASETS, LOADERS, seeded_subset
 
-    preset = grid.PRESETS["quick"]
+    preset = grid_cells.PRESETS["quick"]
     for dataset, attacks in preset.attacks:
         shared = dict(zip(preset.shared[dataset][::2], preset.shared[dataset][1::2]))
         n = int(shared["--test_subset"]) if "--test_subset" in shared else None
