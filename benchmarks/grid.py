@@ -140,8 +140,9 @@ def autoattack_pass(preset: Preset, dataset: str, root: str, images: int, jobs: 
     """AutoAttack on ``images`` seeded test images of every finished cell without ``autoattack.json``, ``jobs``
     cells at a time (each its own process, as the cells themselves run: ``--autoattack_cell``); seconds."""
     t0 = time.time()
-    pending = [c for c in cells_of(preset, dataset, root, seed)
-               if finished(c.folder) and not os.path.exists(os.path.join(c.folder, "autoattack.json"))]
+    pending = [c for c in cells_of(preset, dataset, root, seed)  # another seed's infected models: seed 0's pass
+               if finished(c.folder) and not c.borrowed
+               and not os.path.exists(os.path.join(c.folder, "autoattack.json"))]
     threads = threads_per_job(jobs)
 
     def one(cell: Cell) -> None:

@@ -226,6 +226,9 @@ def test_another_seed_runs_the_defenses_with_it_on_seed_0s_infected_models_and_t
     rows = {(r["cell"], r["defense"]): r for r in grid_table.write_outputs(PRESET, "synthetic", root, seed=1)}
     assert rows[("patch-all2one", "aft")]["misses"] == "ASR" and os.path.exists(os.path.join(here, "grid.md"))
     assert rows[("patch-all2one", "none")]["status"] == "done"  # seed 0's infected model, read from its folder
+    fake = FakeAutoAttack()
+    grid.autoattack_pass(PRESET, "synthetic", root, 200, runner=fake, seed=1)
+    assert fake.calls and all(f.startswith(here + os.sep) for f, _, _ in fake.calls)  # no seed-0 attack folder
     quick = {seed: {c.name for c in grid_cells.cells_of(grid_cells.PRESETS["quick"], "synthetic", root, seed)}
              for seed in (0, 1)}
     assert "blend-all2one/clean-model" in quick[0] and not any(n.endswith("/clean-model") for n in quick[1])
