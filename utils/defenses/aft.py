@@ -5,7 +5,10 @@ training set's clean samples (the research simulation; it needs the ground truth
 ``FinetuneSettings`` is the fine-tuning (learning rate and the PGD that makes its adversarial examples);
 PBE fine-tunes with the same settings. ``--adv_window`` (this toolkit's option; 0, the default, is the
 paper's whole-image PGD) confines each example to one random k x k window: with ``--adv_eps 1`` a
-patch-shaped example, which is what reaches a BadNets patch trigger.
+patch-shaped example, which is what reaches a BadNets patch trigger. ``--reverse_every N`` (this toolkit's
+option, 0 off) stamps a share of each clean-epoch batch with a trigger reversed toward the class a PGD vote on
+the extra set picks (``utils.defenses.trigger_reversal``), re-reversed on the fine-tuned model every N clean
+epochs: the clean epochs then cannot teach an all2one target class back through the trigger's features.
 """
 from __future__ import annotations
 
@@ -13,8 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from models import eval_mode
 from utils.adversarial import NORMS, PGD
 from utils.defenses.selection import clean_indices
+from utils.defenses.target import TargetSettings, vote_result
+from utils.defenses.trigger_reversal import ReversedTrigger, StampShare, reverse_trigger
 from utils.defenses.window_search import rank_windows
 from utils.run import distributed as dist
 from utils.run.errors import UserError
@@ -85,6 +91,14 @@ class AFTSettings(Settings):
     window_search: int = opt(0, "with --adv_window: put half the windows at the N positions where one universal "
                                 "patch fools the infected model most on 32 extra-set images (0: off; "
                                 "docs/ablations.md)", type=int)
+    reverse_every: int = opt(0, "stamp a share of each clean-epoch batch with a trigger reversed toward the class "
+                                "untargeted PGD examples of the extra set vote for (labels kept), reversed on the "
+                                "infected model and again every N clean epochs (0: off; skipped when the vote is "
+                                "weak, e.g. all2all; docs/ablations.md)", type=int)
+    reverse_share: float = opt(0.2, "with --reverse_every: the share of each clean-epoch batch stamped",
+                               type=fraction)
+    reverse_steps: int = opt(300, "with --reverse_every: Adam steps of each reversal (on up to 512 extra-set "
+                                  "images at once)", type=int)
 
     def check(self) -> None:
         require(0 < self.extra_ratio <= 1, f"--extra_ratio must be in (0, 1], got {self.extra_ratio}")
@@ -92,15 +106,22 @@ class AFTSettings(Settings):
         require(0 <= self.adv_epochs <= self.aft_epochs,
                 f"--adv_epochs {self.adv_epochs} must be between 0 and --aft_epochs {self.aft_epochs}")
         require(self.window_search >= 0, f"--window_search must be >= 0, got {self.window_search}")
+        require(self.reverse_every >= 0, f"--reverse_every must be >= 0, got {self.reverse_every}")
+        require(0 < self.reverse_share <= 1, f"--reverse_share must be in (0, 1], got {self.reverse_share}")
+        require(self.reverse_steps > 0, f"--reverse_steps must be positive, got {self.reverse_steps}")
 
 
 @dataclass
 class AFTState:
-    """AFT's loop cursor: the last finished epoch, the clean extra set, and the searched window positions."""
+    """AFT's loop cursor: the last finished epoch, the clean extra set, the searched window positions, and the
+    reversed trigger (the vote, the stamp in use, every reversal's record)."""
 
     epoch: int = 0
     extra: torch.Tensor | None = None
     windows: torch.Tensor | None = None  # (N, 3) float: the top-ranked (top, left, loss), kept for a resume
+    vote: dict | None = None
+    trigger: dict | None = None  # ReversedTrigger's fields, plain (state.pt holds no custom class)
+    reversals: list | None = None
 
 
 WINDOW_SEARCH_IMAGES = 32
@@ -112,6 +133,38 @@ def search_windows(model, data, indices: torch.Tensor, k: int, top: int, gen: to
     _, x, y = next(iter(data.batches(len(pick), indices=pick)))
     pos, loss = rank_windows(model, x, y, k=k, generator=gen)
     return torch.cat([pos[:top].float(), loss[:top, None]], 1)
+
+
+def extra_set_vote(model, data, indices: torch.Tensor, batch_size: int) -> dict:
+    """The target vote of ``utils.defenses.target`` (its PGD, untargeted) on the clean extra set: the class the
+    examples of clean images land in most is an all2one backdoor's shortcut; ``weak`` as there."""
+    attack = TargetSettings().pgd()
+    counts = None
+    for _, x, y in data.batches(batch_size, indices=indices):
+        x_adv = attack(model, x, y)
+        with torch.no_grad(), eval_mode(model):
+            logits = model(x_adv)
+        c = torch.bincount(logits.argmax(1).cpu(), minlength=logits.shape[1])
+        counts = c if counts is None else counts + c
+    return {**vote_result(counts), "images": len(indices), "pgd": attack.settings()}
+
+
+REVERSE_IMAGES = 512  # at most this many extra-set images (one batch) in a reversal
+
+
+def reverse_on_extra(model, data, indices: torch.Tensor, target: int, epoch: int, steps: int) -> tuple[dict, dict]:
+    """``reverse_trigger`` on the first ``REVERSE_IMAGES`` extra-set images of other classes than ``target`` (the
+    extra set is a seeded draw): (the stamp as plain fields, its record with the epoch it was made after; 0: the
+    infected model)."""
+    _, x, y = next(iter(data.batches(len(indices), indices=indices)))
+    trig = reverse_trigger(model, x[y != target][:REVERSE_IMAGES], target, steps=steps)
+    return vars(trig), {"epoch": epoch, **trig.record()}
+
+
+def reversal_due(epoch: int, adv_epochs: int, every: int) -> bool:
+    """Whether the stamp is reversed again before ``epoch``: every ``every`` clean epochs after the first one."""
+    k = epoch - adv_epochs - 1
+    return every > 0 and k > 0 and k % every == 0
 
 
 def run_aft(s, aft: AFTSettings, ft: FinetuneSettings) -> dict:
@@ -137,11 +190,28 @@ def run_aft(s, aft: AFTSettings, ft: FinetuneSettings) -> dict:
                 st.windows = search_windows(inf.model, data, st.extra, ft.adv_window, aft.window_search, s.gen)
             print(f"window search: the top {aft.window_search} (top, left, loss): "
                   f"{[(int(t), int(l), round(float(v), 2)) for t, l, v in st.windows]}", flush=True)
+        if aft.reverse_every and st.vote is None:  # on the infected model, before any step; no random draws
+            with stage("trigger_reversal"):
+                st.vote, st.reversals = extra_set_vote(inf.model, data, st.extra, bs), []
+                if not st.vote["weak"]:
+                    st.trigger, rec = reverse_on_extra(inf.model, data, st.extra, st.vote["estimate"], 0,
+                                                       aft.reverse_steps)
+                    st.reversals.append(rec)
+            print(f"trigger reversal: the PGD vote on the extra set: class {st.vote['estimate']} with "
+                  f"{st.vote['vote_share']:.1%}" + (f"; reversed stamp {st.reversals[0]}" if st.trigger else
+                                                   " (weak: no stamp, the clean epochs stay clean)"), flush=True)
         attack = ft.pgd(window_at=st.windows[:, :2].long() if st.windows is not None else None)
         for epoch in range(st.epoch + 1, aft.aft_epochs + 1):
             adv = epoch <= aft.adv_epochs
+            if st.trigger is not None and reversal_due(epoch, aft.adv_epochs, aft.reverse_every):
+                with stage("trigger_reversal"):
+                    st.trigger, rec = reverse_on_extra(inf.model, data, st.extra, st.vote["estimate"], epoch - 1,
+                                                       aft.reverse_steps)
+                st.reversals.append(rec)
+                print(f"trigger reversal after epoch {epoch - 1}: {rec}", flush=True)
+            stamp = StampShare(ReversedTrigger(**st.trigger), aft.reverse_share) if st.trigger is not None else None
             stats = finetune_epoch(s.train_model, opt, dist.epoch_batches(data, bs, s.gen, indices=st.extra),
-                                   attack if adv else None, None, inf.augment, s.gen, s.cl, ft.clean_weight,
+                                   attack if adv else stamp, None, inf.augment, s.gen, s.cl, ft.clean_weight,
                                    desc=f"aft {epoch}", stage="aft", epoch=epoch)
             rec = {"epoch": epoch, "adversarial": adv, **stats, **s.epoch_eval(epoch, aft.aft_epochs)}
             s.log(rec, f"aft epoch {epoch}/{aft.aft_epochs}{' (adv)' if adv else ''}")
@@ -151,6 +221,9 @@ def run_aft(s, aft: AFTSettings, ft: FinetuneSettings) -> dict:
                     "extra_data": aft.extra_data, "aft_epochs": aft.aft_epochs,
                     "adv_epochs": aft.adv_epochs, "lr": ft.ft_lr, "pgd": attack.settings(),
                     "clean_weight": ft.clean_weight,
+                    **({"trigger_reversal": {"every": aft.reverse_every, "share": aft.reverse_share,
+                                             "steps": aft.reverse_steps, "vote": st.vote,
+                                             "reversals": st.reversals}} if aft.reverse_every else {}),
                     **({"window_search": {"images": WINDOW_SEARCH_IMAGES, "top": aft.window_search,
                                           "found": st.windows.tolist()}} if st.windows is not None else {})}
         return s.finish(settings)

@@ -144,6 +144,9 @@ class PBEJob(DefenseJob):
                 "--window_search is AFT's (it searches on the clean extra set); progressive PBE does not use it")
         require(not self.aft.window_search or self.finetune.adv_window > 0,
                 "--window_search places PGD windows: it needs --adv_window > 0")
+        require(not (self.pbe.progressive and self.aft.reverse_every),
+                "--reverse_every is AFT's (it reverses a trigger on the clean extra set); progressive PBE does not "
+                "use it")
 
     def check_for_input(self, src) -> None:
         inp = self.infected

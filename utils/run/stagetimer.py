@@ -16,8 +16,8 @@ import time
 from contextlib import contextmanager, nullcontext
 
 # every stage the toolkit times, in run order (the report's column order)
-STAGE_ORDER = ("setup", "target_estimate", "filtering", "train", "train_pgd", "scoring", "eval_clean", "eval_robust",
-               "unlearning", "mean_teacher", "saving", "figures")
+STAGE_ORDER = ("setup", "target_estimate", "window_search", "trigger_reversal", "filtering", "train", "train_pgd",
+               "scoring", "eval_clean", "eval_robust", "unlearning", "mean_teacher", "saving", "figures")
 # stages whose seconds are training epochs (``training_share``); the rest is the defense's overhead
 TRAINING_STAGES = ("train", "train_pgd", "unlearning", "mean_teacher")
 
