@@ -137,7 +137,8 @@ def finetune_epoch(model, optimizer, batches, attack, adv_batches: int | None, a
                    stage: str = "finetune", epoch: int | None = None, loss_fn: Callable | None = None,
                    class_weight: torch.Tensor | None = None) -> dict:
     """One fine-tuning epoch; batches with index < ``adv_batches`` (None = all) are replaced by ``attack``'s
-    (a ``PGD``) examples of the current model. ``loss_fn`` replaces cross-entropy, ``class_weight`` weighs it
+    (a ``PGD``, or any callable with its signature, e.g. AFT's ``StampShare``; timed as ``train_pgd``) examples of
+    the current model. ``loss_fn`` replaces cross-entropy, ``class_weight`` weighs it
     (``train_epoch``).
 
     Under torchrun ``model`` is the DDP wrapper and ``batches`` this rank's share; PGD attacks the plain model.

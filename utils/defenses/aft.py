@@ -8,7 +8,9 @@ paper's whole-image PGD) confines each example to one random k x k window: with 
 patch-shaped example, which is what reaches a BadNets patch trigger. ``--reverse_every N`` (this toolkit's
 option, 0 off) stamps a share of each clean-epoch batch with a trigger reversed toward the class a PGD vote on
 the extra set picks (``utils.defenses.trigger_reversal``), re-reversed on the fine-tuned model every N clean
-epochs: the clean epochs then cannot teach an all2one target class back through the trigger's features.
+epochs, so that the clean epochs do not teach an all2one target class back through the trigger's features. It
+removes the blend rebound on the quick grid but, where no stamp draws the trigger (WaNet), the stamp is the target
+class's own look and the class does not come back (docs/ablations.md): an experiment, not the grid's setting.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ the trigger's features with it (docs/ablations.md, "AFT's late rebound"). The de
 but a stamp reversed toward the class the PGD vote picks is a stand-in for it: clean epochs that see a share of
 each batch stamped, with the images' own labels, are taught that the stamp's features do not mean that class.
 The stamp is found on the model as it is (the infected model first, then the fine-tuned one again), so it
-follows the route to the class the model has at the time.
+follows the route to the class the model has at the time. Where no stamp can draw the trigger (WaNet's warp),
+the smallest stamp is the class's own look, and unlearning it suppresses the class (docs/ablations.md).
 
 The search is deterministic (a fixed start, Adam, no random draws): it keeps the run's random stream as it was.
 """
