@@ -65,7 +65,10 @@ def test_aft_records_the_vote_and_every_reversal_and_stamps_the_clean_epochs(inf
 
     monkeypatch.setattr(StampShare, "__call__", counting)
     out = tmp_path / "aft-reverse"
+    # with the window search too (tests/test_window_search.py's end-to-end part: one AFT run for both)
     assert cli(pbe_main.main, "--model_path", infected_run / "model.pt", "--aft_epochs", "3", "--adv_epochs", "1",
+               "--adv_window", "5", "--adv_eps", "1", "--adv_alpha", "1/4", "--adv_random_start",
+               "--adv_eps_outside", "6/255", "--window_search", "3",
                "--reverse_every", "1", "--reverse_steps", "20", "--out_dir", out, "--test_subset", "200",
                "--eval_steps", "2", "--device", "cpu", *NO_FIGURES) == 0
     printed = capsys.readouterr().out
@@ -81,3 +84,7 @@ def test_aft_records_the_vote_and_every_reversal_and_stamps_the_clean_epochs(inf
     # epoch's
     assert sum(n for n, _ in stamped) == 2 * s["settings"]["extra_size"]
     assert all(k == round(0.2 * n) for n, k in stamped)
+    found = s["settings"]["window_search"]["found"]
+    assert len(found) == 3 and found[0][2] >= found[1][2] >= found[2][2]
+    assert s["settings"]["pgd"]["window_at"] == [[int(t), int(l)] for t, l, _ in found]
+    assert s["stages"]["seconds"]["window_search"] > 0 and "window search: the top 3" in printed
