@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from models import eval_mode
 from utils.adversarial import NORMS, PGD
 from utils.defenses.selection import clean_indices
-from utils.defenses.target import TargetSettings, vote_result
+from utils.defenses.target import TargetSettings, batch_votes, vote_result
 from utils.defenses.trigger_reversal import ReversedTrigger, StampShare, reverse_trigger
 from utils.defenses.window_search import rank_windows
 from utils.run import distributed as dist
@@ -137,17 +136,11 @@ def search_windows(model, data, indices: torch.Tensor, k: int, top: int, gen: to
     return torch.cat([pos[:top].float(), loss[:top, None]], 1)
 
 
-def extra_set_vote(model, data, indices: torch.Tensor, batch_size: int) -> dict:
+def extra_set_vote(model, data, indices: torch.Tensor, batch_size: int, num_classes: int) -> dict:
     """The target vote of ``utils.defenses.target`` (its PGD, untargeted) on the clean extra set: the class the
     examples of clean images land in most is an all2one backdoor's shortcut; ``weak`` as there."""
     attack = TargetSettings().pgd()
-    counts = None
-    for _, x, y in data.batches(batch_size, indices=indices):
-        x_adv = attack(model, x, y)
-        with torch.no_grad(), eval_mode(model):
-            logits = model(x_adv)
-        c = torch.bincount(logits.argmax(1).cpu(), minlength=logits.shape[1])
-        counts = c if counts is None else counts + c
+    counts = sum(batch_votes(model, attack, x, y, num_classes) for _, x, y in data.batches(batch_size, indices=indices))
     return {**vote_result(counts), "images": len(indices), "pgd": attack.settings()}
 
 
@@ -194,7 +187,7 @@ def run_aft(s, aft: AFTSettings, ft: FinetuneSettings) -> dict:
                   f"{[(int(t), int(l), round(float(v), 2)) for t, l, v in st.windows]}", flush=True)
         if aft.reverse_every and st.vote is None:  # on the infected model, before any step; no random draws
             with stage("trigger_reversal"):
-                st.vote, st.reversals = extra_set_vote(inf.model, data, st.extra, bs), []
+                st.vote, st.reversals = extra_set_vote(inf.model, data, st.extra, bs, inf.num_classes), []
                 if not st.vote["weak"]:
                     st.trigger, rec = reverse_on_extra(inf.model, data, st.extra, st.vote["estimate"], 0,
                                                        aft.reverse_steps)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models import eval_mode
 from utils.adversarial import PGD
 from utils.run import distributed as dist, interrupt
 from utils.run.progress import n_batches, progress
@@ -71,6 +72,14 @@ def vote_result(counts: torch.Tensor) -> dict:
     return {"estimate": est, "vote_share": share, "votes": counts.tolist(), "weak": share < weak_vote_share(len(counts))}
 
 
+def batch_votes(reference, attack: PGD, x, y, num_classes: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-class counts of ``reference``'s predictions on ``attack``'s untargeted examples of one batch (CPU)."""
+    x_adv = attack(reference, x, y, generator=generator)
+    with torch.no_grad(), eval_mode(reference):
+        return torch.bincount(reference(x_adv).argmax(1).cpu(), minlength=num_classes)
+
+
 def estimate_target(reference, data, settings: TargetSettings, num_classes: int, batch_size: int,
                     generator: torch.Generator, channels_last: bool) -> dict:
     """Most frequent prediction of ``reference`` (the infected model) on untargeted PGD examples of up to
@@ -105,9 +114,7 @@ def estimate_target(reference, data, settings: TargetSettings, num_classes: int,
             if dist.owns_batch(b):  # torchrun: every N-th batch per rank, the votes summed at each look
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                x_adv = attack(reference, x, y, generator=generator)
-                with torch.no_grad():
-                    counts += torch.bincount(reference(x_adv).argmax(1).cpu(), minlength=len(counts))
+                counts += batch_votes(reference, attack, x, y, len(counts), generator)
             if look_ends:
                 used = min(n, (k + 1) * look)
                 total = dist.all_reduce_sum(counts.clone())
