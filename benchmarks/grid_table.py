@@ -137,13 +137,14 @@ def heatmap(rows: list, path: str, title: str) -> None:
     plt.close(fig)
 
 
-README_START = "<!-- grid {key}: written by python -m benchmarks.grid {args} --readme README.md -->"
+README_START = "<!-- grid {key}: written by python -m benchmarks.grid {args} --readme {path} -->"
 README_END = "<!-- /grid {key} -->"
 
 
 def write_readme(path: str, key: str, args: str, text: str) -> None:
-    """Put ``text`` between the grid's markers for ``key`` in ``path`` (appended at the end the first time)."""
-    start, end = README_START.format(key=key, args=args), README_END.format(key=key)
+    """Put ``text`` between the grid's markers for ``key`` in ``path`` (appended at the end the first time). The
+    start marker is the command that rewrites the block, ``--readme`` as given (the README, or a page of docs/)."""
+    start, end = README_START.format(key=key, args=args, path=path), README_END.format(key=key)
     with open(path) as f:
         doc = f.read()
     head = doc.find(f"<!-- grid {key}:")

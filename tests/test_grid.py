@@ -153,6 +153,7 @@ def test_the_readme_block_is_written_once_and_replaced_in_place(tmp_path):
     readme.write_text(first + "\n## More\n\ntail\n")
     grid_table.write_readme(str(readme), "quick-synthetic", "--preset quick", "| a |\n|---|\n| 2 |\n")
     second = readme.read_text()
+    assert f"--preset quick --readme {readme} -->" in second  # the command that rewrites it names this file
     assert "| 1 |" not in second and "| 2 |" in second and second.endswith("<!-- /grid quick-synthetic -->\n\n## More\n\ntail\n")
     assert second.count("<!-- grid quick-synthetic:") == 1
 
