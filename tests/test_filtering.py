@@ -29,6 +29,10 @@ def test_the_target_is_confirmed_by_the_split_or_a_decisive_vote_else_the_defens
     assert (d["mode"], d["target"]) == ("target", 0) and "decisive" in d["why"]
     d = decide_target(None, spread, [0], 10)  # the vote points at 9, the split found the poison cluster in 0
     assert (d["mode"], d["target"]) == ("agnostic", None)  # the vote's winner (9) is not confirmed
+    # a weak vote (9 wins with 16.5 %) is noise: a split cluster in its winner's class does not make it the target
+    assert spread["weak"] and not clear["weak"]
+    d = decide_target(None, spread, [9], 10)
+    assert (d["mode"], d["target"]) == ("agnostic", None) and "weak, its winner 9 no candidate" in d["why"]
     d = decide_target(0, spread, [0], 10)  # a given target with its poison cluster: confirmed
     assert (d["mode"], d["target"]) == ("target", 0) and "split" in d["why"]
     d = decide_target(3, clear, [0], 10)  # a wrong given target: replaced by the confirmed vote winner, and said so

@@ -6,9 +6,9 @@ of their label: all2all, a small all2one rate), and the two-way split (``class_s
 that the infected model, the class's logit masked, sees as images of many other classes (all2one poisons,
 which are the target label's majority). Both are recorded per class.
 
-``decide_target`` then weighs the evidence: a target class (the one given, or the PGD vote's winner) is
-*confirmed* when the split found its poison cluster there, or when the vote for it is decisive (its
-winner well ahead of every other class). A confirmed target lets the defense use its target-class
+``decide_target`` then weighs the evidence: a target class (the one given, or the PGD vote's winner unless
+the vote is weak) is *confirmed* when the split found its poison cluster there, or when the vote for it is
+decisive (its winner well ahead of every other class). A confirmed target lets the defense use its target-class
 machinery (filter that class, draw the poison set from its samples); with none confirmed, e.g. for an
 all2all backdoor or a wrong ``--target_label``, the defense goes class-agnostic (every class filtered, the
 poison set drawn from what the filter removed). The decision and its reasons go into summary.json.
@@ -143,9 +143,12 @@ def decide_target(given: int | None, vote: dict | None, split_classes: list[int]
     ``confirm_share`` of the classes: all2all poisons leave one in every class, and a few clean classes split too,
     4-5 of 43 on the 43-class set) or by a decisive vote for it. The given class is tried first; a given class the
     evidence does not confirm is replaced by the vote's winner if that one is confirmed (and the record says so),
-    else the defense goes class-agnostic."""
+    else the defense goes class-agnostic. A weak vote's winner is no candidate: its lead is noise, and a split
+    cluster there is chance (tiny all2all models split in 2-3 of 10 classes, the vote's winner among them in 2
+    of 6 measured)."""
     winner = vote["estimate"] if vote else None
-    candidates = [c for c in (given, winner) if c is not None]
+    weak = bool(vote and vote.get("weak"))
+    candidates = [c for c in (given, None if weak else winner) if c is not None]
     split_counts = len(split_classes) <= max(1, confirm_share * num_classes)
     for c in dict.fromkeys(candidates):
         reasons = []
@@ -160,7 +163,8 @@ def decide_target(given: int | None, vote: dict | None, split_classes: list[int]
                 why = f"the given target {given} is not confirmed by the evidence; class {c}: {why}"
             return {"mode": "target", "target": c, "why": why, "given": given, "vote_winner": winner,
                     "vote_decisive": decisive(vote), "split_classes": split_classes}
-    why = ("no class is confirmed as a single backdoor target (the vote is not decisive"
+    why = ("no class is confirmed as a single backdoor target (the vote is "
+           + (f"weak, its winner {winner} no candidate" if weak and winner is not None else "not decisive")
            + (f", the given target {given} shows no poison cluster" if given is not None else "")
            + (f", the split found clusters in classes {split_classes}"
               + ("" if split_counts else f", more than {confirm_share:.0%} of the {num_classes} classes: no single target")
