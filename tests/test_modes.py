@@ -18,9 +18,10 @@ SHORT = ("--steps", "2", "--step_epochs", "3", "3", "--step_adv_epochs", "3", "1
 def all2all_run(tmp_path_factory):
     """A tiny all2all model: the grid's 6x6 patch (cells of 2 px) poisons carry label y + 1. On 2,000 images a 10 %
     poison rate does not take within a test's budget (ASR 6 % after 7 epochs), so 40 % of the images are poisoned,
-    for 12 epochs: ASR 84 % under bf16 autocast, 89 % in float32 (one thread). After 8 epochs (49 % under bf16)
-    the evidence was thin enough for the float order to decide: a 9x9 patch after 8 or 12 epochs split in the vote
-    winner's class alone and the defenses took it for the target."""
+    for 12 epochs: ASR 84 % under bf16 autocast, 89 % in float32 (one thread; after 8 epochs 49 % under bf16).
+    Every such model's vote is weak (12-18 %), and before a weak vote's winner stopped being a candidate a 9x9
+    patch model (8 or 12 epochs, bf16) had a split cluster in the winner's class by chance and was taken for a
+    target."""
     return built_once(tmp_path_factory, "all2all", _train_all2all)
 
 
