@@ -7,8 +7,6 @@ size ε can flip roughly the images with s < 2ε, so accuracy drops gradually wi
 import copy
 import os
 import signal
-import time
-from types import SimpleNamespace
 
 import pytest
 import torch
