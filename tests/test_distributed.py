@@ -85,8 +85,9 @@ def test_pud_under_torchrun_completes_with_one_writer_and_the_same_filtering(inf
 
     ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
     model = str(infected_run / "model.pt")
-    # --eval_bs 64: the target vote (200 images), the logits and the robust evaluation have several batches a rank
-    args = ["PUD.py", "--model_path", model, *TINY, *FAST, "--eval_bs", "64"]
+    # --eval_bs 64: the target vote (200 images), the logits and the robust evaluation have several batches a rank;
+    # --unlearn_where always: unlearning and the mean teacher ascend, with the classifier layer held, under DDP too
+    args = ["PUD.py", "--model_path", model, *TINY, *FAST, "--eval_bs", "64", "--unlearn_where", "always"]
     r2 = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                *args, "--out_dir", str(ddp_dir)])
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -99,6 +100,7 @@ def test_pud_under_torchrun_completes_with_one_writer_and_the_same_filtering(inf
     # (its non-target confidences come from the sharded logits) and the same initial robust accuracy
     assert a["target"] == b["target"] and a["spectre_initial"] == b["spectre_initial"] and a["initial"] == b["initial"]
     assert [st["step"] for st in a["steps"]] == [0, 1] and a["unlearning"]["epochs"] == 1
+    assert a["unlearning"]["classifier_layer"] == "held" and a["mean_teacher"]["ascent"]["classifier_layer"] == "held"
     # the step-0 extra set is drawn before any training: the same samples in both runs
     assert a["steps"][0]["extra_size"] == b["steps"][0]["extra_size"]
     assert a["steps"][0]["extra_poison_share"] == b["steps"][0]["extra_poison_share"]

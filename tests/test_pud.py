@@ -128,6 +128,14 @@ def test_the_mean_teacher_goes_on_ascending_on_the_poison_set(tiny_attack_run, t
         return real(logits, y, bound)
 
     monkeypatch.setattr(pud_module, "bounded_poison_ce", spy)
+    restored = []
+
+    class CountedHeldLayer(pud_module.HeldLayer):
+        def restore(self, _i=None):
+            restored.append(1)
+            super().restore()
+
+    monkeypatch.setattr(pud_module, "HeldLayer", CountedHeldLayer)
     out = tmp_path / "pud"
     # --unlearn_where always: unlearning ascends whatever this one-epoch model's class split finds
     assert cli(PUD.main, "--model_path", tiny_attack_run / "model.pt", "--out_dir", out, *TINY, *FAST,
@@ -139,6 +147,17 @@ def test_the_mean_teacher_goes_on_ascending_on_the_poison_set(tiny_attack_run, t
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     images = sum(r["images"] for r in recs if r.get("stage") == "mean_teacher")
     assert len(calls) == -(-images // 128)  # one poison batch joined to every mean-teacher batch (--bs 128)
+    # --hold_head 1 (default): the classifier layer is put back after every step of both ascending stages
+    assert s["unlearning"]["classifier_layer"] == "held" and s["mean_teacher"]["ascent"]["classifier_layer"] == "held"
+    assert len(restored) == s["unlearning"]["batches"] + len(calls)
+
+
+def test_the_classifier_layer_is_held_only_where_a_stage_ascends():
+    from utils.defenses.pud import PUDSettings, head_use
+
+    assert head_use(PUDSettings(), {"used": True, "lambda": 0.3}) == "held"
+    assert head_use(PUDSettings(), {"used": False}) == "trained"
+    assert head_use(PUDSettings(hold_head=0), {"used": True, "lambda": 0.3}) == "trained"
 
 
 def test_the_mean_teacher_ascends_only_where_unlearning_did():

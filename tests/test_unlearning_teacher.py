@@ -274,3 +274,53 @@ def test_ascent_objective_drives_the_poison_set_away_from_its_labels():
             return F.cross_entropy(model(data.x[poison].float() / 255), data.y[poison]).item()
 
     assert poison_ce_after(1.0) > poison_ce_after(0.0) + 1.0
+
+
+class _Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(4, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.body(x.flatten(1))))
+
+
+def test_a_held_classifier_layer_stays_while_the_ascent_moves_the_rest():
+    """PUD's ascent with the classifier layer held: after SGD steps with momentum and weight decay the layer is
+    exactly where it was, the rest has moved, the poisons' CE still rises (through the layers below), and
+    ``release`` drops the optimiser's momentum for the held layer only."""
+    from utils.defenses.unlearning import AscentObjective, HeldLayer, classifier_layer
+    from utils.training import make_optimizer, train_epoch
+
+    data, poison = _image_set(n=30), torch.arange(20, 30)
+    model = _Body()
+    assert classifier_layer(model) is model.fc
+    head, body = [p.detach().clone() for p in model.fc.parameters()], model.body.weight.detach().clone()
+    with torch.no_grad():
+        ce_before = F.cross_entropy(model(data.x[poison].float() / 255), data.y[poison]).item()
+    opt = make_optimizer(model, 0.5)
+    held = HeldLayer(classifier_layer(model))
+    for _ in range(10):
+        obj = AscentObjective(model, model, data, poison, 5, torch.Generator().manual_seed(0), lam=1.0, bound=50.0)
+        train_epoch(model, opt, data.batches(5, indices=torch.arange(0, 20)), loss_fn=obj, check_every=1,
+                    after_step=held.restore)
+    assert all(torch.equal(p, q) for p, q in zip(model.fc.parameters(), head))
+    assert not torch.allclose(model.body.weight, body)
+    with torch.no_grad():
+        assert F.cross_entropy(model(data.x[poison].float() / 255), data.y[poison]).item() > ce_before + 0.5
+    held.release(opt)
+    assert all(p not in opt.state for p in model.fc.parameters()) and model.body.weight in opt.state
+
+
+def test_the_classifier_layer_of_every_architecture():
+    from models import build_model
+    from utils.defenses.unlearning import classifier_layer
+
+    for arch, name in (("cnn", "fc"), ("preactresnet18", "linear"), ("resnet18", "fc")):
+        model = build_model(arch, 10)
+        layer = classifier_layer(model)
+        assert layer.out_features == 10 and [n for n, m in model.named_modules() if m is layer][0].endswith(name)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        classifier_layer(nn.Sequential(nn.Conv2d(3, 4, 3)))
