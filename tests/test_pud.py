@@ -153,11 +153,16 @@ def test_the_mean_teacher_goes_on_ascending_on_the_poison_set(tiny_attack_run, t
 
 
 def test_the_classifier_layer_is_held_only_where_a_stage_ascends():
+    """Held where the stage ascends and --hold_head is 1; a model without an nn.Linear layer is trained whole, and
+    the record says why."""
+    from models import build_model
     from utils.defenses.pud import PUDSettings, head_use
 
-    assert head_use(PUDSettings(), {"used": True, "lambda": 0.3}) == "held"
-    assert head_use(PUDSettings(), {"used": False}) == "trained"
-    assert head_use(PUDSettings(hold_head=0), {"used": True, "lambda": 0.3}) == "trained"
+    cnn, ascends = build_model("cnn", 10), {"used": True, "lambda": 0.3}
+    assert head_use(PUDSettings(), ascends, cnn) == "held"
+    assert head_use(PUDSettings(), {"used": False}, cnn) == "trained"
+    assert head_use(PUDSettings(hold_head=0), ascends, cnn) == "trained"
+    assert "no nn.Linear" in head_use(PUDSettings(), ascends, torch.nn.Conv2d(3, 10, 1))
 
 
 def test_the_mean_teacher_ascends_only_where_unlearning_did():

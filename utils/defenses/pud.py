@@ -433,7 +433,7 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
                          "ascent": ascent_decision(pud.unlearn_lambda, st.spectre_initial["poison_candidates"],
                                                    pud.unlearn_where)}
     record = st.unlearning
-    record.setdefault("classifier_layer", head_use(pud, record["ascent"]))
+    record.setdefault("classifier_layer", head_use(pud, record["ascent"], model))
     lam = record["ascent"]["lambda"] if record["ascent"]["used"] else 0.0
     held = HeldLayer(classifier_layer(model)) if record["classifier_layer"] == "held" else None
     for e in range(st.epoch, pud.unlearn_epochs):
@@ -461,9 +461,12 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
         held.release(opt)
 
 
-def head_use(pud: PUDSettings, ascent: dict) -> str:
-    """``held`` where a stage ascends and ``--hold_head`` is 1 (``HeldLayer``), else ``trained`` (for summary.json)."""
-    return "held" if pud.hold_head and ascent.get("used") else "trained"
+def head_use(pud: PUDSettings, ascent: dict, model) -> str:
+    """``held`` where a stage ascends and ``--hold_head`` is 1 (``HeldLayer``), else ``trained`` (for summary.json;
+    a model without an ``nn.Linear`` layer has none to hold, and the record says so)."""
+    if not (pud.hold_head and ascent.get("used")):
+        return "trained"
+    return "held" if classifier_layer(model) is not None else "trained: the model has no nn.Linear layer to hold"
 
 
 def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor | None, target: int | None,
@@ -509,8 +512,8 @@ def teacher_ascent(pud: PUDSettings, st: PUDState) -> dict:
         return {"used": False, "lambda": 0.0, "why": "--mt_ascent 0"}
     if not ascent.get("used") or not len(st.poison_set):
         return {"used": False, "lambda": 0.0, "why": "unlearning did not ascend"}
-    return {"used": True, "lambda": ascent["lambda"], "classifier_layer": head_use(pud, ascent), "why": "unlearning ascended; clean epochs alone let the backdoor "
-                                                             "back"}
+    return {"used": True, "lambda": ascent["lambda"], "classifier_layer": st.unlearning.get("classifier_layer"),
+            "why": "unlearning ascended; clean epochs alone let the backdoor back"}
 
 
 def mean_teacher(s: DefenseSession, st: PUDState, objects: dict) -> None:

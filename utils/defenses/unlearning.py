@@ -130,13 +130,12 @@ def unlearning_loss(logits_clean: Tensor, y_clean: Tensor, logits_poison: Tensor
     return loss, parts
 
 
-def classifier_layer(model: nn.Module) -> nn.Linear:
+def classifier_layer(model: nn.Module) -> Optional[nn.Linear]:
     """The model's last ``nn.Linear``: its classifier layer (``cnn``'s ``fc``, PreActResNet18's ``linear``,
-    torchvision ResNet18's ``fc``)."""
+    torchvision ResNet18's ``fc``); None for a model without one (e.g. a 1x1-convolution classifier of other
+    code)."""
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer: no classifier layer to hold")
-    return layers[-1]
+    return layers[-1] if layers else None
 
 
 class HeldLayer:
