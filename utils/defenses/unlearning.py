@@ -144,7 +144,7 @@ class HeldLayer:
 
     PUD holds its classifier layer while it ascends on the poison set. An ascent free to move that layer pushes the
     poisons away from the target mostly by reading the target class less, which costs the class's own images
-    (43-class patch: the target class 93.9 -> 77.6 % in unlearning); with the layer held, it can only change how
+    (43-class patch: the target class 93.9 -> 79.6 % over unlearning); with the layer held, it can only change how
     the network sees the trigger (the class ends unlearning at 89.8 %, docs/ablations.md). Copying back, not
     ``requires_grad_(False)``, because DDP fixes the set of parameters it reduces when it wraps the model.
     """
