@@ -124,7 +124,7 @@ class PUDSettings(Settings):
     hold_head: int = opt(1, "1: while unlearning and the mean teacher ascend on the poison set, the classifier layer "
                             "is held where the progressive steps left it, so the ascent changes how the network "
                             "sees the trigger instead of reading the target class less (43-class patch: the target "
-                            "class ends unlearning at 89.8 %, not 79.6); 0: every layer trained (paper code)",
+                            "class ends unlearning at 89.8 %%, not 79.6); 0: every layer trained (paper code)",
                          type=int, choices=(0, 1))
     mt_adv: bool = opt(False, "mean teacher: the student trains on the teacher's PGD examples", action="store_true")
     return_teacher: bool = opt(False, "keep the teacher instead of the student", action="store_true")
