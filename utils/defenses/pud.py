@@ -435,7 +435,7 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
     record = st.unlearning
     record.setdefault("classifier_layer", head_use(pud, record["ascent"], model))
     lam = record["ascent"]["lambda"] if record["ascent"]["used"] else 0.0
-    held = HeldLayer(classifier_layer(model)) if record["classifier_layer"] == "held" else None
+    held = held_layer(model, record["classifier_layer"])
     for e in range(st.epoch, pud.unlearn_epochs):
         st.epoch_global += 1
         ep = st.epoch_global
@@ -467,6 +467,11 @@ def head_use(pud: PUDSettings, ascent: dict, model) -> str:
     if not (pud.hold_head and ascent.get("used")):
         return "trained"
     return "held" if classifier_layer(model) is not None else "trained: the model has no nn.Linear layer to hold"
+
+
+def held_layer(model, use: str | None) -> HeldLayer | None:
+    """The stage's ``HeldLayer`` where its record (``head_use``) says ``held``, else None."""
+    return HeldLayer(classifier_layer(model)) if use == "held" else None
 
 
 def refresh_extra(extra: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor | None, target: int | None,
@@ -525,7 +530,7 @@ def mean_teacher(s: DefenseSession, st: PUDState, objects: dict) -> None:
     teacher = frozen_copy(model, st.teacher)
     ascent = teacher_ascent(pud, st)
     lam = ascent["lambda"]
-    held = HeldLayer(classifier_layer(model)) if ascent.get("classifier_layer") == "held" else None
+    held = held_layer(model, ascent.get("classifier_layer"))
     for e in range(st.epoch, pud.mt_epochs):
         st.epoch_global += 1
         ep = st.epoch_global
