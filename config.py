@@ -42,13 +42,18 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(script: str, argv: list[str] | None = None) -> Job:
-    """Parse, resolve the defaults that follow from the dataset and validate; raises ``UserError`` on bad input."""
+def parse_args(script: str, argv: list[str] | None = None, resolve: bool = True) -> Job:
+    """Parse, resolve the defaults that follow from the dataset and validate; raises ``UserError`` on bad input.
+    ``resolve=False``: the settings as the command line gives them, unchecked (to compare command lines without
+    reading the data)."""
     job_cls = job_class(script)
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser(script).parse_args(argv)
     parts = {name: part.from_namespace(ns) for name, part in job_cls.part_types()}
-    job = job_cls(command=(SCRIPT_FILES[script], *argv), **parts).resolve()
+    job = job_cls(command=(SCRIPT_FILES[script], *argv), **parts)
+    if not resolve:
+        return job
+    job = job.resolve()
     job.check()
     if job.run.out_dir is None and script == "attack":
         out = default_out_dir(script, job.data.dataset, job.trigger.trigger_type, job.attack.attack_mode)

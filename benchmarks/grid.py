@@ -71,7 +71,8 @@ def threads_per_job(jobs: int) -> int:
 
 def run_grid(preset: Preset, dataset: str, root: str, jobs: int = 1, runner=subprocess_runner,
              only: tuple = (), seed: int = 0) -> dict:
-    """Run every unfinished cell (attacks first, each defense once its attack is done); returns {cell: status}.
+    """Run every unfinished cell (attacks first, each defense once its attack is done, a clean-model row after the
+    row whose clean training it shares); returns {cell: status}.
 
     ``only``: shell patterns of cell names (``attack/defense``, e.g. ``*/attack`` or ``patch-*/pud``) to run.
     ``seed`` N > 0: the defenses with ``--seed N`` in ``seed_root(root, N)`` on the infected models of ``root``
@@ -100,11 +101,13 @@ def run_grid(preset: Preset, dataset: str, root: str, jobs: int = 1, runner=subp
         status[cell.name] = "done" if ok else "failed"
         failures.set(cell, None if ok else rc, "" if ok else log_tail(cell.log))
 
-    attacks = [c for c in cells if c.defense is None]
-    defenses = [c for c in cells if c.defense is not None]
+    # attacks, then their defenses; last the clean-model rows that score another row's clean training (a row whose
+    # training did not finish trains its own)
+    phases = ([c for c in cells if c.defense is None], [c for c in cells if c.defense is not None and not c.clean_from],
+              [c for c in cells if c.clean_from])
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        list(pool.map(one, attacks))
-        list(pool.map(one, defenses))
+        for phase in phases:
+            list(pool.map(one, phase))
     return status
 
 

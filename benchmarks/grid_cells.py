@@ -123,6 +123,7 @@ class Cell:
     log: str
     attack_folder: str  # the infected model's run folder (the seed-0 grid's)
     seed: int = 0  # the defenses' --seed (0: the grid's own; the attacks are always seed 0's)
+    clean_from: str | None = None  # a clean-model row: another row's folder with the same clean training
 
     @property
     def name(self) -> str:
@@ -135,8 +136,9 @@ class Cell:
 
     def command(self, preset: Preset, dataset: str) -> list:
         if self.defense is None or self.defense.retrain:
-            argv = [SCRIPTS["attack"], *preset.datasets[dataset], *preset.shared[dataset], *self.attack.args,
-                    *(self.defense.args if self.defense else ())]
+            argv = [SCRIPTS["attack"], *retrain_args(preset, dataset, self.attack, self.defense)]
+            if self.clean_from and finished(self.clean_from):  # that training, scored with this cell's trigger
+                argv += ["--clean_model_from", os.path.join(self.clean_from, "model.pt")]
         else:
             model = os.path.join(self.attack_folder, "model.pt")
             argv = [self.defense.script, "--model_path", model, *preset.shared[dataset], *self.defense.args]
@@ -149,6 +151,21 @@ class Cell:
         if os.path.exists(os.path.join(self.folder, "state.pt")):
             argv.append("--resume")
         return [sys.executable, *argv]
+
+
+def retrain_args(preset: Preset, dataset: str, attack: Attack, defense: Defense | None) -> list:
+    """train_blend.py's arguments for an attack cell, or for a reference row that trains the attack again."""
+    return [*preset.datasets[dataset], *preset.shared[dataset], *attack.args, *(defense.args if defense else ())]
+
+
+def clean_training_key(preset: Preset, dataset: str, attack: Attack, defense: Defense) -> str:
+    """What the clean model of this row is trained with (``utils.attack.clean_training``, the settings as given:
+    no data is read): rows with equal keys train the same weights, whatever their triggers."""
+    from config import parse_args
+    from utils.attack import clean_training
+
+    job = parse_args("attack", retrain_args(preset, dataset, attack, defense), resolve=False)
+    return json.dumps(clean_training(job.flat()), sort_keys=True)
 
 
 def seed_root(root: str, seed: int) -> str:
@@ -164,14 +181,18 @@ def cells_of(preset: Preset, dataset: str, root: str, seed: int = 0) -> list:
     attacks = dict(preset.attacks)[dataset]
     here = seed_root(root, seed)
     out = []
+    trained = {}  # a clean training's key -> the first row's folder that trains it; the others score its weights
     for a in attacks:
         infected = os.path.join(root, a.name, "attack")
         out.append(Cell(a, None, infected, os.path.join(root, "logs", f"{a.name}-attack.log"), infected, seed))
         for d in preset.defenses:
             if (d.wrong_target and a.target is None) or (d.retrain and seed):  # a retrained reference is seed 0's
                 continue
-            log = os.path.join(here, "logs", f"{a.name}-{d.name}.log")
-            out.append(Cell(a, d, os.path.join(here, a.name, d.name), log, infected, seed))
+            log, folder = os.path.join(here, "logs", f"{a.name}-{d.name}.log"), os.path.join(here, a.name, d.name)
+            clean_from = None
+            if d == CLEAN_MODEL:
+                clean_from = trained.setdefault(clean_training_key(preset, dataset, a, d), folder)
+            out.append(Cell(a, d, folder, log, infected, seed, clean_from if clean_from != folder else None))
     return out
 
 

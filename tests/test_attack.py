@@ -58,6 +58,40 @@ def test_pc_0_trains_a_clean_model_that_keeps_the_trigger_and_reports_its_asr(tm
     assert attack_label(json.loads((out / "args.json").read_text())) == "patch all2one (no poisoned image)"
 
 
+@pytest.mark.slow
+def test_a_clean_model_is_the_same_for_every_trigger_and_is_reused_instead_of_trained_again(tmp_path, capsys):
+    # the grid's clean-model rows share one training per schedule: the weights of a --pc 0 run must not depend
+    # on the trigger, and --clean_model_from scores them with another trigger as that trigger's own run would
+    import train_blend
+
+    clean = ("--train_subset", "1000", "--n_iters", "2", "--pc", "0")
+    warp = ("--trigger_type", "warp", "--attack_mode", "all2all")
+    patch, other = tmp_path / "patch", tmp_path / "warp"
+    assert cli(train_blend.main, *TINY_ATTACK, *clean, "--out_dir", patch) == 0
+    assert cli(train_blend.main, *TINY_ATTACK, *clean, *warp, "--out_dir", other) == 0
+    a, b = (load_checkpoint(str(d / "model.pt"))["state_dict"] for d in (patch, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    reused = tmp_path / "reused"
+    assert cli(train_blend.main, *TINY_ATTACK, *clean, *warp, "--clean_model_from", patch / "model.pt",
+               "--figures", "--out_dir", reused) == 0
+    s, trained = (json.loads((d / "summary.json").read_text()) for d in (reused, other))
+    assert s["clean_model_from"] == str(patch / "model.pt") and "clean_model_from" not in trained
+    assert s["final"] == {k: v for k, v in trained["final"].items() if k != "loss"}  # no training loss: no training
+    assert trained["final"]["clean_acc"] > 0.3  # (a model that learnt something: 10 classes)
+    ck = load_checkpoint(str(reused / "model.pt"))
+    assert backdoor_from_checkpoint(ck).trigger.name == "warp" and ck["attack_mode"] == "all2all"
+    assert all(torch.equal(ck["state_dict"][k], a[k]) for k in a)
+    assert (reused / "curves.png").stat().st_size > 0
+    # a model trained otherwise, or a run that would poison, is refused with the reason
+    capsys.readouterr()
+    assert cli(train_blend.main, *TINY_ATTACK, *clean, "--n_iters", "3", "--clean_model_from", patch / "model.pt",
+               "--out_dir", tmp_path / "longer") == 2
+    assert "--n_iters 3 (it used 2)" in capsys.readouterr().err
+    assert cli(train_blend.main, *TINY_ATTACK, *clean, "--pc", "0.1", "--clean_model_from", patch / "model.pt",
+               "--out_dir", tmp_path / "poisoned") == 2
+    assert "needs --pc 0" in capsys.readouterr().err
+
+
 def test_gtsrb_missing_offline_names_download_script(tmp_path, monkeypatch):
     import torchvision
 

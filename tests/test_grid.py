@@ -130,6 +130,35 @@ def test_the_clean_model_row_retrains_the_attack_without_poisons_and_is_not_judg
     assert rows["patch-all2one", "clean-model"]["misses"] is None and rows["patch-all2one", "aft"]["misses"] == ""
 
 
+def test_clean_model_rows_with_the_same_training_share_it_and_score_it_with_their_own_triggers(tmp_path):
+    # a clean model does not depend on the trigger: one training per schedule, the other rows score its weights
+    attacks = [grid_cells.Attack("patch-all2one", ("--trigger_type", "patch"), 0),
+               grid_cells.Attack("blend-all2all", ("--trigger_type", "blend", "--attack_mode", "all2all"), None),
+               grid_cells.Attack("patch-longer", ("--trigger_type", "patch", "--n_iters", "9"), 0)]
+    preset = grid_cells.Preset("tiny", PRESET.datasets, PRESET.shared, (("synthetic", attacks),),
+                               (grid_cells.CLEAN_MODEL,), {"synthetic": 10})
+    root = str(tmp_path / "grid")
+    clean = {c.attack.name: c for c in grid_cells.cells_of(preset, "synthetic", root) if c.defense}
+    assert clean["blend-all2all"].clean_from == clean["patch-all2one"].folder
+    assert clean["patch-all2one"].clean_from is None and clean["patch-longer"].clean_from is None  # other epochs
+    # before the shared training has finished the row would train itself
+    assert "--clean_model_from" not in clean["blend-all2all"].command(preset, "synthetic")
+    runner = FakeRunner()
+    status = grid.run_grid(preset, "synthetic", root, jobs=2, runner=runner)
+    assert set(status.values()) == {"done"}
+    order = [n for n, _ in runner.calls]
+    assert order.index("blend-all2all/clean-model") > order.index("patch-all2one/clean-model")
+    calls = dict(runner.calls)
+    shared = calls["blend-all2all/clean-model"]
+    assert shared[shared.index("--clean_model_from") + 1] == os.path.join(clean["patch-all2one"].folder, "model.pt")
+    assert shared[shared.index("--trigger_type") + 1] == "blend"  # scored with its own trigger
+    assert "--clean_model_from" not in calls["patch-longer/clean-model"]
+    # a shared training that failed: the row trains its own
+    runner = FakeRunner(fail={"patch-all2one/clean-model"})
+    grid.run_grid(preset, "synthetic", str(tmp_path / "again"), runner=runner)
+    assert "--clean_model_from" not in dict(runner.calls)["blend-all2all/clean-model"]
+
+
 def test_a_defended_cell_names_the_targets_it_misses():
     infected = {"defense": "none", "status": "done", "acc": 0.97, "asr": 0.98, "asr_late_max": None, "ra": 0.01,
                 "tca": 0.96, "det_precision": None}

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -17,8 +19,9 @@ from utils.data.triggers import LABEL_MAPS, TriggerSettings
 from utils.evaluation import evaluate, log_line
 from utils.figures import write_figures
 from utils.run import distributed as dist
-from utils.run.checkpoint import checkpoint_payload, save_checkpoint
-from utils.run.resume import RunControl, prepare_out_dir
+from utils.run.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from utils.run.errors import UserError
+from utils.run.resume import NOT_COMPARED, RunControl, prepare_out_dir
 from utils.run.runlog import RunDir
 from utils.run.runtime import RunSettings, pick_device, seed_everything
 from utils.run.stagetimer import stage
@@ -46,6 +49,10 @@ class AttackSettings(Settings):
                                    "class only and keep their labels, as Barni et al.'s SIG and BackdoorBench run it",
                             action="store_true")
     eval_every: int = opt(1, "evaluate every N epochs (the last epoch always)", type=int)
+    clean_model_from: str | None = opt(None, "with --pc 0: the weights of this clean model (the model.pt of a --pc 0 "
+                                              "run with the same data, model and training settings; a clean model "
+                                              "does not depend on the trigger) instead of training them again, scored "
+                                              "with this run's trigger", metavar="PATH")
     eval_robust: bool = opt(True, "report PGD robust accuracy of the final model (the defenses of this model reuse "
                                   "the figure when they evaluate on the same test images with the same settings)",
                             action=argparse.BooleanOptionalAction)
@@ -69,6 +76,10 @@ class AttackSettings(Settings):
         require(not self.clean_label or (self.attack_mode == "all2one" and self.poison_mode == "fixed"),
                 "--clean_label draws the poisons from the target class: it needs --attack_mode all2one and "
                 "--poison_mode fixed")
+        require(self.clean_model_from is None or self.pc == 0,
+                f"--clean_model_from takes a clean model's weights: it needs --pc 0, got --pc {self.pc}")
+        require(self.clean_model_from is None or os.path.isfile(self.clean_model_from),
+                f"--clean_model_from '{self.clean_model_from}' does not exist; pass the model.pt of a --pc 0 run")
         if trigger.trigger_type == "warp":
             require(self.pc * (1 + trigger.cross_ratio) <= 1, f"--pc {self.pc} with --cross_ratio {trigger.cross_ratio} "
                                                                "would poison or warp more than the whole training set")
@@ -97,6 +108,32 @@ class AttackJob(Job):
         self.attack.check_for(self.data, self.trigger)
 
 
+# What a clean model's (--pc 0) weights do not depend on: the trigger, its label map and target (no image carries
+# it) and the run's bookkeeping. Every other setting counts (tests/test_attack.py trains one with two triggers).
+NOT_TRAINING = (*NOT_COMPARED, *(f.name for f in fields(TriggerSettings)), "attack_mode", "target_label",
+                "clean_label", "clean_model_from")
+
+
+def clean_training(record: dict) -> dict:
+    """The settings a clean model's weights follow from, out of a run's flat settings (``Job.flat()``, a
+    checkpoint's ``args``), as JSON values: two runs with the same record train the same clean model."""
+    return json.loads(json.dumps({k: v for k, v in record.items() if k not in NOT_TRAINING}, default=str))
+
+
+def load_clean_weights(job: AttackJob, model) -> None:
+    """``--clean_model_from``: load the weights of a clean model trained with this run's settings but another
+    trigger; refuse (naming the settings) a model whose training differs or that saw poisoned images."""
+    path = job.attack.clean_model_from
+    ck = load_checkpoint(path)
+    theirs, ours = clean_training(ck["args"]), clean_training(job.flat())
+    diff = [f"--{k} {ours.get(k)} (it used {theirs.get(k)})" for k in sorted(set(theirs) | set(ours))
+            if theirs.get(k) != ours.get(k)]
+    if diff:
+        raise UserError(f"--clean_model_from '{path}' was trained with other settings: {', '.join(diff[:4])}"
+                        + (f" and {len(diff) - 4} more" if len(diff) > 4 else "") + "; train this run instead")
+    model.load_state_dict(ck["state_dict"])
+
+
 def checkpoint_meta(job: AttackJob) -> dict:
     """The fields a checkpoint carries besides weights, trigger and poisoning: enough to rebuild the model and data."""
     return {"arch": job.model.arch, "arch_kwargs": {"num_classes": job.data.num_classes,
@@ -118,6 +155,9 @@ def run_attack(job: AttackJob) -> dict:
                                     run_s.seed, job.attack.clean_label)
     spec = get_spec(data_s.dataset)
     model = build_model(job.model.arch, data_s.num_classes, data_s.input_shape[0], spec.mean, spec.std).to(device)
+    reused = job.attack.clean_model_from
+    if reused:
+        load_clean_weights(job, model)
     model = prepare_model(model, job.model, device)  # channels_last, bf16 autocast, torch.compile
     train_model = dist.wrap(model, device)  # DistributedDataParallel under torchrun, else model
     opt = make_optimizer(model, job.attack.lr_C)
@@ -138,14 +178,19 @@ def run_attack(job: AttackJob) -> dict:
             ctl.save("set-up (no epoch done)", carry, **objects)
         print(f"attack: {job.trigger.trigger_type} {job.attack.attack_mode} on {data_s.dataset} ({len(poisoned)} "
               f"train, {len(test)} test, {len(poisoned.poison_idx)} poisoned) with {job.model.arch} on {device}; "
-              f"writing to {run_s.out_dir}", flush=True)
+              f"writing to {run_s.out_dir}" + (f"; the weights of the clean model {reused}, not trained again"
+                                               if reused else ""), flush=True)
         n_iters = job.attack.n_iters
-        for epoch in range(carry["epoch"] + 1, n_iters + 1):
-            stats = train_epoch(train_model, opt, dist.epoch_batches(poisoned, run_s.bs, gen, augment),
-                                generator=gen, channels_last=cl, desc=f"epoch {epoch}",
-                                stage="attack", epoch=epoch)
-            sched.step()
-            rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}
+        # a reused clean model is scored once, as the last epoch of its training
+        for epoch in range(carry["epoch"] + 1, n_iters + 1) if not reused else (n_iters,):
+            if reused:
+                rec = {"epoch": epoch, "clean_model_from": reused, "seconds": ctl.elapsed()}
+            else:
+                stats = train_epoch(train_model, opt, dist.epoch_batches(poisoned, run_s.bs, gen, augment),
+                                    generator=gen, channels_last=cl, desc=f"epoch {epoch}",
+                                    stage="attack", epoch=epoch)
+                sched.step()
+                rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}
             if epoch % job.attack.eval_every == 0 or epoch == n_iters:
                 with stage("eval_clean"):
                     rec.update(evaluate(model, test, backdoor, run_s.eval_bs, noise_seed=run_s.seed,
@@ -166,7 +211,8 @@ def run_attack(job: AttackJob) -> dict:
             with stage("saving"):
                 save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned,
                                                                          train_indices, final))
-        summary = {"final": final, "epochs": n_iters, "amp": amp_choice(job.model.amp, device),
+        summary = {"final": final, "epochs": n_iters, **({"clean_model_from": reused} if reused else {}),
+                   "amp": amp_choice(job.model.amp, device),
                    "torch_threads": torch.get_num_threads(),  # float sums in another order: another result
                    "poisoned": len(poisoned.poison_idx),
                    "train_size": len(poisoned), "test_size": len(test)}
