@@ -79,7 +79,8 @@ def run_grid(preset: Preset, dataset: str, root: str, jobs: int = 1, runner=subp
     (which are not run here: their defenses fail until the seed-0 grid has them)."""
     every = cells_of(preset, dataset, root, seed)
     chosen = {c.name for c in every if not only or any(fnmatch.fnmatch(c.name, p) for p in only)}
-    needed = {c.attack.name for c in every if c.name in chosen}  # a chosen cell needs its attack, only its attack
+    # a chosen defense needs its attack, only its attack; a reference row that trains the attack again needs none
+    needed = {c.attack.name for c in every if c.name in chosen and not (c.defense and c.defense.retrain)}
     cells = [c for c in every if c.name in chosen or (c.defense is None and c.attack.name in needed)]
     failures = Failures(seed_root(root, seed))
     threads = threads_per_job(jobs)

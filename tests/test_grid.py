@@ -153,6 +153,10 @@ def test_clean_model_rows_with_the_same_training_share_it_and_score_it_with_thei
     assert shared[shared.index("--clean_model_from") + 1] == os.path.join(clean["patch-all2one"].folder, "model.pt")
     assert shared[shared.index("--trigger_type") + 1] == "blend"  # scored with its own trigger
     assert "--clean_model_from" not in calls["patch-longer/clean-model"]
+    # --only the clean-model rows: no attack is run for them (they need no infected model)
+    runner = FakeRunner()
+    grid.run_grid(preset, "synthetic", str(tmp_path / "only"), runner=runner, only=("*/clean-model",))
+    assert sorted(n for n, _ in runner.calls) == sorted(f"{a.name}/clean-model" for a in attacks)
     # a shared training that failed: the row trains its own
     runner = FakeRunner(fail={"patch-all2one/clean-model"})
     grid.run_grid(preset, "synthetic", str(tmp_path / "again"), runner=runner)
