@@ -86,7 +86,7 @@ def test_a_clean_model_is_the_same_for_every_trigger_and_is_reused_instead_of_tr
     capsys.readouterr()
     assert cli(train_blend.main, *TINY_ATTACK, *clean, "--n_iters", "3", "--clean_model_from", patch / "model.pt",
                "--out_dir", tmp_path / "longer") == 2
-    assert "--n_iters 3 (it used 2)" in capsys.readouterr().err
+    assert "--n_iters 3 (the run used 2)" in capsys.readouterr().err
     assert cli(train_blend.main, *TINY_ATTACK, *clean, "--pc", "0.1", "--clean_model_from", patch / "model.pt",
                "--out_dir", tmp_path / "poisoned") == 2
     assert "needs --pc 0" in capsys.readouterr().err

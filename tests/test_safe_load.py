@@ -144,15 +144,15 @@ def test_a_garbage_file_is_not_called_a_pickle(tmp_path):
 def test_a_setting_added_since_a_run_started_counts_as_its_default():
     """A version-1 defense state has no --train_data/--allow_pickle/...: those read as their defaults."""
     from config import parse_args
-    from utils.run.resume import _differences, comparable_args, default_args
+    from utils.run.resume import setting_differences, comparable_args, default_args
 
     job = parse_args("pud", ["--model_path", "m.pt", "--device", "cpu"])
     now, defaults = comparable_args(job), default_args(job)
     old = {k: v for k, v in now.items() if k not in ("allow_pickle", "train_data", "mean")}
-    assert _differences(old, now, defaults) == []
+    assert setting_differences(old, now, defaults) == []
     other = comparable_args(parse_args("pud", ["--model_path", "m.pt", "--device", "cpu", "--steps", "2", "--step_epochs",
                                                 "1", "1", "--step_adv_epochs", "1", "0", "--step_partial", "0", "0",
                                                 "--step_eps", "6/255", "4/255", "--step_alpha_div", "5", "6",
                                                 "--top_rates", "0.5"]))
-    diff = _differences({k: v for k, v in now.items() if k != "steps"}, other, defaults)
+    diff = setting_differences({k: v for k, v in now.items() if k != "steps"}, other, defaults)
     assert "--steps 2 (the run used 5)" in diff

@@ -21,7 +21,7 @@ from utils.figures import write_figures
 from utils.run import distributed as dist
 from utils.run.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from utils.run.errors import UserError
-from utils.run.resume import NOT_COMPARED, RunControl, prepare_out_dir
+from utils.run.resume import NOT_COMPARED, RunControl, default_args, prepare_out_dir, setting_differences
 from utils.run.runlog import RunDir
 from utils.run.runtime import RunSettings, pick_device, seed_everything
 from utils.run.stagetimer import stage
@@ -125,9 +125,9 @@ def load_clean_weights(job: AttackJob, model) -> None:
     trigger; refuse (naming the settings) a model whose training differs or that saw poisoned images."""
     path = job.attack.clean_model_from
     ck = load_checkpoint(path)
-    theirs, ours = clean_training(ck["args"]), clean_training(job.flat())
-    diff = [f"--{k} {ours.get(k)} (it used {theirs.get(k)})" for k in sorted(set(theirs) | set(ours))
-            if theirs.get(k) != ours.get(k)]
+    # a setting the model's run did not know (added to the toolkit since) counts as its default
+    diff = setting_differences(clean_training(ck["args"]), clean_training(job.flat()),
+                               clean_training(default_args(job)))
     if diff:
         raise UserError(f"--clean_model_from '{path}' was trained with other settings: {', '.join(diff[:4])}"
                         + (f" and {len(diff) - 4} more" if len(diff) > 4 else "") + "; train this run instead")

@@ -134,7 +134,7 @@ def default_args(job) -> dict:
     return comparable_args(type(job)(**{name: cls() for name, cls in job.part_types()}))
 
 
-def _differences(saved: dict, now: dict, defaults: dict) -> list[str]:
+def setting_differences(saved: dict, now: dict, defaults: dict) -> list[str]:
     """The settings that differ; a setting the saved run does not know (added to the toolkit since) counts as
     its default."""
     out = []
@@ -164,7 +164,7 @@ def prepare_out_dir(script: str, job) -> dict | None:
     if state.get("script") != script:
         raise UserError(f"--resume: '{out_dir}' holds a {SCRIPT_FILES.get(state.get('script'), '?')} run, "
                         f"not a {SCRIPT_FILES[script]} run")
-    diff = _differences(state["args"], comparable_args(job), default_args(job))
+    diff = setting_differences(state["args"], comparable_args(job), default_args(job))
     if diff:
         shown = ", ".join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else "")
         raise UserError(f"--resume: arguments differ from the interrupted run in '{out_dir}': {shown}; "
