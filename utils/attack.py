@@ -120,9 +120,10 @@ def clean_training(record: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in record.items() if k not in NOT_TRAINING}, default=str))
 
 
-def load_clean_weights(job: AttackJob, model) -> None:
+def load_clean_weights(job: AttackJob, model) -> dict:
     """``--clean_model_from``: load the weights of a clean model trained with this run's settings but another
-    trigger; refuse (naming the settings) a model whose training differs or that saw poisoned images."""
+    trigger; refuse (naming the settings) a model whose training differs or that saw poisoned images. Returns
+    its final metrics (its robust accuracy does not depend on the trigger: ``robust_eval`` reuses it)."""
     path = job.attack.clean_model_from
     ck = load_checkpoint(path)
     # a setting the model's run did not know (added to the toolkit since) counts as its default
@@ -132,6 +133,7 @@ def load_clean_weights(job: AttackJob, model) -> None:
         raise UserError(f"--clean_model_from '{path}' was trained with other settings: {', '.join(diff[:4])}"
                         + (f" and {len(diff) - 4} more" if len(diff) > 4 else "") + "; train this run instead")
     model.load_state_dict(ck["state_dict"])
+    return ck["metrics"]
 
 
 def checkpoint_meta(job: AttackJob) -> dict:
@@ -155,9 +157,9 @@ def run_attack(job: AttackJob) -> dict:
                                     run_s.seed, job.attack.clean_label)
     spec = get_spec(data_s.dataset)
     model = build_model(job.model.arch, data_s.num_classes, data_s.input_shape[0], spec.mean, spec.std).to(device)
-    reused = job.attack.clean_model_from
+    reused, earlier = job.attack.clean_model_from, None
     if reused:
-        load_clean_weights(job, model)
+        earlier = load_clean_weights(job, model)
     model = prepare_model(model, job.model, device)  # channels_last, bf16 autocast, torch.compile
     train_model = dist.wrap(model, device)  # DistributedDataParallel under torchrun, else model
     opt = make_optimizer(model, job.attack.lr_C)
@@ -207,7 +209,7 @@ def run_attack(job: AttackJob) -> dict:
         if job.attack.eval_robust:
             with stage("eval_robust"):
                 final.update(final_robustness(model, test, job.robust, run_s.seed, run_s.eval_bs, cl,
-                                              amp_choice(job.model.amp, device)["amp"]))
+                                              amp_choice(job.model.amp, device)["amp"], earlier))
             with stage("saving"):
                 save_checkpoint(run.file("model.pt"), checkpoint_payload(meta, model, backdoor, poisoned,
                                                                          train_indices, final))

@@ -331,13 +331,13 @@ def autoattack_accuracy(model: nn.Module, test, eps: float = 8 / 255, n_images: 
 
 
 def final_robustness(model: nn.Module, test, settings, seed: int, batch_size: int, channels_last: bool,
-                     amp: str | None = None) -> dict:
-    """A run's final robustness figures: PGD (``settings``: a ``RobustEvalSettings``) and, if it asks for
-    ``autoattack_images``, AutoAttack at radius ``eval_eps`` on that many images seeded by ``seed`` (the same
-    images for every run of the seed)."""
+                     amp: str | None = None, earlier: dict | None = None) -> dict:
+    """A run's final robustness figures: PGD (``settings``: a ``RobustEvalSettings``; taken from an ``earlier``
+    record of the same evaluation, ``robust_eval``) and, if it asks for ``autoattack_images``, AutoAttack at radius
+    ``eval_eps`` on that many images seeded by ``seed`` (the same images for every run of the seed)."""
     from utils.adversarial import robust_eval
 
-    out = robust_eval(model, test, settings, seed, batch_size, channels_last, amp)
+    out = robust_eval(model, test, settings, seed, batch_size, channels_last, amp, earlier)
     if settings.autoattack_images:
         out.update(autoattack_accuracy(model, test, eps=settings.eval_eps, n_images=settings.autoattack_images,
                                        seed=seed, batch_size=batch_size))
