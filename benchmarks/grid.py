@@ -150,6 +150,8 @@ def autoattack_pass(preset: Preset, dataset: str, root: str, images: int, jobs: 
     threads = threads_per_job(jobs)
 
     def one(cell: Cell) -> None:
+        if shared_autoattack(cell, images):
+            return
         log = cell.log[:-len(".log")] + "-autoattack.log"
         cmd = [sys.executable, "-m", "benchmarks.grid", "--autoattack", str(images), "--autoattack_cell", cell.folder,
                "--threads", str(threads)]
@@ -163,9 +165,31 @@ def autoattack_pass(preset: Preset, dataset: str, root: str, images: int, jobs: 
             print(f"[grid] {cell.name}: AutoAttack FAILED (exit {rc}; log {log})", flush=True)
 
     os.makedirs(os.path.join(seed_root(root, seed), "logs"), exist_ok=True)
-    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        list(pool.map(one, pending))
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:  # a row sharing a clean training after its owner
+        for phase in ([c for c in pending if not c.clean_from], [c for c in pending if c.clean_from]):
+            list(pool.map(one, phase))
     return time.time() - t0
+
+
+def shared_autoattack(cell: Cell, images: int) -> bool:
+    """A clean-model row that scored another row's weights (``--clean_model_from``) takes that row's AutoAttack
+    figure on the same ``images`` (the same weights and seeded images: the trigger plays no part); False if there
+    is none to take."""
+    if not cell.clean_from:
+        return False
+    source = os.path.join(cell.clean_from, "autoattack.json")
+    summary = json.load(open(os.path.join(cell.folder, "summary.json")))
+    if summary.get("clean_model_from") != os.path.join(cell.clean_from, "model.pt") or not os.path.exists(source):
+        return False
+    res = json.load(open(source))
+    if res["autoattack_eval"].get("images") != images:
+        return False
+    res["autoattack_eval"] = {**res["autoattack_eval"], "shared_from": cell.clean_from}
+    with open(os.path.join(cell.folder, "autoattack.json"), "w") as f:
+        f.write(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    print(f"[grid] {cell.name}: AutoAttack {res['autoattack_acc']:.3f}, the figure of {cell.clean_from} (the same "
+          "weights and images)", flush=True)
+    return True
 
 
 def record_run(root: str, what: str, seconds: float, jobs: int, cells: int) -> None:

@@ -35,6 +35,8 @@ class FakeRunner:
         defense = {"train_blend.py": None, "pbe_main.py": "aft", "PUD.py": "pud"}[script]
         summary = {"final": {"clean_acc": 0.9, "asr": 0.05 if defense else 0.97, "target_class_acc": 0.88},
                    "seconds": 12.0}
+        if "--clean_model_from" in cmd:
+            summary["clean_model_from"] = cmd[cmd.index("--clean_model_from") + 1]
         if defense:
             summary["defense"] = defense
             summary["final"]["robust_acc"] = 0.1
@@ -153,6 +155,13 @@ def test_clean_model_rows_with_the_same_training_share_it_and_score_it_with_thei
     assert shared[shared.index("--clean_model_from") + 1] == os.path.join(clean["patch-all2one"].folder, "model.pt")
     assert shared[shared.index("--trigger_type") + 1] == "blend"  # scored with its own trigger
     assert "--clean_model_from" not in calls["patch-longer/clean-model"]
+    # AutoAttack: the shared training's figure is the scoring rows' too (the same weights and images)
+    aa = FakeAutoAttack()
+    grid.autoattack_pass(preset, "synthetic", root, 200, jobs=2, runner=aa)
+    attacked = sorted(os.path.relpath(folder, root) for folder, _, _ in aa.calls)
+    assert os.path.join("blend-all2all", "clean-model") not in attacked and len(attacked) == 5
+    shared = json.load(open(os.path.join(clean["blend-all2all"].folder, "autoattack.json")))
+    assert shared["autoattack_acc"] == 0.01 and shared["autoattack_eval"]["shared_from"] == clean["patch-all2one"].folder
     # --only the clean-model rows: no attack is run for them (they need no infected model)
     runner = FakeRunner()
     grid.run_grid(preset, "synthetic", str(tmp_path / "only"), runner=runner, only=("*/clean-model",))
