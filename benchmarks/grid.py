@@ -184,9 +184,11 @@ def shared_autoattack(cell: Cell, images: int) -> bool:
     res = json.load(open(source))
     if res["autoattack_eval"].get("images") != images:
         return False
+    from utils.run.checkpoint import atomic_write
+
     res["autoattack_eval"] = {**res["autoattack_eval"], "shared_from": cell.clean_from}
-    with open(os.path.join(cell.folder, "autoattack.json"), "w") as f:
-        f.write(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    atomic_write(os.path.join(cell.folder, "autoattack.json"),  # as autoattack_cell writes it
+                 lambda tmp: open(tmp, "w").write(json.dumps(res, indent=2, sort_keys=True) + "\n"))
     print(f"[grid] {cell.name}: AutoAttack {res['autoattack_acc']:.3f}, the figure of {cell.clean_from} (the same "
           "weights and images)", flush=True)
     return True

@@ -160,8 +160,8 @@ def test_clean_model_rows_with_the_same_training_share_it_and_score_it_with_thei
     grid.autoattack_pass(preset, "synthetic", root, 200, jobs=2, runner=aa)
     attacked = sorted(os.path.relpath(folder, root) for folder, _, _ in aa.calls)
     assert os.path.join("blend-all2all", "clean-model") not in attacked and len(attacked) == 5
-    shared = json.load(open(os.path.join(clean["blend-all2all"].folder, "autoattack.json")))
-    assert shared["autoattack_acc"] == 0.01 and shared["autoattack_eval"]["shared_from"] == clean["patch-all2one"].folder
+    figure = json.load(open(os.path.join(clean["blend-all2all"].folder, "autoattack.json")))
+    assert figure["autoattack_acc"] == 0.01 and figure["autoattack_eval"]["shared_from"] == clean["patch-all2one"].folder
     # --only the clean-model rows: no attack is run for them (they need no infected model)
     runner = FakeRunner()
     grid.run_grid(preset, "synthetic", str(tmp_path / "only"), runner=runner, only=("*/clean-model",))
