@@ -183,16 +183,16 @@ def run_attack(job: AttackJob) -> dict:
               f"writing to {run_s.out_dir}" + (f"; the weights of the clean model {reused}, not trained again"
                                                if reused else ""), flush=True)
         n_iters = job.attack.n_iters
+
+        def trained(epoch: int) -> dict:  # one epoch of SGD on the poisoned set; its record
+            stats = train_epoch(train_model, opt, dist.epoch_batches(poisoned, run_s.bs, gen, augment),
+                                generator=gen, channels_last=cl, desc=f"epoch {epoch}", stage="attack", epoch=epoch)
+            sched.step()
+            return {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}
+
         # a reused clean model is scored once, as the last epoch of its training
-        for epoch in range(carry["epoch"] + 1, n_iters + 1) if not reused else (n_iters,):
-            if reused:
-                rec = {"epoch": epoch, "clean_model_from": reused, "seconds": ctl.elapsed()}
-            else:
-                stats = train_epoch(train_model, opt, dist.epoch_batches(poisoned, run_s.bs, gen, augment),
-                                    generator=gen, channels_last=cl, desc=f"epoch {epoch}",
-                                    stage="attack", epoch=epoch)
-                sched.step()
-                rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats, "seconds": ctl.elapsed()}
+        for epoch in (n_iters,) if reused else range(carry["epoch"] + 1, n_iters + 1):
+            rec = {"epoch": epoch, "clean_model_from": reused, "seconds": ctl.elapsed()} if reused else trained(epoch)
             if epoch % job.attack.eval_every == 0 or epoch == n_iters:
                 with stage("eval_clean"):
                     rec.update(evaluate(model, test, backdoor, run_s.eval_bs, noise_seed=run_s.seed,
