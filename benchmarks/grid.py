@@ -5,6 +5,7 @@
     python -m benchmarks.grid --preset quick --autoattack 200 --autoattack_only   # only that pass, no cell
     python -m benchmarks.grid --preset paper --dataset cifar10     # a GPU: PreActResNet18, the papers' schedules
     python -m benchmarks.grid --preset quick --report_only         # table and figure from the run folders
+    python -m benchmarks.grid --preset quick --attack_seed 1       # the grid again on other infected models
 
 Every cell is a run folder under ``--root`` (default ``runs/grid-<preset>-<dataset>``): ``<attack>/attack``
 for the infected model and ``<attack>/<defense>`` for each defense of it, run as the entry scripts with
@@ -34,7 +35,7 @@ if __package__ in (None, ""):  # run as a file: re-run as the module from the re
     sys.exit(subprocess.call([sys.executable, "-m", "benchmarks.grid", *sys.argv[1:]], cwd=root))
 
 from benchmarks.grid_cells import (PRESETS, ROOT, Cell, Failures, Preset, cells_of, default_root,  # noqa: E402
-                                   finished, seed_root)
+                                   finished, seed_root, with_attack_seed)
 from benchmarks.grid_table import markdown, seeds_markdown, write_outputs, write_readme  # noqa: E402
 
 
@@ -219,6 +220,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0,
                    help="run the defenses with --seed N on the infected models of --root, in <root>-seed<N> (0: the "
                         "grid itself, attacks and clean-model references included)")
+    p.add_argument("--attack_seed", type=int, default=0, metavar="N",
+                   help="the grid on infected models trained with --seed N (another trigger pattern, poisoned images, "
+                        "initial weights and test images; the same data), in <root>-attack<N> by default")
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
                    help="only the table of every defense row over these defenses' seeds (e.g. 0 1 2), from their "
                         "folders; with --readme also there")
@@ -242,24 +246,30 @@ def parse(argv=None) -> argparse.Namespace:
     a.dataset = a.dataset or next(iter(preset.datasets))
     if a.dataset not in preset.datasets:
         p.error(f"the {a.preset} preset has no dataset '{a.dataset}'; choose one of {', '.join(preset.datasets)}")
-    a.root = os.path.abspath(a.root or default_root(a.preset, a.dataset))
+    a.root = os.path.abspath(a.root or default_root(a.preset, a.dataset, a.attack_seed))
     if a.autoattack_only and not a.autoattack:
         p.error("--autoattack_only needs --autoattack N")
-    if a.seed < 0 or any(n < 0 for n in a.seeds or ()):
+    if a.seed < 0 or a.attack_seed < 0 or any(n < 0 for n in a.seeds or ()):
         p.error("seeds must be >= 0")
     return a
 
 
 def _grid_args(a: argparse.Namespace) -> str:
     """The command-line arguments that name this grid (for the README's markers)."""
-    return (f"--preset {a.preset} --dataset {a.dataset}"
-            + (f" --root {os.path.relpath(a.root, ROOT)}" if a.root != default_root(a.preset, a.dataset) else ""))
+    return (f"--preset {a.preset} --dataset {a.dataset}" + (f" --attack_seed {a.attack_seed}" if a.attack_seed else "")
+            + (f" --root {os.path.relpath(a.root, ROOT)}"
+               if a.root != default_root(a.preset, a.dataset, a.attack_seed) else ""))
+
+
+def _readme_key(a: argparse.Namespace, *rest: str) -> str:
+    """The README block's name: preset, dataset, the attack seed if any, then ``rest``."""
+    return "-".join((a.preset, a.dataset, *((f"attack{a.attack_seed}",) if a.attack_seed else ()), *rest))
 
 
 def seeds_report(preset: Preset, a: argparse.Namespace) -> int:
     """``--seeds``: the defense rows over several seeds' folders, to ``<root>/grid_seeds.md`` (and the README)."""
     seeds = tuple(dict.fromkeys(a.seeds))
-    text = seeds_markdown(preset, a.dataset, a.root, seeds)
+    text = seeds_markdown(preset, a.dataset, a.root, seeds, a.attack_seed)
     out = os.path.join(a.root, "grid_seeds.md")
     os.makedirs(a.root, exist_ok=True)
     with open(out, "w") as f:
@@ -267,7 +277,7 @@ def seeds_report(preset: Preset, a: argparse.Namespace) -> int:
     sys.stdout.write(text)
     if a.readme:
         folders = ", ".join(f"`{os.path.relpath(seed_root(a.root, n), ROOT)}`" for n in seeds)
-        write_readme(a.readme, f"{a.preset}-{a.dataset}-seeds", _grid_args(a) + " --seeds " + " ".join(map(str, seeds)),
+        write_readme(a.readme, _readme_key(a, "seeds"), _grid_args(a) + " --seeds " + " ".join(map(str, seeds)),
                      text + f"\nFrom {folders}; table: `{os.path.relpath(out, ROOT)}`.\n")
     print(f"[grid] table over seeds {', '.join(map(str, seeds))}: {out}")
     return 0
@@ -278,7 +288,7 @@ def main(argv=None) -> int:
     if a.autoattack_cell:
         autoattack_cell(os.path.abspath(a.autoattack_cell), a.autoattack or 200, a.threads)
         return 0
-    preset = PRESETS[a.preset]
+    preset = with_attack_seed(PRESETS[a.preset], a.attack_seed)
     if a.seeds:
         return seeds_report(preset, a)
     here = seed_root(a.root, a.seed)  # this run's folder
@@ -308,7 +318,7 @@ def main(argv=None) -> int:
         note = (f"\n{len(done)} of {len(rows)} cells finished; the cells' own seconds sum to {total / 60:.0f} min"
                 f"{wall}. Table: `{os.path.relpath(os.path.join(here, 'grid.md'), ROOT)}`, "
                 f"figure: `{os.path.relpath(os.path.join(here, 'grid.png'), ROOT)}`.\n")
-        write_readme(a.readme, f"{a.preset}-{a.dataset}" + (f"-seed{a.seed}" if a.seed else ""),
+        write_readme(a.readme, _readme_key(a, *((f"seed{a.seed}",) if a.seed else ())),
                      _grid_args(a) + (f" --seed {a.seed}" if a.seed else ""), markdown(rows) + note)
     print(f"[grid] table: {os.path.join(here, 'grid.md')} (and .csv); figure: {os.path.join(here, 'grid.png')}")
     return 0 if all(r["status"] == "done" for r in rows) or a.report_only or a.autoattack_only else 1

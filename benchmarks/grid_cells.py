@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"attack": "train_blend.py"}
@@ -47,7 +47,7 @@ CLEAN_MODEL = Defense("clean-model", SCRIPTS["attack"], ("--pc", "0"), retrain=T
 @dataclass(frozen=True)
 class Preset:
     name: str
-    datasets: dict  # dataset -> the attack's data and model arguments (the defenses read them from the checkpoint)
+    datasets: dict  # dataset -> the attack's data, model (and seed) arguments (the defenses read them from the model)
     shared: dict  # dataset -> arguments of every run, attack and defenses (the same seeded test images for every row)
     attacks: tuple  # (dataset, list of Attack) pairs
     defenses: tuple
@@ -224,5 +224,14 @@ class Failures:
         os.replace(tmp, self.path)
 
 
-def default_root(preset: str, dataset: str) -> str:
-    return os.path.join(ROOT, "runs", f"grid-{preset}-{dataset}")
+def default_root(preset: str, dataset: str, attack_seed: int = 0) -> str:
+    return os.path.join(ROOT, "runs", f"grid-{preset}-{dataset}" + (f"-attack{attack_seed}" if attack_seed else ""))
+
+
+def with_attack_seed(preset: Preset, seed: int) -> Preset:
+    """The preset with its infected models (and clean-model references) trained with ``--seed seed``: another
+    trigger pattern (blend, WaNet), other poisoned images, initial weights and seeded test images, on the same data.
+    The defenses' own seed stays the grid's ``--seed``; a defense scores on its infected model's test images."""
+    if not seed:
+        return preset
+    return replace(preset, datasets={d: (*args, "--seed", str(seed)) for d, args in preset.datasets.items()})

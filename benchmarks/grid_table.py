@@ -174,12 +174,14 @@ def write_outputs(preset: Preset, dataset: str, root: str, seed: int = 0) -> lis
 SEED_COLUMNS = ("acc", "asr", "asr_late_max", "ra", "tca", "det_precision")
 
 
-def seeds_markdown(preset: Preset, dataset: str, root: str, seeds: tuple) -> str:
+def seeds_markdown(preset: Preset, dataset: str, root: str, seeds: tuple, attack_seed: int = 0) -> str:
     """Every defense row over the defenses' ``seeds`` (each figure ``seed a / seed b / ...``; the infected models
-    are seed 0's for all), with the targets each seed misses and how many seeds meet every one."""
+    are the same for all, trained with ``attack_seed``), with the targets each seed misses and how many seeds meet
+    every one."""
     tables = [{(r["cell"], r["defense"]): r for r in table_rows(preset, dataset, root, seed)} for seed in seeds]
     head = ["attack", "defense", *(HEADERS[k] for k in SEED_COLUMNS), "misses", "seeds meeting every target"]
-    lines = [f"Defenses' seeds {', '.join(map(str, seeds))} (figures in that order) on seed 0's infected models.", "",
+    lines = [f"Defenses' seeds {', '.join(map(str, seeds))} (figures in that order) on the infected models of attack "
+             f"seed {attack_seed}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, first in tables[0].items():
         if first["defense"] == "none":

@@ -1,5 +1,6 @@
 """The grid command (benchmarks/grid.py): skips finished cells, resumes interrupted ones, shows failures, and
 rebuilds its table and figure from the run folders; AutoAttack beside PGD in a defense's summary."""
+import dataclasses
 import json
 import os
 
@@ -286,6 +287,37 @@ def test_another_seed_runs_the_defenses_with_it_on_seed_0s_infected_models_and_t
     assert table[("patch-all2one", "aft")].rstrip(" |").endswith("1 of 2")
     assert "none; ASR" in table[("patch-all2one", "aft")]
     assert table[("patch-all2one", "pud")].split("|")[4].strip() == "5.0 / ·"  # seed 1's run failed
+
+
+def test_an_attack_seed_trains_other_infected_models_in_their_own_grid_and_seeds_only_the_trainings(tmp_path,
+                                                                                                   monkeypatch):
+    preset = dataclasses.replace(PRESET, defenses=(grid_cells.CLEAN_MODEL, *PRESET.defenses))
+    monkeypatch.setitem(grid_cells.PRESETS, "tiny", preset)  # for grid.main's --preset tiny
+    seeded = grid_cells.with_attack_seed(preset, 2)
+    assert grid_cells.with_attack_seed(preset, 0) is preset
+    root = str(tmp_path / "grid-attack2")
+    runner = FakeRunner()
+    grid.run_grid(seeded, "synthetic", root, runner=runner, only=("patch-all2one/*",))
+    ran = dict(runner.calls)
+    for name in ("patch-all2one/attack", "patch-all2one/clean-model"):  # the trainings: --seed 2
+        assert ran[name][ran[name].index("--seed") + 1] == "2", name
+    assert "--seed" not in ran["patch-all2one/aft"]  # the defense: its own seed (the grid's --seed, here 0)
+    assert ran["patch-all2one/aft"][ran["patch-all2one/aft"].index("--model_path") + 1] == os.path.join(
+        root, "patch-all2one", "attack", "model.pt")
+    keys = {seed: grid_cells.clean_training_key(grid_cells.with_attack_seed(grid_cells.PRESETS["quick"], seed),
+                                                "synthetic", grid_cells.PRESETS["quick"].attacks[0][1][0],
+                                                grid_cells.CLEAN_MODEL) for seed in (0, 1)}
+    assert keys[0] != keys[1]  # a clean model of another seed is never shared with seed 0's rows
+    assert grid.parse(["--attack_seed", "1"]).root == grid_cells.default_root("quick", "synthetic", 1)
+    assert grid.parse(["--attack_seed", "1"]).root.endswith(os.path.join("runs", "grid-quick-synthetic-attack1"))
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n")
+    assert grid.main(["--preset", "tiny", "--attack_seed", "2", "--root", root, "--report_only",
+                      "--readme", str(readme)]) == 0
+    assert ("<!-- grid tiny-synthetic-attack2: written by python -m benchmarks.grid --preset tiny --dataset "
+            "synthetic --attack_seed 2 --root ") in readme.read_text()
+    assert grid.main(["--preset", "tiny", "--attack_seed", "2", "--root", root, "--seeds", "0"]) == 0
+    assert "on the infected models of attack seed 2" in open(os.path.join(root, "grid_seeds.md")).read()
 
 
 def test_the_readme_note_gives_the_recorded_wall_time_of_the_grid_runs(tmp_path):
