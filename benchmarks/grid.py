@@ -6,6 +6,7 @@
     python -m benchmarks.grid --preset paper --dataset cifar10     # a GPU: PreActResNet18, the papers' schedules
     python -m benchmarks.grid --preset quick --report_only         # table and figure from the run folders
     python -m benchmarks.grid --preset quick --attack_seed 1       # the grid again on other infected models
+    python -m benchmarks.grid --preset quick --attack_seeds 0 1    # every row over both infected models
 
 Every cell is a run folder under ``--root`` (default ``runs/grid-<preset>-<dataset>``): ``<attack>/attack``
 for the infected model and ``<attack>/<defense>`` for each defense of it, run as the entry scripts with
@@ -35,8 +36,9 @@ if __package__ in (None, ""):  # run as a file: re-run as the module from the re
     sys.exit(subprocess.call([sys.executable, "-m", "benchmarks.grid", *sys.argv[1:]], cwd=root))
 
 from benchmarks.grid_cells import (PRESETS, ROOT, Cell, Failures, Preset, cells_of, default_root,  # noqa: E402
-                                   finished, seed_root, with_attack_seed)
-from benchmarks.grid_table import markdown, seeds_markdown, write_outputs, write_readme  # noqa: E402
+                                   attack_root, finished, seed_root, with_attack_seed)
+from benchmarks.grid_table import (attack_seeds_markdown, markdown, seeds_markdown, write_outputs,  # noqa: E402
+                                   write_readme)
 
 
 def run_cell(cell: Cell, preset: Preset, dataset: str, threads: int, runner) -> int:
@@ -222,10 +224,13 @@ def parse(argv=None) -> argparse.Namespace:
                         "grid itself, attacks and clean-model references included)")
     p.add_argument("--attack_seed", type=int, default=0, metavar="N",
                    help="the grid on infected models trained with --seed N (another trigger pattern, poisoned images, "
-                        "initial weights and test images; the same data), in <root>-attack<N> by default")
+                        "initial weights and test images; the same data), in <root>-attack<N>")
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
                    help="only the table of every defense row over these defenses' seeds (e.g. 0 1 2), from their "
                         "folders; with --readme also there")
+    p.add_argument("--attack_seeds", type=int, nargs="+", default=None, metavar="N",
+                   help="only the table of every row over the infected models of these attack seeds (e.g. 0 1), "
+                        "the defenses with --seed; from <root> and <root>-attack<N>; with --readme also there")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (each gets cores/jobs threads)")
     p.add_argument("--autoattack", type=int, default=0, metavar="N",
                    help="then AutoAttack on N seeded test images of every finished cell (0: no; at least 200 for "
@@ -246,10 +251,11 @@ def parse(argv=None) -> argparse.Namespace:
     a.dataset = a.dataset or next(iter(preset.datasets))
     if a.dataset not in preset.datasets:
         p.error(f"the {a.preset} preset has no dataset '{a.dataset}'; choose one of {', '.join(preset.datasets)}")
-    a.root = os.path.abspath(a.root or default_root(a.preset, a.dataset, a.attack_seed))
+    a.root = os.path.abspath(a.root or default_root(a.preset, a.dataset))
+    a.grid = attack_root(a.root, a.attack_seed)  # this grid's folder: --root itself for attack seed 0
     if a.autoattack_only and not a.autoattack:
         p.error("--autoattack_only needs --autoattack N")
-    if a.seed < 0 or a.attack_seed < 0 or any(n < 0 for n in a.seeds or ()):
+    if a.seed < 0 or a.attack_seed < 0 or any(n < 0 for n in (*(a.seeds or ()), *(a.attack_seeds or ()))):
         p.error("seeds must be >= 0")
     return a
 
@@ -257,8 +263,7 @@ def parse(argv=None) -> argparse.Namespace:
 def _grid_args(a: argparse.Namespace) -> str:
     """The command-line arguments that name this grid (for the README's markers)."""
     return (f"--preset {a.preset} --dataset {a.dataset}" + (f" --attack_seed {a.attack_seed}" if a.attack_seed else "")
-            + (f" --root {os.path.relpath(a.root, ROOT)}"
-               if a.root != default_root(a.preset, a.dataset, a.attack_seed) else ""))
+            + (f" --root {os.path.relpath(a.root, ROOT)}" if a.root != default_root(a.preset, a.dataset) else ""))
 
 
 def _readme_key(a: argparse.Namespace, *rest: str) -> str:
@@ -269,17 +274,36 @@ def _readme_key(a: argparse.Namespace, *rest: str) -> str:
 def seeds_report(preset: Preset, a: argparse.Namespace) -> int:
     """``--seeds``: the defense rows over several seeds' folders, to ``<root>/grid_seeds.md`` (and the README)."""
     seeds = tuple(dict.fromkeys(a.seeds))
-    text = seeds_markdown(preset, a.dataset, a.root, seeds, a.attack_seed)
-    out = os.path.join(a.root, "grid_seeds.md")
-    os.makedirs(a.root, exist_ok=True)
+    text = seeds_markdown(preset, a.dataset, a.grid, seeds, a.attack_seed)
+    out = os.path.join(a.grid, "grid_seeds.md")
+    os.makedirs(a.grid, exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
     sys.stdout.write(text)
     if a.readme:
-        folders = ", ".join(f"`{os.path.relpath(seed_root(a.root, n), ROOT)}`" for n in seeds)
+        folders = ", ".join(f"`{os.path.relpath(seed_root(a.grid, n), ROOT)}`" for n in seeds)
         write_readme(a.readme, _readme_key(a, "seeds"), _grid_args(a) + " --seeds " + " ".join(map(str, seeds)),
                      text + f"\nFrom {folders}; table: `{os.path.relpath(out, ROOT)}`.\n")
     print(f"[grid] table over seeds {', '.join(map(str, seeds))}: {out}")
+    return 0
+
+
+def attack_seeds_report(a: argparse.Namespace) -> int:
+    """``--attack_seeds``: every row over several attack seeds' grids, to ``<root>/grid_attack_seeds.md`` (and the
+    README)."""
+    seeds = tuple(dict.fromkeys(a.attack_seeds))
+    text = attack_seeds_markdown(PRESETS[a.preset], a.dataset, a.root, seeds, a.seed)
+    out = os.path.join(seed_root(a.root, a.seed), "grid_attack_seeds.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    sys.stdout.write(text)
+    if a.readme:
+        folders = ", ".join(f"`{os.path.relpath(seed_root(attack_root(a.root, n), a.seed), ROOT)}`" for n in seeds)
+        key = "-".join((a.preset, a.dataset, "attack-seeds", *((f"seed{a.seed}",) if a.seed else ())))
+        write_readme(a.readme, key, _grid_args(a) + (f" --seed {a.seed}" if a.seed else "") + " --attack_seeds "
+                     + " ".join(map(str, seeds)), text + f"\nFrom {folders}; table: `{os.path.relpath(out, ROOT)}`.\n")
+    print(f"[grid] table over attack seeds {', '.join(map(str, seeds))}: {out}")
     return 0
 
 
@@ -288,24 +312,26 @@ def main(argv=None) -> int:
     if a.autoattack_cell:
         autoattack_cell(os.path.abspath(a.autoattack_cell), a.autoattack or 200, a.threads)
         return 0
+    if a.attack_seeds:
+        return attack_seeds_report(a)
     preset = with_attack_seed(PRESETS[a.preset], a.attack_seed)
     if a.seeds:
         return seeds_report(preset, a)
-    here = seed_root(a.root, a.seed)  # this run's folder
+    here = seed_root(a.grid, a.seed)  # this run's folder
     t0 = time.time()
     if not a.report_only and not a.autoattack_only:
-        before = {c.name for c in cells_of(preset, a.dataset, a.root, a.seed) if finished(c.folder)}
-        status = run_grid(preset, a.dataset, a.root, a.jobs, only=tuple(a.only), seed=a.seed)
+        before = {c.name for c in cells_of(preset, a.dataset, a.grid, a.seed) if finished(c.folder)}
+        status = run_grid(preset, a.dataset, a.grid, a.jobs, only=tuple(a.only), seed=a.seed)
         ran = sum(1 for n, s in status.items() if s == "done" and n not in before)
         print(f"[grid] {sum(s == 'done' for s in status.values())} of {len(status)} cells done in "
               f"{time.time() - t0:.0f}s", flush=True)
         if ran:
             record_run(here, "cells", time.time() - t0, a.jobs, ran)
     if a.autoattack and not a.report_only:
-        seconds = autoattack_pass(preset, a.dataset, a.root, a.autoattack, a.jobs, seed=a.seed)
+        seconds = autoattack_pass(preset, a.dataset, a.grid, a.autoattack, a.jobs, seed=a.seed)
         print(f"[grid] AutoAttack pass: {seconds:.0f}s", flush=True)
         record_run(here, f"autoattack {a.autoattack}", seconds, a.jobs, 0)
-    rows = write_outputs(preset, a.dataset, a.root, a.seed)
+    rows = write_outputs(preset, a.dataset, a.grid, a.seed)
     sys.stdout.write(markdown(rows))
     if a.readme:
         done = [r for r in rows if r["status"] == "done"]

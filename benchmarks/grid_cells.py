@@ -224,8 +224,13 @@ class Failures:
         os.replace(tmp, self.path)
 
 
-def default_root(preset: str, dataset: str, attack_seed: int = 0) -> str:
-    return os.path.join(ROOT, "runs", f"grid-{preset}-{dataset}" + (f"-attack{attack_seed}" if attack_seed else ""))
+def default_root(preset: str, dataset: str) -> str:
+    return os.path.join(ROOT, "runs", f"grid-{preset}-{dataset}")
+
+
+def attack_root(root: str, attack_seed: int) -> str:
+    """The grid on the infected models of ``attack_seed``: ``root`` for 0, ``<root>-attack<N>`` otherwise."""
+    return root if attack_seed == 0 else f"{root}-attack{attack_seed}"
 
 
 def with_attack_seed(preset: Preset, seed: int) -> Preset:

@@ -1,11 +1,12 @@
 """The grid's table and figure, rebuilt from the run folders: one row per cell, the targets each defended
-cell misses, markdown / CSV / heatmap, the README block, and the table of the defense rows over seeds."""
+cell misses, markdown / CSV / heatmap, the README block, and the tables of the rows over the defenses' seeds or
+over the infected models of several attack seeds."""
 from __future__ import annotations
 
 import json
 import os
 
-from benchmarks.grid_cells import Failures, Preset, cells_of, finished, seed_root
+from benchmarks.grid_cells import Failures, Preset, attack_root, cells_of, finished, seed_root, with_attack_seed
 
 COLUMNS = ("cell", "defense", "acc", "asr", "asr_late_max", "ra", "aa", "tca", "det_precision", "det_recall", "seconds",
            "misses")
@@ -178,21 +179,35 @@ def seeds_markdown(preset: Preset, dataset: str, root: str, seeds: tuple, attack
     """Every defense row over the defenses' ``seeds`` (each figure ``seed a / seed b / ...``; the infected models
     are the same for all, trained with ``attack_seed``), with the targets each seed misses and how many seeds meet
     every one."""
-    tables = [{(r["cell"], r["defense"]): r for r in table_rows(preset, dataset, root, seed)} for seed in seeds]
+    tables = [table_rows(preset, dataset, root, seed) for seed in seeds]
+    return runs_markdown(tables, f"Defenses' seeds {', '.join(map(str, seeds))} (figures in that order) on the "
+                                 f"infected models of attack seed {attack_seed}.", infected=False)
+
+
+def attack_seeds_markdown(preset: Preset, dataset: str, root: str, attack_seeds: tuple, seed: int = 0) -> str:
+    """Every row over the infected models of ``attack_seeds`` (the grids at ``attack_root(root, n)``), the defenses
+    with their ``seed``: each figure ``attack seed a / b / ...``, the infected rows included (they differ)."""
+    tables = [table_rows(with_attack_seed(preset, n), dataset, attack_root(root, n), seed) for n in attack_seeds]
+    return runs_markdown(tables, f"Infected models of attack seeds {', '.join(map(str, attack_seeds))} (figures in "
+                                 f"that order), the defenses with seed {seed}.", infected=True)
+
+
+def runs_markdown(tables: list, title: str, infected: bool) -> str:
+    """One row per (attack, defense) of ``tables[0]`` with each table's figure (``a / b / ...``; "·" where that
+    table's run is not finished), the targets each misses and how many meet every one."""
+    tables = [{(r["cell"], r["defense"]): r for r in rows} for rows in tables]
     head = ["attack", "defense", *(HEADERS[k] for k in SEED_COLUMNS), "misses", "seeds meeting every target"]
-    lines = [f"Defenses' seeds {', '.join(map(str, seeds))} (figures in that order) on the infected models of attack "
-             f"seed {attack_seed}.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, first in tables[0].items():
-        if first["defense"] == "none":
+        if first["defense"] == "none" and not infected:
             continue
         rows = [t.get(key) for t in tables]
         done = [r for r in rows if r is not None and r["status"] == "done"]
 
-        def each(k, sep=" / "):  # "·": that seed's run is not finished
+        def each(k, sep=" / "):  # "·": that run is not finished
             return sep.join("·" if r is None or r["status"] != "done" else _cell_text(r, k, True) for r in rows)
 
-        judged = [r["misses"] for r in done if r["misses"] is not None]  # None: a reference row
+        judged = [r["misses"] for r in done if r["misses"] is not None]  # None: an attack or a reference row
         met = f"{judged.count('')} of {len(judged)}" if judged else "–"
         cells = [*key, *(each(k) for k in SEED_COLUMNS), each("misses", "; ") if judged else "–", met]
         lines.append("| " + " | ".join(cells) + " |")

@@ -289,35 +289,49 @@ def test_another_seed_runs_the_defenses_with_it_on_seed_0s_infected_models_and_t
     assert table[("patch-all2one", "pud")].split("|")[4].strip() == "5.0 / ·"  # seed 1's run failed
 
 
-def test_an_attack_seed_trains_other_infected_models_in_their_own_grid_and_seeds_only_the_trainings(tmp_path,
-                                                                                                   monkeypatch):
+def test_an_attack_seed_trains_other_infected_models_in_their_own_grid_and_the_table_shows_both(tmp_path, monkeypatch):
     preset = dataclasses.replace(PRESET, defenses=(grid_cells.CLEAN_MODEL, *PRESET.defenses))
     monkeypatch.setitem(grid_cells.PRESETS, "tiny", preset)  # for grid.main's --preset tiny
-    seeded = grid_cells.with_attack_seed(preset, 2)
     assert grid_cells.with_attack_seed(preset, 0) is preset
-    root = str(tmp_path / "grid-attack2")
+    root = str(tmp_path / "grid")  # attack seed 0's grid; seed 2's is <root>-attack2
+    here = grid_cells.attack_root(root, 2)
+    assert here == root + "-attack2" and grid_cells.attack_root(root, 0) == root
+    grid.run_grid(preset, "synthetic", root, runner=FakeRunner(), only=("patch-all2one/*",))
     runner = FakeRunner()
-    grid.run_grid(seeded, "synthetic", root, runner=runner, only=("patch-all2one/*",))
+    grid.run_grid(grid_cells.with_attack_seed(preset, 2), "synthetic", here, runner=runner, only=("patch-all2one/*",))
     ran = dict(runner.calls)
     for name in ("patch-all2one/attack", "patch-all2one/clean-model"):  # the trainings: --seed 2
         assert ran[name][ran[name].index("--seed") + 1] == "2", name
+        assert ran[name][ran[name].index("--out_dir") + 1].startswith(here + os.sep)
     assert "--seed" not in ran["patch-all2one/aft"]  # the defense: its own seed (the grid's --seed, here 0)
     assert ran["patch-all2one/aft"][ran["patch-all2one/aft"].index("--model_path") + 1] == os.path.join(
-        root, "patch-all2one", "attack", "model.pt")
-    keys = {seed: grid_cells.clean_training_key(grid_cells.with_attack_seed(grid_cells.PRESETS["quick"], seed),
-                                                "synthetic", grid_cells.PRESETS["quick"].attacks[0][1][0],
-                                                grid_cells.CLEAN_MODEL) for seed in (0, 1)}
+        here, "patch-all2one", "attack", "model.pt")
+    quick = grid_cells.PRESETS["quick"]
+    keys = {seed: grid_cells.clean_training_key(grid_cells.with_attack_seed(quick, seed), "synthetic",
+                                                quick.attacks[0][1][0], grid_cells.CLEAN_MODEL) for seed in (0, 1)}
     assert keys[0] != keys[1]  # a clean model of another seed is never shared with seed 0's rows
-    assert grid.parse(["--attack_seed", "1"]).root == grid_cells.default_root("quick", "synthetic", 1)
-    assert grid.parse(["--attack_seed", "1"]).root.endswith(os.path.join("runs", "grid-quick-synthetic-attack1"))
+    json.dump({"final": {"clean_acc": 0.9, "asr": 0.30, "target_class_acc": 0.88, "robust_acc": 0.1},
+               "initial": {"robust_acc": 0.02}, "defense": "aft", "seconds": 3.0},
+              open(os.path.join(here, "patch-all2one", "aft", "summary.json"), "w"))  # seed 2's model: a miss
     readme = tmp_path / "README.md"
     readme.write_text("# t\n")
     assert grid.main(["--preset", "tiny", "--attack_seed", "2", "--root", root, "--report_only",
                       "--readme", str(readme)]) == 0
+    assert os.path.exists(os.path.join(here, "grid.md"))
     assert ("<!-- grid tiny-synthetic-attack2: written by python -m benchmarks.grid --preset tiny --dataset "
             "synthetic --attack_seed 2 --root ") in readme.read_text()
     assert grid.main(["--preset", "tiny", "--attack_seed", "2", "--root", root, "--seeds", "0"]) == 0
-    assert "on the infected models of attack seed 2" in open(os.path.join(root, "grid_seeds.md")).read()
+    assert "on the infected models of attack seed 2" in open(os.path.join(here, "grid_seeds.md")).read()
+    assert grid.main(["--preset", "tiny", "--root", root, "--attack_seeds", "0", "2", "--readme", str(readme)]) == 0
+    assert "<!-- grid tiny-synthetic-attack-seeds: written by" in readme.read_text()
+    table = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")
+             for line in open(os.path.join(root, "grid_attack_seeds.md")) if line.startswith("| ")}
+    assert table[("patch-all2one", "aft")][4].strip() == "5.0 / 30.0"  # ASR %, attack seed 0 / 2
+    assert table[("patch-all2one", "aft")][-3].strip() == "none; ASR"
+    assert table[("patch-all2one", "aft")][-2].strip() == "1 of 2"
+    assert table[("patch-all2one", "none")][4].strip() == "97.0 / 97.0"  # the infected models are rows too
+    assert table[("patch-all2one", "pud")][4].strip() == "5.0 / 5.0"
+    assert table[("patch-all2all", "aft")][3].strip() == "· / ·"  # never run
 
 
 def test_the_readme_note_gives_the_recorded_wall_time_of_the_grid_runs(tmp_path):
