@@ -58,6 +58,25 @@ def test_split_is_not_applied_when_the_confident_cluster_spreads_over_few_classe
     assert (res.assign == res.assign[truth][0]).eq(truth).float().mean() >= 0.95  # the clusters themselves were found
 
 
+def test_a_genuine_sub_mode_cut_off_first_leaves_the_poisons_to_the_second_level():
+    """2-means may first cut off a sub-mode of the genuine images, confidently like one neighbour class (a blend model
+    of another seed: 202 of 964 images, 177 genuine); the poisons are then found inside the other cluster."""
+    reps, logits, truth = planted(n_clean=200, n_poison=150, seed=3)
+    genuine = torch.nonzero(~truth).flatten()
+    mode = genuine[:80]  # the sub-mode: far away in the representations, strongly like class 1
+    g = torch.Generator().manual_seed(4)
+    reps[mode] += 16.0 * torch.randn(reps.shape[1], generator=g) / reps.shape[1] ** 0.5
+    logits[mode, 1] += 6.0
+    first = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1), second_level=False)
+    in_mode = torch.zeros(len(truth), dtype=torch.bool)
+    in_mode[mode] = True
+    assert not first.applied and (first.assign == first.assign[mode][0]).eq(in_mode).float().mean() >= 0.95
+    res = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1))
+    assert res.applied and res.level == 2
+    flagged = res.flagged_mask
+    assert (flagged & truth).sum() / flagged.sum() >= 0.95 and (flagged & truth).sum() / truth.sum() >= 0.9
+
+
 def test_split_follows_the_content_signal_not_the_cluster_size():
     """Which cluster is flagged is decided by the other-class evidence alone: move it and the flag moves."""
     reps, logits, truth = planted(evidence_on_poison=False)
@@ -124,10 +143,14 @@ def test_tied_confidences_leave_the_choice_to_the_spread():
     assert abs(tied.confidence[0] - tied.confidence[1]) <= 0.05  # the case under test
     assert tied.applied and (tied.flagged_mask == truth).float().mean() >= 0.95
     # without the tie rule the (marginally) more confident genuine cluster is the candidate, and the spread check
-    # refuses it: nothing is removed
-    strict = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1), confidence_tie=0.0)
+    # refuses it: nothing is removed at the first level
+    strict = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1), confidence_tie=0.0,
+                                second_level=False)
     assert not strict.applied and not strict.flagged_mask.any()
     assert strict.confidence[strict.flagged_cluster] > strict.confidence[1 - strict.flagged_cluster]
+    # the second level splits each cluster again: what it flags (a part of the poison cluster here) is poison only
+    second = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1), confidence_tie=0.0)
+    assert second.applied and second.level == 2 and not (second.flagged_mask & ~truth).any()
 
 
 def test_a_wider_cluster_slightly_less_confident_is_still_the_candidate():
@@ -143,7 +166,8 @@ def test_a_wider_cluster_slightly_less_confident_is_still_the_candidate():
     gap = res.confidence[1 - res.flagged_cluster] - res.confidence[res.flagged_cluster]
     assert 0.05 < gap <= 0.1  # the case under test: the genuine cluster is the more confident one
     assert res.applied and (res.flagged_mask == truth).float().mean() >= 0.95
-    narrow = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1), confidence_tie=0.05)
+    narrow = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1), confidence_tie=0.05,
+                                second_level=False)
     assert not narrow.applied  # the earlier tie of 0.05 refused it
     logits[poison, src] -= 2.0  # now far less confident than the genuine images
     far = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1))

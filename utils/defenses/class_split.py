@@ -28,7 +28,7 @@ __all__ = ["SplitResult", "two_means", "non_target_confidence", "effective_class
 @dataclass
 class SplitResult:
     """``flagged_mask``: [N] bool, True = in the suspicious cluster (all False when not ``applied``). ``assign``: [N]
-    cluster of each sample (0/1). ``confidence``: mean non-target confidence of clusters 0 and 1; ``spread``: their
+    cluster of each sample (0/1; at ``level`` 2: 1 the flagged sub-cluster, 0 the rest). ``confidence``: mean non-target confidence of clusters 0 and 1; ``spread``: their
     effective numbers of non-target classes. ``separation``: centroid distance over the within-cluster RMS distance
     (reported only; docs/pud.md gives the values measured for clean classes and poison splits)."""
 
@@ -40,6 +40,7 @@ class SplitResult:
     separation: float
     flagged_cluster: int
     applied: bool
+    level: int = 1  # 2: a sub-cluster of the first split, against the rest of the class (``assign`` 1 / 0)
 
 
 def two_means(z: Tensor, generator: torch.Generator | None = None, restarts: int = 5, iters: int = 100) -> Tensor:
@@ -83,7 +84,8 @@ def effective_classes(pred: Tensor, num_classes: int) -> float:
 
 
 def split_target_class(reps: Tensor, logits: Tensor, target: int, dims: int = 10, min_spread: float = 1.25,
-                       generator: torch.Generator | None = None, confidence_tie: float = 0.1) -> SplitResult:
+                       generator: torch.Generator | None = None, confidence_tie: float = 0.1,
+                       second_level: bool = True) -> SplitResult:
     """Split target-labelled samples (``reps`` [N, D] representations, ``logits`` [N, C] of the infected model) in
     two clusters on their top-``dims`` principal components; flag the cluster with the higher non-target confidence
     if its non-target arg-max spreads over at least ``min_spread`` times as many classes as the other's.
@@ -92,7 +94,12 @@ def split_target_class(reps: Tensor, logits: Tensor, target: int, dims: int = 10
     target images a confident runner-up class too: PreActResNet18 on the synthetic set, 0.84 against the poisons'
     0.83; 43 classes, blend: 0.78 against 0.72; a 10-class fp32 blend model: 0.905 against 0.853); the cluster
     that spreads over more classes is then the candidate, under the same ``min_spread`` check. Where 2-means cuts
-    a clean class, the wider half is usually far less confident (0.49 against 0.87), and is not the candidate."""
+    a clean class, the wider half is usually far less confident (0.49 against 0.87), and is not the candidate.
+
+    ``second_level``: 2-means may first cut off a sub-mode of the genuine images instead (a blend model of another
+    seed: 202 of 964 target-labelled images, 177 of them genuine, confidently like one neighbour class, against the
+    762 that held 475 of the 500 poisons). When the first split is not applied, each of its clusters is split once
+    more, and the largest sub-cluster that passes the same check against the rest of the class is flagged."""
     if reps.dim() != 2 or logits.dim() != 2 or reps.shape[0] != logits.shape[0]:
         raise ValueError(f"reps [N, D] and logits [N, C] must describe the same samples, got shapes "
                          f"{tuple(reps.shape)} and {tuple(logits.shape)}")
@@ -101,18 +108,44 @@ def split_target_class(reps: Tensor, logits: Tensor, target: int, dims: int = 10
         none = torch.zeros(n, dtype=torch.bool)
         return SplitResult(none, torch.zeros(n, dtype=torch.long), (n, 0), (float("nan"),) * 2, (0.0, 0.0), 0.0, -1,
                            False)
+    conf, pred = non_target_confidence(logits, target)
+    z = _principal(reps, dims)
+    first = _judged(z, two_means(z, generator), conf, pred, logits.shape[1], min_spread, confidence_tie)
+    if first.applied or not second_level:
+        return first
+    best = None
+    for j in range(2):
+        part = torch.nonzero(first.assign == j).flatten()
+        if len(part) < 4:
+            continue
+        sub = two_means(_principal(reps[part], dims), generator)
+        for k in range(2):
+            assign = torch.zeros(n, dtype=torch.long)
+            assign[part[sub == k]] = 1  # this sub-cluster against the rest of the class
+            res = _judged(z, assign, conf, pred, logits.shape[1], min_spread, confidence_tie, level=2)
+            if res.applied and res.flagged_cluster == 1 and (best is None or res.sizes[1] > best.sizes[1]):
+                best = res
+    return best or first
+
+
+def _principal(reps: Tensor, dims: int) -> Tensor:
+    """The rows of ``reps``, centred, on their top-``dims`` principal components."""
     x = reps.double() - reps.double().mean(0)
     _, _, v = torch.linalg.svd(x, full_matrices=False)
-    z = x @ v[:min(dims, v.shape[0])].T
-    assign = two_means(z, generator)
-    conf, pred = non_target_confidence(logits, target)
+    return x @ v[:min(dims, v.shape[0])].T
+
+
+def _judged(z: Tensor, assign: Tensor, conf: Tensor, pred: Tensor, num_classes: int, min_spread: float,
+            confidence_tie: float, level: int = 1) -> SplitResult:
+    """The check of ``split_target_class`` on the two groups ``assign`` (0/1) of the samples ``z``."""
+    n = len(assign)
     sizes = tuple(int((assign == j).sum()) for j in range(2))
     means = tuple(float(conf[assign == j].mean()) if sizes[j] else float("-inf") for j in range(2))
     centroids = torch.stack([z[assign == j].mean(0) if sizes[j] else z.mean(0) for j in range(2)])
     within = ((z - centroids[assign]) ** 2).sum(1).mean().sqrt()
     separation = float((centroids[0] - centroids[1]).norm() / within.clamp_min(1e-12))
-    spread = tuple(effective_classes(pred[assign == j], logits.shape[1]) for j in range(2))
+    spread = tuple(effective_classes(pred[assign == j], num_classes) for j in range(2))
     flagged = int(means[1] > means[0]) if abs(means[1] - means[0]) > confidence_tie else int(spread[1] > spread[0])
     applied = min(sizes) > 0 and spread[flagged] >= min_spread * spread[1 - flagged]
     mask = (assign == flagged) if applied else torch.zeros(n, dtype=torch.bool)
-    return SplitResult(mask, assign, sizes, means, spread, separation, flagged, applied)
+    return SplitResult(mask, assign, sizes, means, spread, separation, flagged, applied, level)

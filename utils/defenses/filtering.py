@@ -130,7 +130,8 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
                            "spread_ratio": round(res.spread[res.flagged_cluster] / max(res.spread[1 - res.flagged_cluster],
                                                                                        1e-9), 3)
                            if res.flagged_cluster >= 0 else None,
-                           "suspicious_cluster": res.flagged_cluster, "separation": round(res.separation, 3)}
+                           "suspicious_cluster": res.flagged_cluster, "separation": round(res.separation, 3),
+                           "level": res.level}
     out["record"] = record
     return out
 
