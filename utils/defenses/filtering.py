@@ -238,7 +238,8 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
             sp = record["class_split"]
             print(f"target-class split: clusters {sp['cluster_sizes']}, non-target confidence "
                   f"{sp['cluster_confidence']}, spread over {sp['cluster_spread']} classes; " + (
-                      f"removed cluster {sp['suspicious_cluster']}: {sp['removed']} samples "
+                      f"removed {'a second-level sub-' if sp['level'] == 2 else ''}cluster {sp['suspicious_cluster']}: "
+                      f"{sp['removed']} samples "
                       f"({shown(sp['removed_poison'], 'd')} truly poisoned)" if sp["applied"]
                       else "not applied (the more confident cluster does not spread over more classes)"), flush=True)
         else:
