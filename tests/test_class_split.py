@@ -148,7 +148,8 @@ def test_tied_confidences_leave_the_choice_to_the_spread():
                                 second_level=False)
     assert not strict.applied and not strict.flagged_mask.any()
     assert strict.confidence[strict.flagged_cluster] > strict.confidence[1 - strict.flagged_cluster]
-    # the second level splits each cluster again: what it flags (a part of the poison cluster here) is poison only
+    # the refused candidate is narrower: the second level splits the wide (poison) cluster again, and what it flags is
+    # poison only
     second = split_target_class(reps, logits, TARGET, generator=torch.Generator().manual_seed(1), confidence_tie=0.0)
     assert second.applied and second.level == 2 and not (second.flagged_mask & ~truth).any()
 
