@@ -274,36 +274,36 @@ def _readme_key(a: argparse.Namespace, *rest: str) -> str:
 def seeds_report(preset: Preset, a: argparse.Namespace) -> int:
     """``--seeds``: the defense rows over several seeds' folders, to ``<root>/grid_seeds.md`` (and the README)."""
     seeds = tuple(dict.fromkeys(a.seeds))
-    text = seeds_markdown(preset, a.dataset, a.grid, seeds, a.attack_seed)
-    out = os.path.join(a.grid, "grid_seeds.md")
-    os.makedirs(a.grid, exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    sys.stdout.write(text)
-    if a.readme:
-        folders = ", ".join(f"`{os.path.relpath(seed_root(a.grid, n), ROOT)}`" for n in seeds)
-        write_readme(a.readme, _readme_key(a, "seeds"), _grid_args(a) + " --seeds " + " ".join(map(str, seeds)),
-                     text + f"\nFrom {folders}; table: `{os.path.relpath(out, ROOT)}`.\n")
-    print(f"[grid] table over seeds {', '.join(map(str, seeds))}: {out}")
-    return 0
+    return _table_report(a, seeds_markdown(preset, a.dataset, a.grid, seeds, a.attack_seed),
+                         os.path.join(a.grid, "grid_seeds.md"), _readme_key(a, "seeds"),
+                         _grid_args(a) + " --seeds " + " ".join(map(str, seeds)),
+                         [seed_root(a.grid, n) for n in seeds], f"seeds {', '.join(map(str, seeds))}")
 
 
 def attack_seeds_report(a: argparse.Namespace) -> int:
     """``--attack_seeds``: every row over several attack seeds' grids, to ``<root>/grid_attack_seeds.md`` (and the
     README)."""
     seeds = tuple(dict.fromkeys(a.attack_seeds))
-    text = attack_seeds_markdown(PRESETS[a.preset], a.dataset, a.root, seeds, a.seed)
-    out = os.path.join(seed_root(a.root, a.seed), "grid_attack_seeds.md")
+    seed = (f"seed{a.seed}",) if a.seed else ()
+    return _table_report(a, attack_seeds_markdown(PRESETS[a.preset], a.dataset, a.root, seeds, a.seed),
+                         os.path.join(seed_root(a.root, a.seed), "grid_attack_seeds.md"),
+                         "-".join((a.preset, a.dataset, "attack-seeds", *seed)),
+                         _grid_args(a) + (f" --seed {a.seed}" if a.seed else "") + " --attack_seeds "
+                         + " ".join(map(str, seeds)),
+                         [seed_root(attack_root(a.root, n), a.seed) for n in seeds],
+                         f"attack seeds {', '.join(map(str, seeds))}")
+
+
+def _table_report(a: argparse.Namespace, text: str, out: str, key: str, args: str, folders: list, what: str) -> int:
+    """Write a table over several grids' folders to ``out``, stdout and (``--readme``) its block."""
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
     sys.stdout.write(text)
     if a.readme:
-        folders = ", ".join(f"`{os.path.relpath(seed_root(attack_root(a.root, n), a.seed), ROOT)}`" for n in seeds)
-        key = "-".join((a.preset, a.dataset, "attack-seeds", *((f"seed{a.seed}",) if a.seed else ())))
-        write_readme(a.readme, key, _grid_args(a) + (f" --seed {a.seed}" if a.seed else "") + " --attack_seeds "
-                     + " ".join(map(str, seeds)), text + f"\nFrom {folders}; table: `{os.path.relpath(out, ROOT)}`.\n")
-    print(f"[grid] table over attack seeds {', '.join(map(str, seeds))}: {out}")
+        names = ", ".join(f"`{os.path.relpath(folder, ROOT)}`" for folder in folders)
+        write_readme(a.readme, key, args, text + f"\nFrom {names}; table: `{os.path.relpath(out, ROOT)}`.\n")
+    print(f"[grid] table over {what}: {out}")
     return 0
 
 
