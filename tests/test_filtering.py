@@ -8,7 +8,7 @@ import torch
 
 from types import SimpleNamespace
 
-from utils.defenses.filtering import FilterSettings, decide_target, decisive, filter_class
+from utils.defenses.filtering import FilterSettings, apply_strong_splits, decide_target, decisive, filter_class
 from utils.defenses.target import vote_result
 
 
@@ -45,6 +45,72 @@ def test_the_target_is_confirmed_by_the_split_or_a_decisive_vote_else_the_defens
     d = decide_target(9, spread, [0, 9], 10)  # two of ten: a clean class may split too
     assert (d["mode"], d["target"]) == ("target", 9)
     d = decide_target(0, spread, [0, 19, 20, 38, 39], 43)  # the 43-class patch model: 5 of 43 classes
+    assert (d["mode"], d["target"]) == ("target", 0)
+
+
+def test_one_strong_split_confirms_its_class_however_many_classes_split_and_however_the_vote_went():
+    """The 43-class patch model of attack seed 1: 11 of 43 classes split, the vote not decisive (its winner 23),
+    class 0's cluster spread far beyond every class's: the target is 0, also when a wrong class is given."""
+    vote = _vote([60] + [20] * 22 + [70] + [20] * 19)
+    assert not vote["weak"] and not decisive(vote) and vote["estimate"] == 23
+    splits = [0, 1, 5, 9, 12, 19, 20, 23, 30, 38, 39]
+    assert decide_target(None, vote, splits, 43)["mode"] == "agnostic"  # without the strong class: 11 > 20 % of 43
+    d = decide_target(None, vote, splits, 43, strong_classes=[0])
+    assert (d["mode"], d["target"], d["strong_classes"]) == ("target", 0, [0]) and "far more" in d["why"]
+    d = decide_target(1, _vote([52, 25, 60, 52, 54, 17, 43, 49, 57, 91]), [0, 1], 10, strong_classes=[0])
+    assert (d["mode"], d["target"]) == ("target", 0), d  # the given class's ordinary split is one of the clean ones
+    d = decide_target(None, vote, splits, 43, strong_classes=[0, 5])  # two strong classes: no single target
+    assert d["mode"] == "agnostic"
+
+
+def _cut_poisons(n_classes=10, per_class=120, genuine=60, poisons=(150, 150), seed=0):
+    """Samples of a 10-class infected model whose target class 0 holds two far-apart blobs of triggered images of
+    classes 1-9 (the second beside the genuine images): 2-means cuts the poisons, not the class. Clean classes
+    are one Gaussian blob each, confidently like two neighbours (spread about 2). Returns data, reps, logits."""
+    g = torch.Generator().manual_seed(seed)
+    labels, reps, logits, truth = [], [], [], []
+    for c in range(n_classes):
+        n = genuine + sum(poisons) if c == 0 else per_class
+        x = torch.randn(n, 16, generator=g)
+        z = torch.zeros(n, n_classes)
+        z[:, c] = 10.0
+        runner = (c + 1 + torch.randint(0, 2, (n,), generator=g)) % n_classes  # genuine images: two neighbours
+        z[torch.arange(n), runner] = 2.0
+        t = torch.zeros(n, dtype=torch.bool)
+        if c == 0:
+            t[genuine:] = True
+            x[:genuine + poisons[1]] -= 20.0  # the genuine images and the second blob of poisons
+            x[genuine + poisons[1]:] += 20.0
+            own = 1 + torch.randint(0, n_classes - 1, (int(t.sum()),), generator=g)  # the poisons' own classes
+            z[t] = 0.0
+            z[t, 0] = 10.0
+            z[torch.nonzero(t).flatten(), own] = 5.0
+        labels.append(torch.full((n,), c))
+        reps.append(x)
+        logits.append(z)
+        truth.append(t)
+    data = SimpleNamespace(truth=torch.cat(truth), train_labels=torch.cat(labels))
+    return data, torch.cat(reps), torch.cat(logits)
+
+
+def test_a_split_refused_between_two_halves_of_the_poisons_is_applied_when_it_stands_out_against_the_classes():
+    data, reps, logits = _cut_poisons()
+    settings = FilterSettings(spectre_layer="net")
+    per_class = [filter_class(None, data, c, settings, logits, 0, 64, spectre=False,
+                              reps=reps[data.train_labels == c]) for c in range(10)]
+    target = per_class[0]
+    assert not target["split_applied"]  # the two halves of the poisons spread alike: the check refuses
+    cand = target["candidate"]
+    assert len(cand) == 150 and bool(data.truth[cand].all())
+    assert sum(f["split_applied"] for f in per_class) == 0
+    off = [dict(f, record={k: dict(v) if isinstance(v, dict) else v for k, v in f["record"].items()}) for f in per_class]
+    assert apply_strong_splits(off, 0.0, data.truth)[0] == [] and not off[0]["split_applied"]  # 0: off
+    strong, baseline = apply_strong_splits(per_class, 2.0, data.truth)
+    assert strong == [0] and 1.5 < baseline < 3, baseline
+    assert target["split_applied"] and torch.equal(target["split"], cand)
+    rec = target["record"]["split"]
+    assert rec["strong"] and rec["applied"] and rec["removed"] == 150 and rec["precision"] == 1.0
+    d = decide_target(None, None, [f["class"] for f in per_class if f["split_applied"]], 10, strong_classes=strong)
     assert (d["mode"], d["target"]) == ("target", 0)
 
 

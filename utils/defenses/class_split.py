@@ -17,12 +17,14 @@ set are in docs/pud.md. This is an addition of this toolkit (PUD has only SPECTR
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["SplitResult", "two_means", "non_target_confidence", "effective_classes", "split_target_class"]
+__all__ = ["SplitResult", "two_means", "non_target_confidence", "effective_classes", "split_target_class",
+           "strong_splits"]
 
 
 @dataclass
@@ -42,6 +44,15 @@ class SplitResult:
     flagged_cluster: int
     applied: bool
     level: int = 1  # 2: a sub-cluster of the first split, against the rest of the class (``assign`` 1 / 0)
+
+    @property
+    def candidate_mask(self) -> Tensor:
+        """[N] bool: the cluster the check judged (flagged if ``applied``; none for a class too small to split)."""
+        return self.assign == self.flagged_cluster
+
+    @property
+    def candidate_spread(self) -> float:
+        return self.spread[self.flagged_cluster] if self.flagged_cluster >= 0 else 0.0
 
 
 def two_means(z: Tensor, generator: torch.Generator | None = None, restarts: int = 5, iters: int = 100) -> Tensor:
@@ -153,3 +164,21 @@ def _judged(z: Tensor, assign: Tensor, conf: Tensor, pred: Tensor, num_classes: 
     applied = min(sizes) > 0 and spread[flagged] >= min_spread * spread[1 - flagged]
     mask = (assign == flagged) if applied else torch.zeros(n, dtype=torch.bool)
     return SplitResult(mask, assign, sizes, means, spread, separation, flagged, applied, level)
+
+
+def strong_splits(candidate_spread: dict[int, float], widest_spread: dict[int, float],
+                  factor: float) -> tuple[list[int], float]:
+    """Classes whose split candidate spreads over at least ``factor`` times as many classes as a class's wider
+    cluster typically does (the median of ``widest_spread`` over the model's classes), and that median.
+
+    The split's own check compares the two clusters of one class, so it fails where 2-means cuts the poisons
+    in two (a 43-class blend model: 745 poisons spread over 8.5 classes against 115 poisons and the genuine
+    images, 7.7) and cannot tell a target class from the clean classes that split too (a 43-class patch model:
+    11 of 43). Measured against the other classes instead, triggered images of every other class stand out: on
+    the 24 infected models of the quick grids (two attack seeds, 10 and 43 classes) the candidates at 2x the
+    median or more were only all2one target classes (2.2-9.7x, 470-860 images, 88-100 % poisons); the highest
+    of any clean or all2all class was 1.5x. ``factor`` 0 turns it off."""
+    if factor <= 0 or not widest_spread:
+        return [], float("nan")
+    baseline = statistics.median(widest_spread.values())
+    return sorted(c for c, s in candidate_spread.items() if s >= factor * baseline), baseline

@@ -15,11 +15,12 @@ poison set drawn from what the filter removed). The decision and its reasons go 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from utils.defenses.class_split import split_target_class
+from utils.defenses.class_split import split_target_class, strong_splits
 from utils.defenses.selection import detection_stats, poison_count, poison_share, shown
 from utils.defenses.spectre import layer_representations, spectre_filter
 from utils.defenses.target import DECISIVE_LEAD, decisive
@@ -54,6 +55,10 @@ class FilterSettings(Settings):
     class_split_confirm: float = opt(CLASS_SPLIT_CONFIRM, "the split confirms a class as the one target only while it found a cluster "
                                           "in at most this share of the classes (all2all leaves one in every class)",
                                      type=fraction)
+    class_split_strong: float = opt(2.0, "a class whose split candidate spreads over at least this many times the "
+                                         "median, over the classes, of a class's wider cluster is split whatever the "
+                                         "other cluster's spread, and confirms itself as the target however many "
+                                         "classes split (0: off)", type=float)
 
     def check(self) -> None:
         require(0 < self.spectre_remove < 1, f"--spectre_remove must be in (0, 1), got {self.spectre_remove}")
@@ -61,6 +66,7 @@ class FilterSettings(Settings):
         require(0 <= self.class_split_tie < 1, f"--class_split_tie must be in [0, 1), got {self.class_split_tie}")
         require(0 <= self.class_split_confirm <= 1,
                 f"--class_split_confirm must be in [0, 1], got {self.class_split_confirm}")
+        require(self.class_split_strong >= 0, f"--class_split_strong must be >= 0, got {self.class_split_strong}")
 
     def for_arch(self, arch: str) -> "FilterSettings":
         """The default ``--spectre_layer`` of ``arch`` filled in."""
@@ -122,8 +128,12 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
         # its own seeded generator: a split that is not applied leaves the run as without it
         res = split_target_class(reps, logits[idx], cls, min_spread=settings.class_split_spread,
                                  confidence_tie=settings.class_split_tie, generator=torch.Generator().manual_seed(seed))
-        flagged = idx[dist.broadcast(res.flagged_mask.to(torch.uint8)).bool()]  # torchrun: rank 0's cluster
+        candidate = idx[dist.broadcast(res.candidate_mask.to(torch.uint8)).bool()]  # torchrun: rank 0's cluster
+        flagged = candidate if res.applied else candidate[:0]
         out["split"], out["split_applied"] = flagged, bool(res.applied)
+        if res.flagged_cluster >= 0:  # for strong_splits: the candidate against the other classes
+            out["candidate"], out["candidate_spread"], out["widest_spread"] = candidate, res.candidate_spread, max(
+                res.spread)
         record["split"] = {**removed_record(flagged, len(idx), truth), "applied": res.applied,
                            "cluster_sizes": list(res.sizes), "cluster_confidence": [round(c, 4) for c in res.confidence],
                            "cluster_spread": [round(c, 2) for c in res.spread],
@@ -137,7 +147,7 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
 
 
 def decide_target(given: int | None, vote: dict | None, split_classes: list[int], num_classes: int,
-                  confirm_share: float = CLASS_SPLIT_CONFIRM) -> dict:
+                  confirm_share: float = CLASS_SPLIT_CONFIRM, strong_classes: list[int] = ()) -> dict:
     """Whether to rely on one target class, and which: the given class or the vote's winner, if confirmed.
 
     A class is confirmed by the split (its poison cluster found there, while the split found clusters in at most
@@ -146,14 +156,25 @@ def decide_target(given: int | None, vote: dict | None, split_classes: list[int]
     evidence does not confirm is replaced by the vote's winner if that one is confirmed (and the record says so),
     else the defense goes class-agnostic. A weak vote's winner is no candidate: its lead is noise, and a split
     cluster there is chance (tiny all2all models split in 2-3 of 10 classes, the vote's winner among them in 2
-    of 6 measured)."""
+    of 6 measured).
+
+    ``strong_classes`` (``class_split.strong_splits``: a split cluster spreading over far more classes than any
+    class's clusters typically do) confirm their class however many classes split, and the one strong class is a
+    candidate after the given class and the vote's winner (a 43-class patch model: 11 of 43 classes split, the
+    vote not decisive and its winner 23, the one strong class 0, the target); beside one strong class an ordinary
+    split confirms nothing (it is one of the clean classes that split)."""
     winner = vote["estimate"] if vote else None
     weak = bool(vote and vote.get("weak"))
-    candidates = [c for c in (given, None if weak else winner) if c is not None]
+    strong = list(strong_classes)  # several would be several targets: then they are ordinary split classes
+    candidates = [c for c in (given, None if weak else winner, strong[0] if len(strong) == 1 else None)
+                  if c is not None]
     split_counts = len(split_classes) <= max(1, confirm_share * num_classes)
     for c in dict.fromkeys(candidates):
         reasons = []
-        if c in split_classes and split_counts:
+        if strong == [c]:
+            reasons.append("the class split found a cluster of images of far more other classes labelled as it than "
+                           "a class's clusters spread over elsewhere")
+        elif c in split_classes and split_counts and len(strong) != 1:  # one strong class outweighs other splits
             reasons.append("the class split found a cluster of images of many other classes labelled as it")
         if c == winner and decisive(vote):
             reasons.append(f"the PGD vote for it is decisive ({vote['vote_share']:.1%} of the votes, at least "
@@ -163,7 +184,7 @@ def decide_target(given: int | None, vote: dict | None, split_classes: list[int]
             if given is not None and c != given:
                 why = f"the given target {given} is not confirmed by the evidence; class {c}: {why}"
             return {"mode": "target", "target": c, "why": why, "given": given, "vote_winner": winner,
-                    "vote_decisive": decisive(vote), "split_classes": split_classes}
+                    "vote_decisive": decisive(vote), "split_classes": split_classes, "strong_classes": strong}
     why = ("no class is confirmed as a single backdoor target (the vote is "
            + (f"weak, its winner {winner} no candidate" if weak and winner is not None else "not decisive")
            + (f", the given target {given} shows no poison cluster" if given is not None else "")
@@ -172,7 +193,21 @@ def decide_target(given: int | None, vote: dict | None, split_classes: list[int]
               if split_classes else ", the split found no cluster")
            + "): the defense works on every class")
     return {"mode": "agnostic", "target": None, "why": why, "given": given, "vote_winner": winner,
-            "vote_decisive": decisive(vote), "split_classes": split_classes}
+            "vote_decisive": decisive(vote), "split_classes": split_classes, "strong_classes": strong}
+
+
+def apply_strong_splits(per_class: list[dict], factor: float, truth: torch.Tensor | None) -> tuple[list[int], float]:
+    """Apply the split of every class ``class_split.strong_splits`` finds among ``per_class`` (``filter_class``
+    outputs), whatever its two clusters' spreads (2-means may have cut the poisons in two), and mark it ``strong``
+    in its record. Returns those classes and the median spread they were measured against."""
+    measured = [f for f in per_class if "candidate" in f]
+    strong, baseline = strong_splits({f["class"]: f["candidate_spread"] for f in measured},
+                                     {f["class"]: f["widest_spread"] for f in measured}, factor)
+    for f in (f for f in measured if f["class"] in strong):
+        f["split"], f["split_applied"] = f["candidate"], True
+        f["record"]["split"].update(removed_record(f["candidate"], len(f["indices"]), truth), applied=True,
+                                    strong=True)
+    return strong, baseline
 
 
 @dataclass
@@ -207,8 +242,11 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
             logits = all_logits(reference, poisoned, batch_size, channels_last)
         per_class = [filter_class(reference, poisoned, c, filt, logits, seed, batch_size, spectre=False)
                      for c in classes]
+    strong, baseline = apply_strong_splits(per_class, filt.class_split_strong, truth)
     split_classes = [f["class"] for f in per_class if f["split_applied"]]
-    decision = decide_target(target.get("given"), target, split_classes, len(classes), filt.class_split_confirm)
+    decision = decide_target(target.get("given"), target, split_classes, len(classes), filt.class_split_confirm,
+                             strong)
+    decision["split_baseline_spread"] = None if math.isnan(baseline) else round(baseline, 3)
     target.update(used=decision["target"], decision=decision)
     if decision["target"] is None:  # no confirmed target: the split's clusters were evidence, not poisons
         for f in per_class:  # (WaNet all2all: clusters in 4 classes, 8 % poisoned; removing them cost PBE 22 points)
@@ -238,7 +276,8 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
             sp = record["class_split"]
             print(f"target-class split: clusters {sp['cluster_sizes']}, non-target confidence "
                   f"{sp['cluster_confidence']}, spread over {sp['cluster_spread']} classes; " + (
-                      f"removed {'a second-level sub-' if sp['level'] == 2 else ''}cluster {sp['suspicious_cluster']}: "
+                      f"removed {'a second-level sub-' if sp['level'] == 2 else ''}cluster {sp['suspicious_cluster']}"
+                      f"{' (strong: against the other classes)' if sp.get('strong') else ''}: "
                       f"{sp['removed']} samples "
                       f"({shown(sp['removed_poison'], 'd')} truly poisoned)" if sp["applied"]
                       else "not applied (the more confident cluster does not spread over more classes)"), flush=True)
