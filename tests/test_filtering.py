@@ -8,7 +8,8 @@ import torch
 
 from types import SimpleNamespace
 
-from utils.defenses.filtering import FilterSettings, apply_strong_splits, decide_target, decisive, filter_class
+from utils.defenses.filtering import (FilterSettings, apply_strong_splits, decide_target, decisive, filter_class,
+                                     peel_strong)
 from utils.defenses.target import vote_result
 
 
@@ -63,10 +64,11 @@ def test_one_strong_split_confirms_its_class_however_many_classes_split_and_howe
     assert d["mode"] == "agnostic"
 
 
-def _cut_poisons(n_classes=10, per_class=120, genuine=60, poisons=(150, 150), seed=0):
+def _cut_poisons(n_classes=10, per_class=120, genuine=60, poisons=(150, 150), sub_mode=False, seed=0):
     """Samples of a 10-class infected model whose target class 0 holds two far-apart blobs of triggered images of
     classes 1-9 (the second beside the genuine images): 2-means cuts the poisons, not the class. Clean classes
-    are one Gaussian blob each, confidently like two neighbours (spread about 2). Returns data, reps, logits."""
+    are one Gaussian blob each, confidently like two neighbours (spread about 2). ``sub_mode``: the genuine target
+    images in two groups, like three neighbours and like one. Returns data, reps, logits."""
     g = torch.Generator().manual_seed(seed)
     labels, reps, logits, truth = [], [], [], []
     for c in range(n_classes):
@@ -77,9 +79,16 @@ def _cut_poisons(n_classes=10, per_class=120, genuine=60, poisons=(150, 150), se
         runner = (c + 1 + torch.randint(0, 2, (n,), generator=g)) % n_classes  # genuine images: two neighbours
         z[torch.arange(n), runner] = 2.0
         t = torch.zeros(n, dtype=torch.bool)
+        if c == 0 and sub_mode:  # the genuine images: half like three neighbours alike, apart from half like one
+            half = genuine // 2
+            z[:genuine, 1:4] = 0.0
+            z[torch.arange(half), 1 + torch.randint(0, 3, (half,), generator=g)] = 2.0
+            z[half:genuine, 1] = 2.0
+            x[:half] += 6.0
         if c == 0:
             t[genuine:] = True
             x[:genuine + poisons[1]] -= 20.0  # the genuine images and the second blob of poisons
+            x[:genuine] += 3.0  # the genuine images a little apart from the poisons beside them
             x[genuine + poisons[1]:] += 20.0
             own = 1 + torch.randint(0, n_classes - 1, (int(t.sum()),), generator=g)  # the poisons' own classes
             z[t] = 0.0
@@ -112,6 +121,26 @@ def test_a_split_refused_between_two_halves_of_the_poisons_is_applied_when_it_st
     assert rec["strong"] and rec["applied"] and rec["removed"] == 150 and rec["precision"] == 1.0
     d = decide_target(None, None, [f["class"] for f in per_class if f["split_applied"]], 10, strong_classes=strong)
     assert (d["mode"], d["target"]) == ("target", 0)
+    # what the split kept holds the other half of the poisons: split once more, its strong sub-cluster goes too
+    peel_strong(target, logits, settings, baseline, 0, data.truth)
+    assert rec["peeled"]["applied"] and rec["peeled"]["removed"] == 150 and rec["peeled"]["precision"] == 1.0
+    assert torch.equal(target["split"], torch.nonzero(data.truth).flatten()) and rec["removed"] == 300
+
+
+def test_a_genuine_sub_mode_left_by_the_split_is_not_peeled():
+    """All poisons in one cluster (the split applied as usual); the genuine images left hold a sub-mode that
+    passes the split's own check (spread 3 against 1) but is not strong against the other classes: it stays."""
+    data, reps, logits = _cut_poisons(poisons=(300, 0), sub_mode=True)
+    settings = FilterSettings(spectre_layer="net")
+    per_class = [filter_class(None, data, c, settings, logits, 0, 64, spectre=False,
+                              reps=reps[data.train_labels == c]) for c in range(10)]
+    target = per_class[0]
+    assert target["split_applied"] and torch.equal(target["split"], torch.nonzero(data.truth).flatten())
+    strong, baseline = apply_strong_splits(per_class, 2.0, data.truth)
+    peel_strong(target, logits, settings, baseline, 0, data.truth)
+    peeled = target["record"]["split"]["peeled"]
+    assert sorted(peeled["cluster_sizes"]) == [30, 30] and max(peeled["cluster_spread"]) > 2.5
+    assert not peeled["applied"] and len(target["split"]) == 300
 
 
 def test_spectre_takes_its_share_from_what_the_split_left_in_the_class():

@@ -210,6 +210,30 @@ def apply_strong_splits(per_class: list[dict], factor: float, truth: torch.Tenso
     return strong, baseline
 
 
+def peel_strong(f: dict, logits: torch.Tensor, settings: FilterSettings, baseline: float, seed: int,
+                truth: torch.Tensor | None) -> None:
+    """Split once more what the split of the target class kept (``f``: its ``filter_class`` output), and remove a
+    sub-cluster that passes the split's check and is strong against the other classes (``class_split_strong``
+    times ``baseline``, the median of ``strong_splits``): where 2-means cut the poisons in two, the half beside the
+    genuine images is left. Measured: a 43-class blend model kept 269 images, 115 of them poisons, the kept part's
+    split found them with 70 genuine ones (spread 9.8 against the median's 3.1); on the 23 other infected models
+    of the quick grids no kept part holds a strong sub-cluster. Recorded as ``split.peeled``."""
+    factor, rec = settings.class_split_strong, f["record"]["split"]
+    idx = f["indices"]
+    kept = ~torch.isin(idx, f["split"])
+    if not f["split_applied"] or factor <= 0 or math.isnan(baseline) or int(kept.sum()) < 4:
+        return
+    res = split_target_class(f["reps"][kept], logits[idx[kept]], f["class"], min_spread=settings.class_split_spread,
+                             confidence_tie=settings.class_split_tie, generator=torch.Generator().manual_seed(seed))
+    strong = res.applied and res.candidate_spread >= factor * baseline
+    more = idx[kept][dist.broadcast(res.flagged_mask.to(torch.uint8)).bool()] if strong else idx[:0]
+    rec["peeled"] = {**removed_record(more, int(kept.sum()), truth), "cluster_sizes": list(res.sizes),
+                     "cluster_spread": [round(c, 2) for c in res.spread], "applied": bool(strong)}
+    if strong:
+        f["split"] = torch.cat([f["split"], more]).sort().values
+        rec.update(removed_record(f["split"], len(idx), truth))
+
+
 @dataclass
 class FilterOutcome:
     removed: torch.Tensor  # the samples the filter removed (sorted indices)
@@ -248,6 +272,8 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
                              strong)
     decision["split_baseline_spread"] = None if math.isnan(baseline) else round(baseline, 3)
     target.update(used=decision["target"], decision=decision)
+    if decision["target"] is not None and filt.class_split:
+        peel_strong(per_class[decision["target"]], logits, filt, baseline, seed, truth)
     if decision["target"] is None:  # no confirmed target: the split's clusters were evidence, not poisons
         for f in per_class:  # (WaNet all2all: clusters in 4 classes, 8 % poisoned; removing them cost PBE 22 points)
             f["split"] = none
@@ -279,7 +305,9 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
                       f"removed {'a second-level sub-' if sp['level'] == 2 else ''}cluster {sp['suspicious_cluster']}"
                       f"{' (strong: against the other classes)' if sp.get('strong') else ''}: "
                       f"{sp['removed']} samples "
-                      f"({shown(sp['removed_poison'], 'd')} truly poisoned)" if sp["applied"]
+                      + (f"with {sp['peeled']['removed']} of the {sp['peeled']['considered']} it kept (a strong "
+                         "sub-cluster) " if sp.get("peeled", {}).get("applied") else "")
+                      + f"({shown(sp['removed_poison'], 'd')} truly poisoned)" if sp["applied"]
                       else "not applied (the more confident cluster does not spread over more classes)"), flush=True)
         else:
             record["class_split"] = {**removed_record(split, considered, truth), "applied_in": [],
