@@ -9,7 +9,7 @@ import torch
 from types import SimpleNamespace
 
 from utils.defenses.filtering import (FilterSettings, apply_strong_splits, decide_target, decisive, filter_class,
-                                     peel_strong)
+                                     peel_strong, split_stages)
 from utils.defenses.target import vote_result
 
 
@@ -125,6 +125,11 @@ def test_a_split_refused_between_two_halves_of_the_poisons_is_applied_when_it_st
     peel_strong(target, logits, settings, baseline, 0, data.truth)
     assert rec["peeled"]["applied"] and rec["peeled"]["removed"] == 150 and rec["peeled"]["precision"] == 1.0
     assert torch.equal(target["split"], torch.nonzero(data.truth).flatten()) and rec["removed"] == 300
+    # both leave the pool; the poison set is drawn from the split's own cluster only (the peeled one holds genuine
+    # images on real models)
+    stages = split_stages([target])
+    assert torch.equal(stages["class_split"], cand) and len(stages["class_split_peeled"]) == 150
+    assert "class_split_peeled" not in split_stages(per_class[1:])
 
 
 def test_a_genuine_sub_mode_left_by_the_split_is_not_peeled():

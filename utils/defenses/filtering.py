@@ -217,7 +217,9 @@ def peel_strong(f: dict, logits: torch.Tensor, settings: FilterSettings, baselin
     times ``baseline``, the median of ``strong_splits``): where 2-means cut the poisons in two, the half beside the
     genuine images is left. Measured: a 43-class blend model kept 269 images, 115 of them poisons, the kept part's
     split found them with 70 genuine ones (spread 9.8 against the median's 3.1); on the 23 other infected models
-    of the quick grids no kept part holds a strong sub-cluster. Recorded as ``split.peeled``."""
+    of the quick grids no kept part holds a strong sub-cluster. Recorded as ``split.peeled``; the sub-cluster
+    leaves the pool, but the poison set is drawn from the split's own cluster (``split_stages``): PBE
+    drew its from both and unlearned 67 of its 70 genuine target images (target class 20.4 %, infected 85.7)."""
     factor, rec = settings.class_split_strong, f["record"]["split"]
     idx = f["indices"]
     kept = ~torch.isin(idx, f["split"])
@@ -229,9 +231,19 @@ def peel_strong(f: dict, logits: torch.Tensor, settings: FilterSettings, baselin
     more = idx[kept][dist.broadcast(res.flagged_mask.to(torch.uint8)).bool()] if strong else idx[:0]
     rec["peeled"] = {**removed_record(more, int(kept.sum()), truth), "cluster_sizes": list(res.sizes),
                      "cluster_spread": [round(c, 2) for c in res.spread], "applied": bool(strong)}
-    if strong:
-        f["split"] = torch.cat([f["split"], more]).sort().values
+    if strong:  # filtered out of the pool, but no poison set is drawn from it (it holds genuine images too)
+        f["split"], f["peeled"] = torch.cat([f["split"], more]).sort().values, more
         rec.update(removed_record(f["split"], len(idx), truth))
+
+
+def split_stages(chosen: list[dict]) -> dict:
+    """What the split removed from the ``chosen`` classes, as stages (for suspects.csv and the poison set):
+    ``class_split``, its own clusters, the poison set's candidates; ``class_split_peeled`` (if any), the strong
+    sub-clusters ``peel_strong`` removed, which left the pool but hold genuine images too."""
+    none = torch.zeros(0, dtype=torch.long)
+    split = torch.cat([none] + [f["split"] for f in chosen]).unique()
+    peeled = torch.cat([none] + [f["peeled"] for f in chosen if "peeled" in f]).unique()
+    return {"class_split": split[~torch.isin(split, peeled)], **({"class_split_peeled": peeled} if len(peeled) else {})}
 
 
 @dataclass
@@ -323,5 +335,5 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
               "pool_size": len(pool), "pool_poison_share": poison_share(pool, truth),
               "classes": [f["record"] for f in per_class]}
     print(f"pool {len(pool)} samples, {shown(record['pool_poison_share'], '.3%')} truly poisoned", flush=True)
-    stages = {"spectre": spectre, **({"class_split": split} if filt.class_split else {})}
+    stages = {"spectre": spectre, **(split_stages(chosen) if filt.class_split else {})}
     return FilterOutcome(removed, pool, record, stages)
