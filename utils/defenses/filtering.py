@@ -228,7 +228,9 @@ def peel_strong(f: dict, logits: torch.Tensor, settings: FilterSettings, baselin
     res = split_target_class(f["reps"][kept], logits[idx[kept]], f["class"], min_spread=settings.class_split_spread,
                              confidence_tie=settings.class_split_tie, generator=torch.Generator().manual_seed(seed))
     strong = res.applied and res.candidate_spread >= factor * baseline
-    more = idx[kept][dist.broadcast(res.flagged_mask.to(torch.uint8)).bool()] if strong else idx[:0]
+    mask = res.flagged_mask if strong else torch.zeros_like(res.flagged_mask)
+    more = idx[kept][dist.broadcast(mask.to(torch.uint8)).bool()]  # every rank broadcasts: rank 0's cluster
+    strong = len(more) > 0
     rec["peeled"] = {**removed_record(more, int(kept.sum()), truth), "cluster_sizes": list(res.sizes),
                      "cluster_spread": [round(c, 2) for c in res.spread], "applied": bool(strong)}
     if strong:  # filtered out of the pool, but no poison set is drawn from it (it holds genuine images too)
