@@ -125,9 +125,7 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
             out["spectre"] = spectre_flags(reps[keep], idx[keep], settings.spectre_remove)
         record["spectre"] = removed_record(out["spectre"], int(keep.sum()), truth)
     if split:
-        # its own seeded generator: a split that is not applied leaves the run as without it
-        res = split_target_class(reps, logits[idx], cls, min_spread=settings.class_split_spread,
-                                 confidence_tie=settings.class_split_tie, generator=torch.Generator().manual_seed(seed))
+        res = _split(reps, logits[idx], cls, settings, seed)
         candidate = idx[dist.broadcast(res.candidate_mask.to(torch.uint8)).bool()]  # torchrun: rank 0's cluster
         flagged = candidate if res.applied else candidate[:0]
         out["split"], out["split_applied"] = flagged, bool(res.applied)
@@ -137,13 +135,19 @@ def filter_class(reference, poisoned, cls: int, settings: FilterSettings, logits
         record["split"] = {**removed_record(flagged, len(idx), truth), "applied": res.applied,
                            "cluster_sizes": list(res.sizes), "cluster_confidence": [round(c, 4) for c in res.confidence],
                            "cluster_spread": [round(c, 2) for c in res.spread],
-                           "spread_ratio": round(res.spread[res.flagged_cluster] / max(res.spread[1 - res.flagged_cluster],
-                                                                                       1e-9), 3)
-                           if res.flagged_cluster >= 0 else None,
+                           "spread_ratio": None if res.flagged_cluster < 0 else round(
+                               res.candidate_spread / max(res.spread[1 - res.flagged_cluster], 1e-9), 3),
                            "suspicious_cluster": res.flagged_cluster, "separation": round(res.separation, 3),
                            "level": res.level}
     out["record"] = record
     return out
+
+
+def _split(reps: torch.Tensor, logits: torch.Tensor, cls: int, settings: FilterSettings, seed: int):
+    """``split_target_class`` with the settings' check, on its own seeded generator (a split that is not applied
+    leaves the run as without it)."""
+    return split_target_class(reps, logits, cls, min_spread=settings.class_split_spread,
+                              confidence_tie=settings.class_split_tie, generator=torch.Generator().manual_seed(seed))
 
 
 def decide_target(given: int | None, vote: dict | None, split_classes: list[int], num_classes: int,
@@ -225,8 +229,7 @@ def peel_strong(f: dict, logits: torch.Tensor, settings: FilterSettings, baselin
     kept = ~torch.isin(idx, f["split"])
     if not f["split_applied"] or factor <= 0 or math.isnan(baseline) or int(kept.sum()) < 4:
         return
-    res = split_target_class(f["reps"][kept], logits[idx[kept]], f["class"], min_spread=settings.class_split_spread,
-                             confidence_tie=settings.class_split_tie, generator=torch.Generator().manual_seed(seed))
+    res = _split(f["reps"][kept], logits[idx[kept]], f["class"], settings, seed)
     strong = res.applied and res.candidate_spread >= factor * baseline
     mask = res.flagged_mask if strong else torch.zeros_like(res.flagged_mask)
     more = idx[kept][dist.broadcast(mask.to(torch.uint8)).bool()]  # every rank broadcasts: rank 0's cluster
@@ -309,7 +312,8 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
           flush=True)
     removed = spectre
     if filt.class_split:
-        split = torch.cat([f["split"] for f in chosen]).unique()
+        split_parts = split_stages(chosen)
+        split = torch.cat(list(split_parts.values())).unique()  # the split's clusters and what the peel added
         if decision["target"] is not None:
             record["class_split"] = {**per_class[decision["target"]]["record"]["split"],
                                      "recall": detection_stats(split, truth)["recall"]}
@@ -337,5 +341,5 @@ def _filter_classes_and_decide(reference, poisoned, filt, target, seed, batch_si
               "pool_size": len(pool), "pool_poison_share": poison_share(pool, truth),
               "classes": [f["record"] for f in per_class]}
     print(f"pool {len(pool)} samples, {shown(record['pool_poison_share'], '.3%')} truly poisoned", flush=True)
-    stages = {"spectre": spectre, **(split_stages(chosen) if filt.class_split else {})}
+    stages = {"spectre": spectre, **(split_parts if filt.class_split else {})}
     return FilterOutcome(removed, pool, record, stages)
