@@ -227,5 +227,4 @@ def run_attack(job: AttackJob) -> dict:
         run.write_json("summary.json", summary)
         ctl.finish()
     print(log_line(f"done in {summary['seconds']:.0f}s", final) + f" | {run_s.out_dir}", flush=True)
-    dist.finish()
     return summary

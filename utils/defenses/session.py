@@ -225,7 +225,6 @@ class DefenseSession:
         print(log_line(f"final ({summary['seconds']:.0f}s)", summary["final"]) + f" | {self.job.run.out_dir}",
               flush=True)
         print(stage_line(summary["stages"]), flush=True)
-        dist.finish()
         return summary
 
     def _save_model(self, settings: dict, summary: dict) -> None:
