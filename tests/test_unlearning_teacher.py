@@ -323,3 +323,32 @@ def test_the_classifier_layer_of_every_architecture():
         layer = classifier_layer(model)
         assert layer.out_features == 10 and [n for n, m in model.named_modules() if m is layer][0].endswith(name)
     assert classifier_layer(nn.Sequential(nn.Conv2d(3, 4, 3))) is None
+
+
+def test_a_shielded_classifier_layer_takes_the_clean_gradient_and_none_of_the_ascent():
+    """PBE's ascent with ``--ascent_head shielded``: the joined forward gives the same logits; the poison rows' loss
+    leaves the classifier layer's gradient at zero and still reaches the layers below; the clean rows' loss trains
+    the layer as before; the hook is gone afterwards."""
+    from utils.defenses.unlearning import joined_forward
+
+    model = _Body()
+    g = torch.Generator().manual_seed(3)
+    xc, xp = torch.randn(5, 4, generator=g), torch.randn(3, 4, generator=g)
+    plain_c, plain_p = joined_forward(model, xc, xp)
+    shielded_c, shielded_p = joined_forward(model, xc, xp, shield=model.fc)
+    assert torch.allclose(plain_c, shielded_c) and torch.allclose(plain_p, shielded_p)
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return model.fc.weight.grad.clone(), model.fc.bias.grad.clone(), model.body.weight.grad.clone()
+
+    fc_w, fc_b, body = grads(shielded_p.logsumexp(1).sum())
+    assert not fc_w.any() and not fc_b.any() and body.abs().sum() > 0
+    _, plain_p = joined_forward(model, xc, xp)
+    assert grads(plain_p.logsumexp(1).sum())[0].abs().sum() > 0  # unshielded, the ascent reaches the layer
+    shielded_c, _ = joined_forward(model, xc, xp, shield=model.fc)
+    clean_w = grads(shielded_c.logsumexp(1).sum())[0]
+    plain_c, _ = joined_forward(model, xc, xp)
+    assert torch.allclose(clean_w, grads(plain_c.logsumexp(1).sum())[0]) and clean_w.abs().sum() > 0
+    assert not model.fc._forward_hooks

@@ -36,7 +36,8 @@ from utils.defenses.selection import (INIT_POOLS, POISON_CANDIDATES, POISON_SCOR
                                       resolve_poison_score, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
-from utils.defenses.unlearning import ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, ascent_decision
+from utils.defenses.unlearning import (ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, ascent_decision,
+                                      classifier_layer)
 from utils.run import distributed as dist
 from utils.run.errors import UserError
 from utils.run.stagetimer import stage
@@ -93,6 +94,10 @@ class PBESettings(Settings):
                                             type=fraction)
     ascent_bs: int = opt(32, "rounds >= 1: flagged samples joined to each fine-tuning batch for the ascent (the "
                              "whole batch size cost 30 %% more time for no lower ASR)", type=int)
+    ascent_head: str = opt("trained", "rounds >= 1: trained = the ascent's gradient reaches the classifier layer too; "
+                                      "shielded = it stops below that layer (the clean fine-tuning still trains it), "
+                                      "so the ascent cannot lower the target class by reading it less",
+                           choices=("trained", "shielded"))
     unlearn_where: str = opt("split", "where rounds >= 1 ascend at --unlearn_lambda: split = only where the "
                                       "detector ranks a confirmed target's split cluster (elsewhere its flags may be "
                                       "clean images: --unlearn_lambda_unconfirmed); always",
@@ -317,7 +322,7 @@ def run_pbe(job: PBEJob) -> dict:
                     "poison_candidates": pbe.poison_candidates, "poison_score": pbe.poison_score,
                     "balanced_selection": pbe.balanced_selection,
                     "later_pool": pbe.later_pool, "unlearn_lambda": pbe.unlearn_lambda,
-                    "unlearn_where": pbe.unlearn_where, "ascent_bs": pbe.ascent_bs,
+                    "unlearn_where": pbe.unlearn_where, "ascent_bs": pbe.ascent_bs, "ascent_head": pbe.ascent_head,
                     "unlearn_lambda_unconfirmed": pbe.unlearn_lambda_unconfirmed,
                     "poison_loss_bound": POISON_LOSS_BOUND}
         return s.finish(settings, {"target": st.target, "filtering": st.filtering, "rounds": st.rounds},
@@ -333,8 +338,10 @@ def ascent_objective(s: DefenseSession, st: PBEState, r: int) -> AscentObjective
     flagged = torch.cat(st.flagged).unique()
     if len(flagged) == 0:
         return None
+    shield = classifier_layer(s.inf.model) if s.job.pbe.ascent_head == "shielded" else None
     return AscentObjective(s.inf.model, s.train_model, s.inf.poisoned, flagged, s.job.pbe.ascent_bs, s.gen,
-                           s.inf.augment, s.cl, lam=st.filtering["ascent"]["lambda"], mu=0.0, bound=POISON_LOSS_BOUND)
+                           s.inf.augment, s.cl, lam=st.filtering["ascent"]["lambda"], mu=0.0, bound=POISON_LOSS_BOUND,
+                           shield=shield)
 
 
 def score_round(s: DefenseSession, st: PBEState, r: int, purity: float, ref_logits, candidates, truth, labels) -> dict:

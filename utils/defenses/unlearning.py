@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from utils.run import distributed as dist
 
-__all__ = ["ASCENT_WHERE", "AscentObjective", "HeldLayer", "POISON_LOSS_BOUND", "PoisonStream", "ascent_decision",
-           "balanced_class_weights", "bounded_poison_ce", "classifier_layer", "joined_forward", "l1_distance",
+__all__ = ["ASCENT_WHERE", "AscentObjective", "HeldLayer", "POISON_LOSS_BOUND", "PoisonStream", "ShieldedHead",
+           "ascent_decision", "balanced_class_weights", "bounded_poison_ce", "classifier_layer", "joined_forward", "l1_distance",
            "unlearning_loss"]
 
 POISON_LOSS_BOUND = 10.0  # the default bound of the ascent term (PUD's --poison_loss_bound, PBE's ascent)
@@ -181,15 +181,48 @@ class PoisonStream:
         return batch
 
 
-def joined_forward(train_model: nn.Module, xc: Tensor, xp: Tensor,
-                   channels_last: bool = False) -> Tuple[Tensor, Tensor]:
+def joined_forward(train_model: nn.Module, xc: Tensor, xp: Tensor, channels_last: bool = False,
+                   shield: Optional[nn.Linear] = None) -> Tuple[Tensor, Tensor]:
     """One forward of a clean batch joined by a poison batch (their BatchNorm statistics taken together, as the
-    ascent has always trained); returns the clean and the poison logits."""
+    ascent has always trained); returns the clean and the poison logits. With ``shield`` (the classifier layer)
+    the poison rows go through a detached copy of that layer, so the ascent's gradient stops there
+    (``ShieldedHead``)."""
     x = torch.cat([xc, xp])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    logits = train_model(x)
+    if shield is None or len(xp) == 0:
+        logits = train_model(x)
+    else:
+        with ShieldedHead(shield, len(xc)):
+            logits = train_model(x)
     return logits[:len(xc)], logits[len(xc):]
+
+
+class ShieldedHead:
+    """While active, the rows from ``first`` on leave ``layer`` (an ``nn.Linear``) through a detached copy of its
+    weights: their loss still trains the network below the layer, never the layer itself.
+
+    PBE fine-tunes its classifier layer on the clean extra set while it ascends on the flagged poisons; free to move
+    that layer, the ascent pushes the poisons off the target mostly by reading the target class less (PUD holds the
+    layer outright while it only ascends, ``HeldLayer``). A forward hook, so DDP still sees one forward and reduces
+    every gradient.
+    """
+
+    def __init__(self, layer: nn.Linear, first: int):
+        self.layer, self.first, self._handle = layer, first, None
+
+    def _hook(self, module: nn.Linear, inputs, output: Tensor) -> Tensor:
+        rows = inputs[0][self.first:]
+        bias = None if module.bias is None else module.bias.detach()
+        tail = F.linear(rows, module.weight.detach(), bias).to(output.dtype)
+        return torch.cat([output[:self.first], tail])
+
+    def __enter__(self):
+        self._handle = self.layer.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
 
 
 class AscentObjective:
@@ -199,13 +232,14 @@ class AscentObjective:
     The sums of the loss parts over the epoch are kept for the run's records. ``train_model`` is the DDP wrapper
     under torchrun. With ``lam`` 0 (no ascent) no poison batch is drawn: it would add nothing to the loss but a
     forward pass and its images in the clean batch's BatchNorm statistics; the records then have no ``poison_ce``.
+    ``shield``: the classifier layer the ascent's gradient must not reach (``ShieldedHead``).
     """
 
     def __init__(self, model: nn.Module, train_model: nn.Module, data, poison_set: Tensor, batch_size: int,
                  generator: torch.Generator, augment=None, channels_last: bool = False, lam: float = 0.003,
                  mu: float = 0.0, bound: Optional[float] = None, reference: Optional[nn.Module] = None,
-                 class_weight: Optional[Tensor] = None):
-        self.model, self.train_model, self.reference = model, train_model, reference
+                 class_weight: Optional[Tensor] = None, shield: Optional[nn.Linear] = None):
+        self.model, self.train_model, self.reference, self.shield = model, train_model, reference, shield
         self.poison_set, self.cl = poison_set, channels_last
         self.lam, self.mu, self.bound, self.class_weight = lam, mu, bound, class_weight
         self._poison = PoisonStream(data, poison_set, batch_size, generator, augment) if lam > 0 else None
@@ -217,7 +251,7 @@ class AscentObjective:
             xp, yp = xc[:0], yc[:0]
         else:
             _, xp, yp = self._poison.next()
-        logits_c, logits_p = joined_forward(self.train_model, xc, xp, self.cl)
+        logits_c, logits_p = joined_forward(self.train_model, xc, xp, self.cl, self.shield)
         loss, parts = unlearning_loss(logits_c, yc, logits_p, yp, self.model, self.reference,
                                       lam=self.lam, mu=self.mu, poison_loss_bound=self.bound,
                                       class_weight=self.class_weight)
