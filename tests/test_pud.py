@@ -266,3 +266,38 @@ def test_steps_weigh_the_labels_of_their_extra_set_alike(tiny_attack_run, tmp_pa
         assert int((counts > 0).sum()) >= 2 and counts.max() > counts[counts > 0].min()  # an uneven extra set
         mass = weight.cpu() * counts
         assert torch.allclose(mass[counts > 0], mass[counts > 0].mean()) and bool((weight.cpu()[counts == 0] == 0).all())
+
+
+def test_a_confirmed_targets_poison_set_the_model_disowns_is_ascended_on_and_one_it_keeps_is_not():
+    """No split cluster, a confirmed target: the poison set holds target-labelled samples. Unlearning ascends only
+    when the model after the steps gives at least --unlearn_disowned of them another label (dirty-label poisons);
+    a set of the class's own images (clean-label SIG) it keeps is not unlearned; other modes ignore the share."""
+    from types import SimpleNamespace
+
+    from utils.defenses.pud import disowned_mask
+    from utils.defenses.unlearning import ascent_decision
+
+    labels = torch.tensor([0, 0, 0, 0, 1, 2])
+    logits = torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 0, 1, 0]), 3).float()
+    s = SimpleNamespace(logits=lambda model: logits, inf=SimpleNamespace(poisoned=SimpleNamespace(train_labels=labels)))
+    assert disowned_mask(s, None).tolist() == [True, True, False, False, False, True]
+
+    from utils.defenses.pud import PUDSettings, decide_ascent
+
+    s.job = SimpleNamespace(pud=PUDSettings(unlearn_lambda=0.3))
+    st = SimpleNamespace(spectre_initial={"poison_candidates": "target"}, poison_set=torch.tensor([0, 1, 2]),
+                         target={"used": 0})
+    ascent = decide_ascent(s, st, None)  # 2 of 3 disowned: every target sample the model disowns is the poison set
+    assert ascent["used"] and ascent["lambda"] == 0.3 and st.poison_set.tolist() == [0, 1]  # not 5: not the target's
+    st.poison_set = torch.tensor([1, 2, 3])  # 1 of 3: kept, no ascent, the set untouched
+    assert not decide_ascent(s, st, None)["used"] and st.poison_set.tolist() == [1, 2, 3]
+    st.spectre_initial["poison_candidates"], st.poison_set = "split", torch.tensor([2, 3])
+    assert decide_ascent(s, st, None)["used"] and st.poison_set.tolist() == [2, 3]  # the split's cluster stays
+
+    used = ascent_decision(0.003, "target", disowned=0.82, disowned_min=0.5)
+    assert used["used"] is True and used["lambda"] == 0.003 and used["disowned"] == 0.82
+    kept = ascent_decision(0.003, "target", disowned=0.24, disowned_min=0.5)
+    assert kept["used"] is False and "24%" in kept["why"]
+    assert ascent_decision(0.003, "target", disowned=0.82, disowned_min=0.0)["used"] is False  # 0: never
+    assert ascent_decision(0.003, "filtered", disowned=1.0, disowned_min=0.5)["used"] is False  # all2all: no target
+    assert ascent_decision(0.003, "split", disowned=0.0, disowned_min=0.5)["used"] is True  # the split: always

@@ -29,7 +29,8 @@ POISON_LOSS_BOUND = 10.0  # the default bound of the ascent term (PUD's --poison
 ASCENT_WHERE = ("split", "always")  # --unlearn_where: when the ascent term is used
 
 
-def ascent_decision(lam: float, candidates_mode: str, where: str = "split", lam_unconfirmed: float = 0.0) -> dict:
+def ascent_decision(lam: float, candidates_mode: str, where: str = "split", lam_unconfirmed: float = 0.0,
+                    disowned: Optional[float] = None, disowned_min: float = 0.0) -> dict:
     """Whether the ascent on the identified poisons is used, with which weight, and why (for ``summary.json``).
 
     ``where`` split: the full weight ``lam`` only when the poisons were ranked within the class split's cluster of a
@@ -39,6 +40,13 @@ def ascent_decision(lam: float, candidates_mode: str, where: str = "split", lam_
     PUD loses 5 points of clean accuracy to it for no lower ASR, PBE 9 (docs/ablations.md). There the weight is
     ``lam_unconfirmed`` (0: no ascent): PBE's 0.03 stops its clean rounds reviving all2all backdoors for a few
     points of accuracy. ``always``: ``lam`` everywhere (the papers').
+
+    ``disowned``: the share of the poison set the model (after the defense's clean fine-tuning) gives another label
+    than its own. Where a target is confirmed but the split found no cluster (``target`` candidates), a set it
+    mostly disowns (>= ``disowned_min``; 0: never) is mislabelled images, dirty-label poisons, and gets ``lam``
+    (PUD then ascends on every target sample the model disowns): SIG's poisons that look like two classes to the
+    split (94 % disowned, 91 % of the set poisons), where clean-label SIG's set of genuine target images is 18 %
+    disowned (docs/ablations.md).
     """
     if lam == 0:
         return {"used": False, "why": "--unlearn_lambda 0"}
@@ -46,8 +54,14 @@ def ascent_decision(lam: float, candidates_mode: str, where: str = "split", lam_
         return {"used": True, "lambda": lam, "why": "the poisons were ranked within a confirmed target's split cluster"}
     if where == "always":
         return {"used": True, "lambda": lam, "why": "--unlearn_where always"}
+    if candidates_mode == "target" and disowned is not None and disowned_min > 0 and disowned >= disowned_min:
+        return {"used": True, "lambda": lam, "disowned": disowned,
+                "why": f"a confirmed target's samples, {disowned:.0%} of them given another label by the model "
+                       f"(>= {disowned_min:.0%}): mislabelled images, not the class's own"}
     unconfirmed = (f"the poisons were ranked among the {candidates_mode!r} candidates, not a confirmed target's split "
                    "cluster: they may hold clean images")
+    if disowned is not None:
+        unconfirmed += f"; the model gives {disowned:.0%} of them another label"
     if lam_unconfirmed == 0:
         return {"used": False, "why": unconfirmed}
     return {"used": True, "lambda": lam_unconfirmed, "why": unconfirmed + ", so the weaker unconfirmed weight"}
