@@ -65,13 +65,15 @@ class DivergenceError(RunStopped, RuntimeError):
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run ``main(argv)``; a ``UserError`` becomes ``error: <message>`` and exit 2, a ``RunStopped`` its report."""
-    from utils.run import distributed as dist, testhooks
+    from utils.run import testhooks
     from utils.run.runlock import release_all
 
     testhooks.load()  # the test hooks are read once, at start-up
     try:
         main(argv)
-        dist.finish()  # torchrun: leave the group once the run's frames (and their DDP wrappers) are gone
+        dist = sys.modules.get("utils.run.distributed")  # not imported: no process group (and no torch: utils.report)
+        if dist is not None:
+            dist.finish()  # torchrun: leave the group once the run's frames (and their DDP wrappers) are gone
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
