@@ -279,7 +279,9 @@ def test_a_confirmed_targets_poison_set_the_model_disowns_is_ascended_on_and_one
 
     labels = torch.tensor([0, 0, 0, 0, 1, 2])
     logits = torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 0, 1, 0]), 3).float()
-    s = SimpleNamespace(logits=lambda model: logits, inf=SimpleNamespace(poisoned=SimpleNamespace(train_labels=labels)))
+    truth = torch.tensor([True, False, False, False, False, True])
+    s = SimpleNamespace(logits=lambda model: logits,
+                        inf=SimpleNamespace(poisoned=SimpleNamespace(train_labels=labels), truth=truth))
     assert disowned_mask(s, None).tolist() == [True, True, False, False, False, True]
 
     from utils.defenses.pud import PUDSettings, decide_ascent
@@ -289,6 +291,7 @@ def test_a_confirmed_targets_poison_set_the_model_disowns_is_ascended_on_and_one
                          target={"used": 0})
     ascent = decide_ascent(s, st, None)  # 2 of 3 disowned: every target sample the model disowns is the poison set
     assert ascent["used"] and ascent["lambda"] == 0.3 and st.poison_set.tolist() == [0, 1]  # not 5: not the target's
+    assert ascent["poison_precision"] == 0.5 and ascent["poison_recall"] == 0.5  # the set unlearning used, reported
     st.poison_set = torch.tensor([1, 2, 3])  # 1 of 3: kept, no ascent, the set untouched
     assert not decide_ascent(s, st, None)["used"] and st.poison_set.tolist() == [1, 2, 3]
     st.spectre_initial["poison_candidates"], st.poison_set = "split", torch.tensor([2, 3])

@@ -68,8 +68,8 @@ def _detection(summary: dict) -> tuple:
     if summary.get("rounds"):  # PBE
         last = summary["rounds"][-1]
         return last.get("detect_precision"), last.get("detect_recall")
-    if summary.get("steps"):  # PUD
-        last = summary["steps"][-1]
+    if summary.get("steps"):  # PUD: the set unlearning used, where it replaced the last step's
+        last = {**summary["steps"][-1], **(summary.get("unlearning") or {}).get("ascent", {})}
         return last.get("poison_precision"), last.get("poison_recall")
     return None, None
 

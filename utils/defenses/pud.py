@@ -477,7 +477,9 @@ def decide_ascent(s: DefenseSession, st: PUDState, model) -> dict:
     if "disowned" in ascent:
         disowned &= s.inf.poisoned.train_labels.cpu() == st.target["used"]
         st.poison_set = torch.nonzero(disowned).flatten().to(poison_set.device)
-        ascent["poison_set"] = f"the {len(st.poison_set)} target-labelled samples the model gives another label"
+        det = detection_stats(st.poison_set, s.inf.truth)
+        ascent.update({"poison_set": f"the {len(st.poison_set)} target-labelled samples the model gives another "
+                                     "label", "poison_precision": det["precision"], "poison_recall": det["recall"]})
     return ascent
 
 
