@@ -274,7 +274,7 @@ def test_a_confirmed_targets_poison_set_the_model_disowns_is_ascended_on_and_one
     a set of the class's own images (clean-label SIG) it keeps is not unlearned; other modes ignore the share."""
     from types import SimpleNamespace
 
-    from utils.defenses.pud import disowned_mask
+    from utils.defenses.pud import PUDSettings, decide_ascent, disowned_mask
     from utils.defenses.unlearning import ascent_decision
 
     labels = torch.tensor([0, 0, 0, 0, 1, 2])
@@ -283,8 +283,6 @@ def test_a_confirmed_targets_poison_set_the_model_disowns_is_ascended_on_and_one
     s = SimpleNamespace(logits=lambda model: logits,
                         inf=SimpleNamespace(poisoned=SimpleNamespace(train_labels=labels), truth=truth))
     assert disowned_mask(s, None).tolist() == [True, True, False, False, False, True]
-
-    from utils.defenses.pud import PUDSettings, decide_ascent
 
     s.job = SimpleNamespace(pud=PUDSettings(unlearn_lambda=0.3))
     st = SimpleNamespace(spectre_initial={"poison_candidates": "target"}, poison_set=torch.tensor([0, 1, 2]),

@@ -105,10 +105,10 @@ class PUDSettings(Settings):
                                       "within a confirmed target's split cluster (elsewhere, e.g. all2all, it holds "
                                       "clean images: the stage then trains on the clean term and the L1 anchor); "
                                       "always (paper code)", choices=ASCENT_WHERE)
-    unlearn_disowned: float = opt(0.5, "with a confirmed target but no split cluster: unlearning ascends when the model "
-                                        "after the progressive steps gives at least this share of the poison set "
-                                        "another label than its own (dirty-label poisons, not the class's images); "
-                                        "0: never", type=fraction)
+    unlearn_disowned: float = opt(0.5, "with a confirmed target but no split cluster: unlearning ascends when the "
+                                        "model after the progressive steps gives at least this share of the poison "
+                                        "set another label than its own (dirty-label poisons, not the class's "
+                                        "images), on every target sample it disowns; 0: never", type=fraction)
     unlearn_mu: float = opt(1e-4, "unlearning: weight of the L1 distance to the frozen copy", type=fraction)
     poison_loss_bound: float = opt(POISON_LOSS_BOUND, "unlearning: the ascent term is clipped at this CE", type=fraction)
     step_balanced: int = opt(1, "1: the progressive steps' cross-entropy weighs every label of the extra set alike (a "

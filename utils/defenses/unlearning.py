@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from utils.run import distributed as dist
 
 __all__ = ["ASCENT_WHERE", "AscentObjective", "HeldLayer", "POISON_LOSS_BOUND", "PoisonStream", "ShieldedHead",
-           "ascent_decision", "balanced_class_weights", "bounded_poison_ce", "classifier_layer", "joined_forward", "l1_distance",
-           "unlearning_loss"]
+           "ascent_decision", "balanced_class_weights", "bounded_poison_ce", "classifier_layer", "joined_forward",
+           "l1_distance", "unlearning_loss"]
 
 POISON_LOSS_BOUND = 10.0  # the default bound of the ascent term (PUD's --poison_loss_bound, PBE's ascent)
 ASCENT_WHERE = ("split", "always")  # --unlearn_where: when the ascent term is used
