@@ -268,32 +268,43 @@ def test_steps_weigh_the_labels_of_their_extra_set_alike(tiny_attack_run, tmp_pa
         assert torch.allclose(mass[counts > 0], mass[counts > 0].mean()) and bool((weight.cpu()[counts == 0] == 0).all())
 
 
-def test_a_confirmed_targets_poison_set_the_model_disowns_is_ascended_on_and_one_it_keeps_is_not():
-    """No split cluster, a confirmed target: the poison set holds target-labelled samples. Unlearning ascends only
-    when the model after the steps gives at least --unlearn_disowned of them another label (dirty-label poisons);
-    a set of the class's own images (clean-label SIG) it keeps is not unlearned; other modes ignore the share."""
+def _disowned_case():
+    """12 samples, target 0: 0-2 are dirty-label poisons the current model gives classes 1 and 2 (the infected one
+    gave 0), 3-5 genuine target images it keeps, 6-11 clean images of classes 1 and 2."""
     from types import SimpleNamespace
 
-    from utils.defenses.pud import PUDSettings, decide_ascent, disowned_mask
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    cur = torch.nn.functional.one_hot(torch.tensor([1, 2, 1, 0, 0, 0, 1, 1, 1, 2, 2, 2]), 3).float() * 5
+    ref = torch.nn.functional.one_hot(labels, 3).float() * 5
+    truth = torch.arange(12) < 3
+    s = SimpleNamespace(logits=lambda model: cur, history=[{}], run=SimpleNamespace(log=lambda *a, **k: None),
+                        inf=SimpleNamespace(model=None, poisoned=SimpleNamespace(train_labels=labels), truth=truth))
+    st = SimpleNamespace(spectre_initial={"poison_candidates": "target", "poison_score": "consistency"},
+                         poison_set=torch.tensor([0, 1, 2]), target={"used": 0}, pool=torch.arange(12), steps=[],
+                         step_info={}, epoch_global=0)
+    return s, st, labels, ref, truth
+
+
+def test_a_confirmed_targets_poison_set_the_model_disowns_is_ascended_on_and_one_it_keeps_is_not():
+    """No split cluster, a confirmed target: the poison set holds target-labelled samples. Unlearning ascends only
+    when the model after the steps gives at least --disowned_poisons of them another label (dirty-label poisons),
+    then on every target sample it disowns; a set of the class's own images (clean-label SIG) it keeps is not
+    unlearned; other modes ignore the share."""
+    from types import SimpleNamespace
+
+    from utils.defenses.pud import PUDSettings, decide_ascent
     from utils.defenses.unlearning import ascent_decision
 
-    labels = torch.tensor([0, 0, 0, 0, 1, 2])
-    logits = torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 0, 1, 0]), 3).float()
-    truth = torch.tensor([True, False, False, False, False, True])
-    s = SimpleNamespace(logits=lambda model: logits,
-                        inf=SimpleNamespace(poisoned=SimpleNamespace(train_labels=labels), truth=truth))
-    assert disowned_mask(s, None).tolist() == [True, True, False, False, False, True]
-
+    s, st, _, _, _ = _disowned_case()
     s.job = SimpleNamespace(pud=PUDSettings(unlearn_lambda=0.3))
-    st = SimpleNamespace(spectre_initial={"poison_candidates": "target"}, poison_set=torch.tensor([0, 1, 2]),
-                         target={"used": 0})
-    ascent = decide_ascent(s, st, None)  # 2 of 3 disowned: every target sample the model disowns is the poison set
-    assert ascent["used"] and ascent["lambda"] == 0.3 and st.poison_set.tolist() == [0, 1]  # not 5: not the target's
-    assert ascent["poison_precision"] == 0.5 and ascent["poison_recall"] == 0.5  # the set unlearning used, reported
-    st.poison_set = torch.tensor([1, 2, 3])  # 1 of 3: kept, no ascent, the set untouched
-    assert not decide_ascent(s, st, None)["used"] and st.poison_set.tolist() == [1, 2, 3]
-    st.spectre_initial["poison_candidates"], st.poison_set = "split", torch.tensor([2, 3])
-    assert decide_ascent(s, st, None)["used"] and st.poison_set.tolist() == [2, 3]  # the split's cluster stays
+    st.poison_set = torch.tensor([0, 1, 3])  # 2 of 3 disowned: every target sample the model disowns is the set
+    ascent = decide_ascent(s, st, None)
+    assert ascent["used"] and ascent["lambda"] == 0.3 and st.poison_set.tolist() == [0, 1, 2]  # not 6-11
+    assert ascent["poison_precision"] == 1.0 and ascent["poison_recall"] == 1.0  # the set unlearning used, reported
+    st.poison_set = torch.tensor([1, 3, 4])  # 1 of 3: kept, no ascent, the set untouched
+    assert not decide_ascent(s, st, None)["used"] and st.poison_set.tolist() == [1, 3, 4]
+    st.spectre_initial["poison_candidates"], st.poison_set = "split", torch.tensor([3, 4])
+    assert decide_ascent(s, st, None)["used"] and st.poison_set.tolist() == [3, 4]  # the split's cluster stays
 
     used = ascent_decision(0.003, "target", disowned=0.82, disowned_min=0.5)
     assert used["used"] is True and used["lambda"] == 0.003 and used["disowned"] == 0.82
@@ -302,3 +313,23 @@ def test_a_confirmed_targets_poison_set_the_model_disowns_is_ascended_on_and_one
     assert ascent_decision(0.003, "target", disowned=0.82, disowned_min=0.0)["used"] is False  # 0: never
     assert ascent_decision(0.003, "filtered", disowned=1.0, disowned_min=0.5)["used"] is False  # all2all: no target
     assert ascent_decision(0.003, "split", disowned=0.0, disowned_min=0.5)["used"] is True  # the split: always
+
+
+def test_from_step_1_the_target_samples_the_model_disowns_stay_out_of_the_next_extra_set():
+    """The poison set (the least consistent target samples) is disowned by the model, so the target samples it
+    disowns are kept out of the next extra set from step 1 on (step 0's PGD epochs suppress the target class: not
+    then), and the step's record says how many; with --disowned_poisons 0 they are not."""
+    from types import SimpleNamespace
+
+    from utils.defenses.pud import PUDSettings, score_step
+
+    for disowned_min, step, kept_out in ((0.5, 1, True), (0.5, 0, False), (0.0, 1, False)):
+        s, st, labels, ref, truth = _disowned_case()
+        s.job = SimpleNamespace(pud=PUDSettings(steps=3, top_rates=[1.0, 1.0], poison_fraction=0.25,
+                                                disowned_poisons=disowned_min))
+        score_step(s, st, step, ref, torch.arange(6), truth, labels)
+        assert st.poison_set.tolist() == [0, 1, 2]
+        assert (st.extra.tolist() == list(range(3, 12))) == kept_out and len(st.extra) >= 9
+        assert ("disowned" in st.steps[-1]) == kept_out
+        if kept_out:
+            assert st.steps[-1]["disowned"] == {"share": 1.0, "kept_out": 3, "kept_out_poison": 3}

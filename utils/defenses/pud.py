@@ -16,7 +16,8 @@
    now finds least likely, ``--poison_score``).
 4. ``unlearn``: CE on the extra set − λ·bounded CE on the poison set + μ·L1 to a frozen copy; the ascent term
    only where the poison set was ranked within a confirmed target's split cluster (``--unlearn_where``), or among
-   a confirmed target's samples when the model mostly gives them another label (``--unlearn_disowned``).
+   a confirmed target's samples when the model mostly gives them another label (``--disowned_poisons``; from
+   step 1 on, those samples also stay out of the next extra set).
 5. ``mean_teacher``: fine-tuning on the extra set with an EMA teacher and a softmax-consistency term; where
    unlearning ascended, its ascent goes on (``--mt_ascent``): clean epochs alone let a BadNets patch back.
    While either stage ascends, the classifier layer is held (``--hold_head``, ``unlearning.HeldLayer``).
@@ -105,10 +106,11 @@ class PUDSettings(Settings):
                                       "within a confirmed target's split cluster (elsewhere, e.g. all2all, it holds "
                                       "clean images: the stage then trains on the clean term and the L1 anchor); "
                                       "always (paper code)", choices=ASCENT_WHERE)
-    unlearn_disowned: float = opt(0.5, "with a confirmed target but no split cluster: unlearning ascends when the "
-                                        "model after the progressive steps gives at least this share of the poison "
-                                        "set another label than its own (dirty-label poisons, not the class's "
-                                        "images), on every target sample it disowns; 0: never", type=fraction)
+    disowned_poisons: float = opt(0.5, "with a confirmed target but no split cluster (the poison set drawn from the "
+                                        "target's samples): when the model gives at least this share of the poison "
+                                        "set another label, the target samples it disowns are taken for dirty-label "
+                                        "poisons: from step 1 on they stay out of the next extra set, and unlearning "
+                                        "ascends on them; 0: never", type=fraction)
     unlearn_mu: float = opt(1e-4, "unlearning: weight of the L1 distance to the frozen copy", type=fraction)
     poison_loss_bound: float = opt(POISON_LOSS_BOUND, "unlearning: the ascent term is clipped at this CE", type=fraction)
     step_balanced: int = opt(1, "1: the progressive steps' cross-entropy weighs every label of the extra set alike (a "
@@ -412,7 +414,14 @@ def score_step(s: DefenseSession, st: PUDState, step: int, ref_logits, candidate
     info.update({"poison_set_size": len(st.poison_set), "poison_precision": det["precision"],
                  "poison_recall": det["recall"], **{k: s.history[-1].get(k) for k in ("clean_acc", "asr", "robust_acc")}})
     if step < pud.steps - 1:
-        st.extra = top_fraction(scores, pud.top_rates[step], among=st.pool,
+        pool = st.pool
+        if step >= 1:  # the step-0 model's PGD epochs suppress the target class: its share says nothing
+            share, disowned = disowned_poisons(pud, st, cur_logits, labels)
+            if disowned is not None:
+                pool = pool[~disowned.to(pool.device)[pool]]
+                info["disowned"] = {"share": share, "kept_out": int(disowned.sum()),
+                                    "kept_out_poison": poison_count(torch.nonzero(disowned).flatten(), truth)}
+        st.extra = top_fraction(scores, pud.top_rates[step], among=pool,
                                 labels=labels if pud.balanced_selection else None)
         info["next_extra_size"] = len(st.extra)
         info["next_extra_poison_share"] = poison_share(st.extra, truth)
@@ -469,23 +478,33 @@ def unlearn(s: DefenseSession, st: PUDState, objects: dict) -> None:
 def decide_ascent(s: DefenseSession, st: PUDState, model) -> dict:
     """Whether unlearning ascends (``unlearning.ascent_decision``). Where that rests on the model disowning a
     confirmed target's poison set, the poison set becomes every target-labelled sample the model disowns (on SIG's
-    two-class poisons 225 samples, 219 of them poisons, against the 100 the ranking drew)."""
-    pud, mode, poison_set = s.job.pud, st.spectre_initial["poison_candidates"], st.poison_set
-    disowned = disowned_mask(s, model) if mode == "target" and len(poison_set) else None
-    ascent = ascent_decision(pud.unlearn_lambda, mode, pud.unlearn_where, disowned_min=pud.unlearn_disowned,
-                             disowned=None if disowned is None else float(disowned[poison_set.cpu()].float().mean()))
+    two-class poisons 490 samples, 460 of them poisons, against the 100 the ranking drew)."""
+    pud = s.job.pud
+    share, disowned = disowned_poisons(pud, st, s.logits(model), s.inf.poisoned.train_labels.cpu())
+    ascent = ascent_decision(pud.unlearn_lambda, st.spectre_initial["poison_candidates"], pud.unlearn_where,
+                             disowned=share, disowned_min=pud.disowned_poisons)
     if "disowned" in ascent:
-        disowned &= s.inf.poisoned.train_labels.cpu() == st.target["used"]
-        st.poison_set = torch.nonzero(disowned).flatten().to(poison_set.device)
+        st.poison_set = torch.nonzero(disowned).flatten().to(st.poison_set.device)
         det = detection_stats(st.poison_set, s.inf.truth)
         ascent.update({"poison_set": f"the {len(st.poison_set)} target-labelled samples the model gives another "
                                      "label", "poison_precision": det["precision"], "poison_recall": det["recall"]})
     return ascent
 
 
-def disowned_mask(s: DefenseSession, model) -> torch.Tensor:
-    """Which training samples ``model`` gives another label than their own (the last step's scores: no new pass)."""
-    return s.logits(model).argmax(1) != s.inf.poisoned.train_labels.cpu()
+def disowned_poisons(pud: PUDSettings, st: PUDState, logits: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[float | None, torch.Tensor | None]:
+    """Where the poison set was drawn from a confirmed target's samples: the share of it the model (``logits`` of
+    every training sample) gives another label, and, when that is at least ``--disowned_poisons``, the mask of
+    every target-labelled sample it gives another label (else None). Dirty-label poisons are images of other
+    classes: a model that no longer follows the backdoor disowns them, while the class's own images keep their
+    label (clean-label SIG's set: 18 % disowned)."""
+    if st.spectre_initial["poison_candidates"] != "target" or not len(st.poison_set):
+        return None, None
+    disowned = logits.argmax(1) != labels
+    share = float(disowned[st.poison_set.cpu()].float().mean())
+    if pud.disowned_poisons == 0 or share < pud.disowned_poisons:
+        return share, None
+    return share, disowned & (labels == st.target["used"])
 
 
 def head_use(pud: PUDSettings, ascent: dict, model) -> str:
