@@ -297,12 +297,12 @@ def test_a_confirmed_targets_poison_set_the_model_disowns_is_ascended_on_and_one
 
     s, st, _, _, _ = _disowned_case()
     s.job = SimpleNamespace(pud=PUDSettings(unlearn_lambda=0.3))
-    st.poison_set = torch.tensor([0, 1, 3])  # 2 of 3 disowned: every target sample the model disowns is the set
+    st.poison_set = torch.tensor([0, 1, 2, 3])  # 3 of 4 disowned: every target sample the model disowns is the set
     ascent = decide_ascent(s, st, None)
     assert ascent["used"] and ascent["lambda"] == 0.3 and st.poison_set.tolist() == [0, 1, 2]  # not 6-11
     assert ascent["poison_precision"] == 1.0 and ascent["poison_recall"] == 1.0  # the set unlearning used, reported
-    st.poison_set = torch.tensor([1, 3, 4])  # 1 of 3: kept, no ascent, the set untouched
-    assert not decide_ascent(s, st, None)["used"] and st.poison_set.tolist() == [1, 3, 4]
+    st.poison_set = torch.tensor([0, 1, 3])  # 2 of 3, under 0.75: kept, no ascent, the set untouched
+    assert not decide_ascent(s, st, None)["used"] and st.poison_set.tolist() == [0, 1, 3]
     st.spectre_initial["poison_candidates"], st.poison_set = "split", torch.tensor([3, 4])
     assert decide_ascent(s, st, None)["used"] and st.poison_set.tolist() == [3, 4]  # the split's cluster stays
 
@@ -323,7 +323,7 @@ def test_from_step_1_the_target_samples_the_model_disowns_stay_out_of_the_next_e
 
     from utils.defenses.pud import PUDSettings, score_step
 
-    for disowned_min, step, kept_out in ((0.5, 1, True), (0.5, 0, False), (0.0, 1, False)):
+    for disowned_min, step, kept_out in ((0.75, 1, True), (0.75, 0, False), (0.0, 1, False)):
         s, st, labels, ref, truth = _disowned_case()
         s.job = SimpleNamespace(pud=PUDSettings(steps=3, top_rates=[1.0, 1.0], poison_fraction=0.25,
                                                 disowned_poisons=disowned_min))

@@ -106,11 +106,13 @@ class PUDSettings(Settings):
                                       "within a confirmed target's split cluster (elsewhere, e.g. all2all, it holds "
                                       "clean images: the stage then trains on the clean term and the L1 anchor); "
                                       "always (paper code)", choices=ASCENT_WHERE)
-    disowned_poisons: float = opt(0.5, "with a confirmed target but no split cluster (the poison set drawn from the "
-                                        "target's samples): when the model gives at least this share of the poison "
-                                        "set another label, the target samples it disowns are taken for dirty-label "
-                                        "poisons: from step 1 on they stay out of the next extra set, and unlearning "
-                                        "ascends on them; 0: never", type=fraction)
+    disowned_poisons: float = opt(0.75, "with a confirmed target but no split cluster (the poison set drawn from the "
+                                         "target's samples): when the model gives at least this share of the poison "
+                                         "set another label, the target samples it disowns are taken for dirty-label "
+                                         "poisons: from step 1 on they stay out of the next extra set, and "
+                                         "unlearning ascends on them (dirty-label SIG: 0.96-1.00; clean-label "
+                                         "SIG's set of the class's own images: up to 0.50); 0: never",
+                                  type=fraction)
     unlearn_mu: float = opt(1e-4, "unlearning: weight of the L1 distance to the frozen copy", type=fraction)
     poison_loss_bound: float = opt(POISON_LOSS_BOUND, "unlearning: the ascent term is clipped at this CE", type=fraction)
     step_balanced: int = opt(1, "1: the progressive steps' cross-entropy weighs every label of the extra set alike (a "
