@@ -47,7 +47,7 @@ from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import (ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, HeldLayer, PoisonStream,
                                        ascent_decision, balanced_class_weights, bounded_poison_ce, classifier_layer,
-                                       joined_forward)
+                                       disowned_enough, joined_forward)
 from utils.run import distributed as dist
 from utils.run.errors import UserError
 from utils.run.stagetimer import stage
@@ -504,7 +504,7 @@ def disowned_poisons(pud: PUDSettings, st: PUDState, logits: torch.Tensor,
         return None, None
     disowned = logits.argmax(1) != labels
     share = float(disowned[st.poison_set.cpu()].float().mean())
-    if pud.disowned_poisons == 0 or share < pud.disowned_poisons:
+    if not disowned_enough(share, pud.disowned_poisons):
         return share, None
     return share, disowned & (labels == st.target["used"])
 

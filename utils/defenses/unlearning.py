@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from utils.run import distributed as dist
 
 __all__ = ["ASCENT_WHERE", "AscentObjective", "HeldLayer", "POISON_LOSS_BOUND", "PoisonStream", "ShieldedHead",
-           "ascent_decision", "balanced_class_weights", "bounded_poison_ce", "classifier_layer", "joined_forward",
-           "l1_distance", "unlearning_loss"]
+           "ascent_decision", "balanced_class_weights", "bounded_poison_ce", "classifier_layer", "disowned_enough",
+           "joined_forward", "l1_distance", "unlearning_loss"]
 
 POISON_LOSS_BOUND = 10.0  # the default bound of the ascent term (PUD's --poison_loss_bound, PBE's ascent)
 ASCENT_WHERE = ("split", "always")  # --unlearn_where: when the ascent term is used
@@ -54,7 +54,7 @@ def ascent_decision(lam: float, candidates_mode: str, where: str = "split", lam_
         return {"used": True, "lambda": lam, "why": "the poisons were ranked within a confirmed target's split cluster"}
     if where == "always":
         return {"used": True, "lambda": lam, "why": "--unlearn_where always"}
-    if candidates_mode == "target" and disowned is not None and disowned_min > 0 and disowned >= disowned_min:
+    if candidates_mode == "target" and disowned_enough(disowned, disowned_min):
         return {"used": True, "lambda": lam, "disowned": disowned,
                 "why": f"a confirmed target's samples, {disowned:.0%} of them given another label by the model "
                        f"(>= {disowned_min:.0%}): mislabelled images, not the class's own"}
@@ -65,6 +65,12 @@ def ascent_decision(lam: float, candidates_mode: str, where: str = "split", lam_
     if lam_unconfirmed == 0:
         return {"used": False, "why": unconfirmed}
     return {"used": True, "lambda": lam_unconfirmed, "why": unconfirmed + ", so the weaker unconfirmed weight"}
+
+
+def disowned_enough(share: Optional[float], minimum: float) -> bool:
+    """Whether a poison set the model gives another label in this ``share`` counts as mislabelled images
+    (``minimum`` 0: never)."""
+    return share is not None and minimum > 0 and share >= minimum
 
 
 def l1_distance(model: nn.Module, reference: nn.Module) -> Tensor:

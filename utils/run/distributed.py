@@ -89,21 +89,16 @@ def finish() -> None:
     the interpreter's exit, the group's gloo threads are torn down during finalisation and the process aborts
     ("terminate called without an active exception": 2 of 20 two-process runs here, and once in CI). So the caller
     drops its wrappers first and this collects them while the interpreter is whole; one still referenced is
-    reported (``live_wrappers``), not raised, because the other ranks are waiting in the barrier.
+    reported, not raised, because the other ranks are waiting in the barrier.
     """
     if dist.is_available() and dist.is_initialized():
         gc.collect()
-        alive = live_wrappers()
+        alive = len(_WRAPPERS)
         dist.barrier()
         dist.destroy_process_group()
         if alive:
             warnings.warn(f"{alive} DistributedDataParallel wrapper(s) still referenced when the process group was "
                           "destroyed: the process may abort at exit; drop them before dist.finish()", stacklevel=2)
-
-
-def live_wrappers() -> int:
-    """How many DDP wrappers made by ``wrap`` are still alive (after ``gc.collect()``, still referenced)."""
-    return len(_WRAPPERS)
 
 
 def _quiet_print() -> None:
