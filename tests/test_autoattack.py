@@ -186,6 +186,10 @@ def test_bad_input(tiny, test_set):
         autoattack_accuracy(tiny, test_set, version="plus")
     with pytest.raises(ValueError, match="eps"):
         autoattack_accuracy(tiny, test_set, eps=0)
+    for kw, name in ((dict(n_images=0), "n_images"), (dict(batch_size=True), "batch_size"),
+                     (dict(n_iter=2.0), "n_iter"), (dict(seed=-1), "seed")):
+        with pytest.raises(ValueError, match=f"{name} must be an integer"):
+            autoattack_accuracy(tiny, test_set, **kw)
 
     class Scaled:  # 0..255 pixels instead of [0,1]
         def __len__(self):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,7 @@ from models import eval_mode
 from models.folding import attack_view
 from utils.run import distributed as dist, interrupt
 from utils.run.progress import n_batches, progress
-from utils.settings import Settings, fraction, opt, require
+from utils.settings import Settings, checked_int, fraction, opt, require
 
 __all__ = ["NORMS", "PGD", "RobustEvalSettings", "pgd", "robust_accuracy", "robust_eval", "window_masks"]
 
@@ -61,13 +60,7 @@ def _check(eps, alpha, steps, norm, restarts, window=0, eps_outside=0.0) -> tupl
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         out.append(f)
     for name, v, lo in (("steps", steps, 0), ("restarts", restarts, 1), ("window", window, 0)):
-        try:
-            i = operator.index(v)
-        except TypeError:
-            raise ValueError(f"{name} must be an integer, got {v!r}") from None
-        if isinstance(v, bool) or i < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        out.append(i)
+        out.append(checked_int(name, v, lo))
     eps, alpha, eps_outside, steps, restarts, window = out
     if eps_outside > 0 and (window == 0 or norm != "linf"):
         raise ValueError("eps_outside (the budget outside the window) needs window > 0 and the linf norm")

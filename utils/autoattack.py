@@ -59,7 +59,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import operator
 import sys
 import time
 
@@ -70,6 +69,7 @@ from torch import Tensor
 from models import eval_mode
 from models.folding import attack_view
 from utils.run import distributed as dist, interrupt
+from utils.settings import checked_int
 
 __all__ = ["LIBRARY", "VERSIONS", "DEFAULT_IMAGES", "REFERENCE", "autoattack_accuracy", "final_robustness",
            "library_version", "subset_indices"]
@@ -104,16 +104,6 @@ def subset_indices(n_total: int, n_images: int | None, seed: int) -> Tensor:
         return torch.arange(n_total)
     perm = torch.randperm(n_total, generator=torch.Generator().manual_seed(int(seed)))
     return perm[:n_images].sort().values
-
-
-def _positive_int(name: str, v, lo: int = 1) -> int:
-    try:
-        i = operator.index(v)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {v!r}") from None
-    if isinstance(v, bool) or i < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return i
 
 
 @contextlib.contextmanager
@@ -258,14 +248,14 @@ def autoattack_accuracy(model: nn.Module, test, eps: float = 8 / 255, n_images: 
         raise ValueError(f"eps must be a number, got {eps!r}") from None
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    seed = _positive_int("seed", seed, lo=0)
-    batch_size = _positive_int("batch_size", batch_size)
+    seed = checked_int("seed", seed, lo=0)
+    batch_size = checked_int("batch_size", batch_size)
     if n_images is not None:
-        n_images = _positive_int("n_images", n_images)
-    n_iter = REFERENCE["n_iter"] if n_iter is None else _positive_int("n_iter", n_iter)
-    n_queries = REFERENCE["n_queries"] if n_queries is None else _positive_int("n_queries", n_queries)
+        n_images = checked_int("n_images", n_images)
+    n_iter = REFERENCE["n_iter"] if n_iter is None else checked_int("n_iter", n_iter)
+    n_queries = REFERENCE["n_queries"] if n_queries is None else checked_int("n_queries", n_queries)
     if num_threads is not None:
-        num_threads = _positive_int("num_threads", num_threads)
+        num_threads = checked_int("num_threads", num_threads)
     lib = library_version()
     attacks = VERSIONS[version]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import operator
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Any, ClassVar, get_type_hints
@@ -30,6 +31,20 @@ def fraction(text: str) -> float:
 def require(cond: bool, message: str) -> None:
     if not cond:
         raise UserError(message)
+
+
+def checked_int(name: str, v, lo: int = 1) -> int:
+    """``v`` as a plain int >= ``lo``, for library arguments (not flags): ValueError naming ``name`` otherwise.
+
+    Accepts anything with ``__index__`` (numpy and 0-d torch integers), refuses bools, floats and strings.
+    """
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {v!r}") from None
+    if isinstance(v, bool) or i < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    return i
 
 
 def _frozen(value):
