@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.data.datasets import make_synthetic
-from utils.training import DivergenceError, train_epoch
+from utils.training import DivergenceError, finetune_epoch, train_epoch
 
 
 def _setup():
@@ -46,6 +46,25 @@ def test_non_finite_loss_raises_naming_the_first_bad_batch(check_every):
 
     with pytest.raises(DivergenceError, match=r"non-finite training loss \(nan\) at ft epoch 4, batch 2$"):
         train_epoch(model, opt, data.batches(32), transform=poison_batch_2, stage="ft", epoch=4, check_every=check_every)
+
+
+@pytest.mark.parametrize("adv_batches, attacked", [(None, [0, 1, 2, 3]), (2, [0, 1]), (0, [])])
+def test_finetune_epoch_attacks_exactly_the_first_adv_batches(adv_batches, attacked):
+    """AFT's and PBE's partial epochs: batches with index < ``adv_batches`` are trained on the attack's examples
+    (the model sees them, not the clean batch), the rest on the clean batch."""
+    model, opt, data = _setup()
+    calls, seen = [], []
+
+    def attack(net, x, y, generator=None):
+        assert net is model
+        calls.append(len(calls))
+        return torch.zeros_like(x)
+
+    real_forward = model.forward
+    model.forward = lambda x: (seen.append(bool(x.abs().sum() == 0)), real_forward(x))[1]
+    finetune_epoch(model, opt, data.batches(64), attack, adv_batches)
+    assert calls == list(range(len(attacked)))
+    assert [i for i, zero in enumerate(seen) if zero] == attacked
 
 
 def test_empty_epoch():

@@ -144,13 +144,14 @@ def finetune_epoch(model, optimizer, batches, attack, adv_batches: int | None, a
     Under torchrun ``model`` is the DDP wrapper and ``batches`` this rank's share; PGD attacks the plain model.
     """
     plain = dist.unwrap(model)
-    transform = None
-    if attack is not None and (adv_batches is None or adv_batches > 0):
-        def transform(i, x, y):
-            if adv_batches is not None and i >= adv_batches:
-                return x
-            with timed_stage("train_pgd"):
-                return attack(plain, x, y, generator=generator)
-    return train_epoch(model, optimizer, batches, augment, transform=transform, generator=generator,
-                       channels_last=channels_last, clean_weight=clean_weight, desc=desc, total=total, stage=stage,
-                       epoch=epoch, loss_fn=loss_fn, class_weight=class_weight)
+
+    def adversarial(i, x, y):
+        if adv_batches is not None and i >= adv_batches:
+            return x
+        with timed_stage("train_pgd"):
+            return attack(plain, x, y, generator=generator)
+
+    any_adversarial = attack is not None and (adv_batches is None or adv_batches > 0)
+    return train_epoch(model, optimizer, batches, augment, transform=adversarial if any_adversarial else None,
+                       generator=generator, channels_last=channels_last, clean_weight=clean_weight, desc=desc,
+                       total=total, stage=stage, epoch=epoch, loss_fn=loss_fn, class_weight=class_weight)
