@@ -371,3 +371,46 @@ def test_quick_grid_scores_enough_target_class_images():
         for attack in attacks:
             if attack.target is not None:
                 assert int((y == attack.target).sum()) >= 45, (dataset, attack.name)
+
+
+def _readme_quickstart_commands():
+    """The README's quickstart commands that name a grid row (``# -> <cell> / <row>``), continuation lines joined."""
+    text = open(os.path.join(grid_cells.ROOT, "README.md")).read()
+    block = text.split("## Quickstart", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    out, current = [], ""
+    for line in block.splitlines():
+        code, _, comment = line.partition("#")
+        current += " " + code.rstrip().rstrip("\\")
+        if not code.rstrip().endswith("\\"):
+            if "->" in comment and current.split():
+                out.append((current.split(), comment.split("->", 1)[1].split("/")[-1].strip()))
+            current = ""
+    return out
+
+
+def _flags(argv):
+    """Flag -> its values (everything up to the next flag)."""
+    flags, key = {}, None
+    for tok in argv:
+        if tok.startswith("--"):
+            key = tok
+            flags[key] = []
+        elif key is not None:
+            flags[key].append(tok)
+    return flags
+
+
+def test_the_readmes_defense_commands_are_the_quick_grids_rows():
+    """A quickstart command that says it is a grid row runs that row's defense arguments, no more and no fewer
+    (beside the paths and the test subset): changing the grid's setting and not the README fails here."""
+    defenses = {d.name: d for d in grid_cells.PRESETS["quick"].defenses}
+    checked = 0
+    for argv, row in _readme_quickstart_commands():
+        if row not in defenses:
+            continue  # the attacks' rows (`none`)
+        d = defenses[row]
+        assert argv[1] == d.script, (row, argv[1])
+        readme = {k: v for k, v in _flags(argv).items() if k not in ("--model_path", "--out_dir", "--test_subset")}
+        assert readme == _flags(d.args), row
+        checked += 1
+    assert checked == 4  # aft, aft-window, pbe, pud
