@@ -39,7 +39,7 @@ ATTACK = ("train_blend.py", "--dataset", "synthetic", "--arch", "cnn", "--trigge
           "--test_subset", "500")
 DEFENSES = {
     "aft": ("pbe_main.py", "--ft_lr", "0.01", "--test_subset", "500"),
-    "pbe": ("pbe_main.py", "--progressive", "--ft_lr", "0.01", "--later_lr", "0.001", "--partial_batches", "0",
+    "pbe": ("pbe_main.py", "--progressive", "--ft_lr", "0.01", "--later_lr", "0.003", "--partial_batches", "0",
             "--test_subset", "500"),
     "pud": ("PUD.py", "--test_subset", "500", "--step_epochs", "5", "3", "3", "3", "6", "--step_adv_epochs", "5", "2",
             "1", "1", "1", "--pud_milestones", "15", "--unlearn_epochs", "5", "--mt_epochs", "5", "--unlearn_lambda",
