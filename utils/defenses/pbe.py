@@ -31,8 +31,8 @@ import torch
 
 from utils.defenses.aft import AFTSettings, FinetuneSettings, run_aft
 from utils.defenses.filtering import FilterSettings, filter_classes_and_decide
-from utils.defenses.selection import (INIT_POOLS, POISON_CANDIDATES, POISON_SCORES, bottom_fraction,
-                                      consistency_scores, detection_stats, poison_share, resolve_candidates,
+from utils.defenses.selection import (INIT_POOLS, POISON_SCORES, bottom_fraction, consistency_scores, detection_stats,
+                                      poison_candidates_opt, poison_score_opt, poison_share, resolve_candidates,
                                       resolve_poison_score, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
@@ -66,15 +66,8 @@ class PBESettings(Settings):
                          choices=("auto", *INIT_POOLS))
     argmax_penalty: int = opt(1, "1: consistency score minus 0.5 where the arg-max changed (PUD's score); 0: logit "
                                  "cosine only (paper)", type=int, choices=(0, 1))
-    poison_candidates: str = opt("auto", "the detector ranks the samples labelled as the target (target), the "
-                                         "target's class-split cluster (split), those the per-class filter removed "
-                                         "(filtered) or all samples (all, paper code); auto: split if the split found "
-                                         "a cluster in a confirmed target, else target, else filtered",
-                                 choices=("auto", *POISON_CANDIDATES))
-    poison_score: str = opt("auto", "how the detector ranks its candidates, lowest first: consistency (as "
-                                    "--argmax_penalty says), or label = the current model's probability of the "
-                                    "sample's own label; auto: label where no target is confirmed (suspects of "
-                                    "every class), else consistency", choices=("auto", *POISON_SCORES))
+    poison_candidates: str = poison_candidates_opt("the detector ranks")
+    poison_score: str = poison_score_opt("the detector", "consistency (as --argmax_penalty says)")
     balanced_selection: int = opt(1, "1: the next extra set keeps the top share of every label (a class round 0 "
                                      "stopped predicting comes back); 0: one global top share (paper code)", type=int,
                                   choices=(0, 1))

@@ -39,10 +39,9 @@ from utils.adversarial import PGD
 from utils.defenses.filtering import (FilterSettings, class_representations, filter_classes_and_decide,
                                       removed_record, spectre_flags)
 from utils.defenses.mean_teacher import ema_update, softmax_consistency
-from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_CANDIDATES, POISON_SCORES,
-                                      bottom_fraction, clean_indices, consistency_scores, detection_stats,
-                                      poison_count, poison_share, resolve_candidates, resolve_poison_score, shown,
-                                      top_fraction)
+from utils.defenses.selection import (NO_CLEAN_KNOWN, POISON_SCORES, bottom_fraction, clean_indices, consistency_scores,
+                                      detection_stats, poison_candidates_opt, poison_count, poison_score_opt,
+                                      poison_share, resolve_candidates, resolve_poison_score, shown, top_fraction)
 from utils.defenses.session import DefenseJob, DefenseSession
 from utils.defenses.target import TargetSettings, choose_target, estimate_target
 from utils.defenses.unlearning import (ASCENT_WHERE, POISON_LOSS_BOUND, AscentObjective, HeldLayer, PoisonStream,
@@ -81,16 +80,8 @@ class PUDSettings(Settings):
                                                  "the last", type=fraction, nargs="*")
     balanced_selection: int = opt(1, "1: the next extra set keeps the top share of every label; 0: one global top "
                                      "share (paper code)", type=int, choices=(0, 1))
-    poison_candidates: str = opt("auto", "the poison set is drawn from the samples labelled as the target "
-                                         "(target), the target's class-split cluster (split), those the initial "
-                                         "filtering removed (filtered), or all (paper code); auto: split if the split "
-                                         "found a cluster in a confirmed target, else target, else filtered",
-                                 choices=("auto", *POISON_CANDIDATES))
-    poison_score: str = opt("auto", "how the poison set ranks its candidates, lowest first: consistency of the "
-                                    "infected and current logits (the papers'), or label = the current model's "
-                                    "probability of the sample's own label; auto: label where no target is "
-                                    "confirmed (suspects of every class), else consistency",
-                            choices=("auto", *POISON_SCORES))
+    poison_candidates: str = poison_candidates_opt("the poison set is drawn from")
+    poison_score: str = poison_score_opt("the poison set")
     poison_fraction: float = opt(0.01, "poison set: this lowest-ranked share of all samples (--poison_score)",
                                  type=fraction)
     split_poison_share: float = opt(0.5, "where the poison set is drawn from a confirmed target's split cluster (all "

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.run.errors import UserError
+from utils.settings import opt
 
 NO_CLEAN_KNOWN = ("which training samples are clean is unknown (a training set of other code without "
                   "--poison_indices)")
@@ -132,6 +133,24 @@ POISON_CANDIDATES = {
     "all": lambda labels, target, filtered, split: None,  # the paper code: every training sample
     "filtered": lambda labels, target, filtered, split: filtered,  # the samples the initial filtering removed
 }
+
+
+def poison_candidates_opt(subject: str):
+    """The ``--poison_candidates`` setting of a defense whose ``subject`` (e.g. "the poison set is drawn from")
+    picks from ``POISON_CANDIDATES``: one declaration for PBE's detector and PUD's poison set."""
+    return opt("auto", f"{subject} the samples labelled as the target (target), the target's class-split cluster "
+                       "(split), those the initial filtering removed (filtered), or all samples (all, paper code); "
+                       "auto: split if the split found a cluster in a confirmed target, else target, else filtered",
+               choices=("auto", *POISON_CANDIDATES))
+
+
+def poison_score_opt(subject: str, consistency: str = "consistency of the infected and current logits (the papers')"):
+    """The ``--poison_score`` setting (``POISON_SCORES``) of a defense whose ``subject`` ranks the candidates;
+    ``consistency`` says what that score is in this defense."""
+    return opt("auto", f"how {subject} ranks its candidates, lowest first: {consistency}, or label = the current "
+                       "model's probability of the sample's own label; auto: label where no target is confirmed "
+                       "(suspects of every class), else consistency",
+               choices=("auto", *POISON_SCORES))
 
 
 def auto_candidates(target: int | None, split: torch.Tensor | None) -> str:
